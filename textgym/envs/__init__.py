@@ -1,0 +1,23 @@
+"""Gymnasium environments, registered in the ``textgym`` namespace on ``import textgym``."""
+
+import gymnasium as gym
+
+from textgym.envs.core import TextGenConfig, TextGenCore
+from textgym.envs.sentiment import SentimentEnv, SentimentVectorEnv
+from textgym.envs.textgen import TextGenEnv, TextGenVectorEnv
+
+ENV_IDS = ("textgym/TextGen-v0", "textgym/Sentiment-v0")
+
+
+def register_envs() -> None:
+    for env_id, cls in (("textgym/TextGen-v0", "TextGen"), ("textgym/Sentiment-v0", "Sentiment")):
+        if env_id not in gym.registry:
+            module = "textgym.envs." + ("textgen" if cls == "TextGen" else "sentiment")
+            gym.register(
+                id=env_id, entry_point=f"{module}:{cls}Env", vector_entry_point=f"{module}:{cls}VectorEnv",
+                disable_env_checker=False,
+            )
+
+
+__all__ = ["ENV_IDS", "SentimentEnv", "SentimentVectorEnv", "TextGenConfig", "TextGenCore", "TextGenEnv",
+           "TextGenVectorEnv", "register_envs"]

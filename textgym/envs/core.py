@@ -1,0 +1,324 @@
+"""The batched engine behind both the single and the vector text-generation environments.
+
+``TextGenCore`` holds ``n`` rows, each an episode: a prompt and the tokens generated so far. One
+``step`` is one KV-cached forward of the policy model for all live rows (and of the reference
+model in ``kl_mode="per_token"``); rows that finish are scored and, with ``kl_mode="final"``,
+teacher-forced through the reference model, all in one batch.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import inspect
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from textgym import kl as klmod
+from textgym import lm, models, rewards
+from textgym.prompts import PromptSet, load_prompts
+
+KL_MODES = ("final", "per_token")
+
+
+@dataclass
+class TextGenConfig:
+    """Keyword arguments of ``textgym/TextGen-v0`` (see ``TextGenEnv`` for their meaning)."""
+
+    model: Any = models.TINY
+    tokenizer: Any = None
+    reward: Any = "length"
+    reward_kwargs: dict = field(default_factory=dict)
+    prompts: Any = None  # None: the shipped movie-review openings (train split)
+    prompt_column: str | None = None
+    max_new_tokens: int = 32
+    max_prompt_tokens: int = 64
+    kl_coef: Any = 0.05  # a number, or a textgym.kl.KLController
+    kl_target: float | None = None
+    kl_horizon: float = 10000
+    kl_estimator: str = "k1"
+    kl_mode: str = "final"
+    ref_model: Any = None  # None: a frozen copy of model
+    stop_on_eos: bool = True
+    chat_template: bool = False
+    render_mode: str | None = None
+    device: Any = None
+
+    @classmethod
+    def from_kwargs(cls, env_id: str = "textgym/TextGen-v0", **kwargs) -> "TextGenConfig":
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(kwargs) - set(names))
+        if unknown:
+            raise ValueError(f"unknown keyword(s) for {env_id}: {', '.join(unknown)}; valid: {', '.join(names)}")
+        cfg = cls(**kwargs)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        for key in ("max_new_tokens", "max_prompt_tokens"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"{key} must be an integer >= 1, got {value!r}")
+        if self.kl_mode not in KL_MODES:
+            raise ValueError(f"unknown kl_mode {self.kl_mode!r}; valid: {', '.join(KL_MODES)}")
+        klmod.check_estimator(self.kl_estimator)
+        if self.render_mode not in (None, "ansi"):
+            raise ValueError(f"unknown render_mode {self.render_mode!r}; valid: None, 'ansi'")
+
+
+def valid_keywords(fn: Callable) -> list[str]:
+    return [p for p in inspect.signature(fn).parameters if p != "self"]
+
+
+class TextGenCore:
+    """State and logic of ``n`` independent text-generation episodes, computed in batches."""
+
+    def __init__(self, cfg: TextGenConfig, n: int = 1):
+        self.cfg, self.n = cfg, n
+        self.P, self.T = int(cfg.max_prompt_tokens), int(cfg.max_new_tokens)
+        self.model, self.tokenizer = self._load_model(cfg)
+        self.device = next(self.model.parameters()).device
+        self.ref_model = self._load_ref(cfg)
+        self.reward_fn = rewards.as_reward(cfg.reward, **cfg.reward_kwargs)
+        self.prompts: PromptSet = load_prompts(
+            load_prompts_default() if cfg.prompts is None else cfg.prompts, column=cfg.prompt_column
+        )
+        self.kl_controller = klmod.make_controller(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
+        self.vocab = models.logits_width(self.model)
+        self.pad_id = int(self.tokenizer.pad_token_id)
+        self.eos_ids = _eos_ids(self.model, self.tokenizer)
+
+        L = self.P + self.T
+        self.input_ids = np.full((n, L), self.pad_id, dtype=np.int64)
+        self.attention_mask = np.zeros((n, L), dtype=np.int64)
+        self.length = np.zeros(n, dtype=np.int64)  # tokens generated so far
+        self.live = np.zeros(n, dtype=bool)  # episode running (reset and not finished)
+        self.prompt_index = np.zeros(n, dtype=np.int64)
+        self.prompt_text = [""] * n
+        self.logp = torch.zeros(n, self.T)  # log pi(y_t) at sampling time
+        self.kl_per_token = torch.zeros(n, self.T)  # per_token mode: the penalised terms
+        self.policy = lm.IncrementalLM(self.model, n)
+        self.ref = lm.IncrementalLM(self.ref_model, n) if cfg.kl_mode == "per_token" else None
+
+    # --- construction ---------------------------------------------------------------------------
+
+    @staticmethod
+    def _load_model(cfg: TextGenConfig):
+        device = cfg.device
+        if isinstance(cfg.model, torch.nn.Module):
+            model, tokenizer = cfg.model, cfg.tokenizer
+            if tokenizer is None:
+                from transformers import AutoTokenizer
+
+                tokenizer = AutoTokenizer.from_pretrained(model.config.name_or_path)
+            if device is not None:
+                model.to(device)
+            models.prepare(model, tokenizer)
+            return model, tokenizer
+        if not isinstance(cfg.model, str):
+            raise ValueError(f"model must be a name, a path or a loaded causal LM, got {type(cfg.model).__name__}")
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        model, tokenizer = models.load(cfg.model, device=device)
+        if cfg.tokenizer is not None:
+            tokenizer = models.prepare(model, cfg.tokenizer)
+        return model, tokenizer
+
+    def _load_ref(self, cfg: TextGenConfig):
+        ref = cfg.ref_model
+        if ref is None:
+            ref = copy.deepcopy(self.model)
+        elif isinstance(ref, str):
+            ref, _ = models.load(ref, device=self.device)
+        elif not isinstance(ref, torch.nn.Module):
+            raise ValueError(f"ref_model must be None, a name, a path or a loaded model, got {type(ref).__name__}")
+        models.disable_dropout(ref)
+        ref.eval()
+        ref.requires_grad_(False)
+        if models.logits_width(ref) != models.logits_width(self.model):
+            raise ValueError(
+                f"ref_model emits {models.logits_width(ref)} logits but model emits {models.logits_width(self.model)}: "
+                "they must share a vocabulary"
+            )
+        return ref
+
+    # --- episodes -------------------------------------------------------------------------------
+
+    def encode_prompt(self, text: str) -> list[int]:
+        tok = self.tokenizer
+        if self.cfg.chat_template:
+            text = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+            ids = tok(text, add_special_tokens=False)["input_ids"]
+        else:
+            ids = tok(text)["input_ids"]
+        if not ids:  # an empty prompt still needs a token to condition on
+            ids = [tok.bos_token_id if tok.bos_token_id is not None else self.eos_ids[0]]
+        if len(ids) > self.P:
+            warnings.warn(
+                f"prompt of {len(ids)} tokens is longer than max_prompt_tokens={self.P}: cut from the left", stacklevel=2
+            )
+            ids = ids[-self.P :]
+        return ids
+
+    def reset_rows(self, rows: list[int], rngs: list[np.random.Generator], options: dict | None = None) -> None:
+        """Start new episodes in ``rows``: sample a prompt with each row's RNG (or take the one in
+        ``options``: ``prompt`` text or ``prompt_index``), encode all of them in one forward."""
+        if not rows:
+            return
+        options = options or {}
+        ids = np.full((len(rows), self.P), self.pad_id, dtype=np.int64)
+        mask = np.zeros((len(rows), self.P), dtype=np.int64)
+        for j, (row, rng) in enumerate(zip(rows, rngs)):
+            if "prompt" in options:
+                index, text = -1, str(options["prompt"])
+            else:
+                index = int(options["prompt_index"]) if "prompt_index" in options else int(rng.integers(len(self.prompts)))
+                if not 0 <= index < len(self.prompts):
+                    raise ValueError(f"prompt_index {index} out of range [0, {len(self.prompts)})")
+                text = self.prompts.prompts[index]
+            tokens = self.encode_prompt(text)
+            ids[j, self.P - len(tokens) :] = tokens
+            mask[j, self.P - len(tokens) :] = 1
+            self.prompt_index[row], self.prompt_text[row] = index, text
+        self.input_ids[rows] = self.pad_id
+        self.attention_mask[rows] = 0
+        self.input_ids[rows, : self.P], self.attention_mask[rows, : self.P] = ids, mask
+        self.length[rows] = 0
+        self.live[rows] = True
+        self.logp[rows] = 0.0
+        self.kl_per_token[rows] = 0.0
+        ids_t, mask_t = torch.as_tensor(ids, device=self.device), torch.as_tensor(mask, device=self.device)
+        self.policy.start(rows, ids_t, mask_t)
+        if self.ref is not None:
+            self.ref.start(rows, ids_t, mask_t)
+
+    def check_actions(self, actions: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        actions = np.asarray(actions)
+        if actions.dtype.kind not in "iu":
+            if actions.dtype.kind == "f" and np.all(np.isfinite(actions)) and np.all(actions == np.round(actions)):
+                actions = actions.astype(np.int64)
+            else:
+                bad = actions.flat[0] if actions.size == 1 else actions
+                raise ValueError(f"action must be an integer token id in [0, {self.vocab}), got {bad!r}")
+        bad = rows & ((actions < 0) | (actions >= self.vocab))
+        if bad.any():
+            raise ValueError(f"action {actions[bad][0]!r} out of range: valid token ids are [0, {self.vocab})")
+        return actions.astype(np.int64)
+
+    def step(self, actions: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict[int, dict]]:
+        """Append ``actions[i]`` to every row ``i`` where ``rows[i]``; returns rewards, terminated
+        flags and the final-step infos of the rows whose episode ended."""
+        rows = np.asarray(rows, dtype=bool)
+        if (rows & ~self.live).any():
+            raise RuntimeError("step() called on an episode that is over: call reset() first")
+        actions = self.check_actions(actions, rows)
+        rewards_out = np.zeros(self.n, dtype=np.float64)
+        idx = np.flatnonzero(rows)
+        t = self.length[idx]
+        acts = torch.as_tensor(actions[idx], device=self.device)
+        logp = _token_logp(self.policy.logits[torch.as_tensor(idx, device=self.device)], acts)
+        self.logp[idx, t] = logp.cpu()
+        if self.ref is not None:
+            ref_logp = _token_logp(self.ref.logits[torch.as_tensor(idx, device=self.device)], acts)
+            terms = klmod.kl_terms(logp - ref_logp, self.cfg.kl_estimator).cpu()
+            self.kl_per_token[idx, t] = terms
+            rewards_out[idx] -= self.kl_controller.value * terms.double().numpy()
+
+        self.input_ids[idx, self.P + t] = actions[idx]
+        self.attention_mask[idx, self.P + t] = 1
+        self.length[idx] += 1
+        done = np.zeros(self.n, dtype=bool)
+        done[idx] = self.length[idx] >= self.T
+        if self.cfg.stop_on_eos:
+            done[idx] |= np.isin(actions[idx], self.eos_ids)
+        infos = self._finish(np.flatnonzero(done), rewards_out) if done.any() else {}
+
+        going = rows & ~done
+        if going.any():
+            acts_all = torch.as_tensor(actions, device=self.device)
+            going_t = torch.as_tensor(going, device=self.device)
+            self.policy.advance(acts_all, going_t)
+            if self.ref is not None:
+                self.ref.advance(acts_all, going_t)
+        return rewards_out, done, infos
+
+    def completion_text(self, row: int) -> str:
+        tokens = self.input_ids[row, self.P : self.P + self.length[row]].tolist()
+        if self.cfg.stop_on_eos and tokens and tokens[-1] in self.eos_ids:
+            tokens = tokens[:-1]
+        tokens = [t for t in tokens if t < len(self.tokenizer)]
+        return self.tokenizer.decode(tokens, skip_special_tokens=True)
+
+    def _finish(self, done: np.ndarray, rewards_out: np.ndarray) -> dict[int, dict]:
+        """Score the finished rows and add the end-of-episode reward, all in one batch."""
+        done_list = done.tolist()
+        completions = [self.completion_text(r) for r in done_list]
+        prompts = [self.prompt_text[r] for r in done_list]
+        metadata = self.prompts.metadata_for([max(int(self.prompt_index[r]), 0) for r in done_list])
+        if (self.prompt_index[done] < 0).any():
+            metadata = {}  # a prompt passed through reset options carries no metadata
+        scores = self.reward_fn(prompts, completions, **metadata)
+        if self.cfg.kl_mode == "final":
+            kl_tokens = klmod.kl_terms(self.logp[done] - self.ref_logprobs(done), self.cfg.kl_estimator)
+        else:
+            kl_tokens = self.kl_per_token[done]
+        kls = kl_tokens.sum(1).double().numpy()
+        infos = {}
+        for j, row in enumerate(done_list):
+            coef = self.kl_controller.value
+            rewards_out[row] += scores[j] - (coef * kls[j] if self.cfg.kl_mode == "final" else 0.0)
+            infos[row] = {
+                "score": float(scores[j]), "kl": float(kls[j]), "kl_coef": coef, "prompt": prompts[j],
+                "completion": completions[j], "length": int(self.length[row]),
+            }
+            self.kl_controller.update(float(kls[j]), n_steps=1)
+        self.live[done] = False
+        self.policy.stop(done_list)
+        if self.ref is not None:
+            self.ref.stop(done_list)
+        return infos
+
+    @torch.no_grad()
+    def ref_logprobs(self, rows: np.ndarray) -> torch.Tensor:
+        """Teacher-forced reference log-probs of the completions in ``rows``: ``[k, T]`` on CPU."""
+        width = int(self.length[rows].max())
+        P = self.P
+        ids = torch.as_tensor(self.input_ids[rows], device=self.device)
+        mask = torch.as_tensor(self.attention_mask[rows], device=self.device)
+        logp = lm.completion_logprobs(
+            self.ref_model, ids[:, :P], mask[:, :P], ids[:, P : P + width], mask[:, P : P + width]
+        )
+        out = torch.zeros(len(rows), self.T)
+        out[:, :width] = logp.float().cpu()
+        return out
+
+    def observation(self, rows=slice(None)) -> dict[str, np.ndarray]:
+        return {"input_ids": self.input_ids[rows].copy(), "attention_mask": self.attention_mask[rows].copy()}
+
+    def render_text(self, row: int) -> str:
+        return f"prompt: {self.prompt_text[row]}\ncompletion: {self.completion_text(row)}"
+
+
+def load_prompts_default() -> PromptSet:
+    from textgym.prompts import sentiment_prompts
+
+    return sentiment_prompts("train")
+
+
+def _token_logp(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    return torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def _eos_ids(model, tokenizer) -> list[int]:
+    ids = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    gen = getattr(model, "generation_config", None)
+    eos = getattr(gen, "eos_token_id", None) if gen is not None else None
+    if eos is not None:
+        ids.update([int(eos)] if isinstance(eos, int) else [int(e) for e in eos])
+    return sorted(ids)

@@ -1,0 +1,131 @@
+"""Batched forward passes of a causal LM: KV-cached incremental decoding and teacher forcing.
+
+Layout used everywhere in textgym: a row is ``[prompt left-padded to P | completion right-padded
+to T]``. Positions come from the attention mask (``cumsum - 1``), so left padding never shifts a
+token's position (a bug class in several RLHF codebases).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def position_ids(mask: torch.Tensor) -> torch.Tensor:
+    """Position of each token counted over real (mask == 1) tokens; 0 on padding."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def forward(model, input_ids, mask, past=None, *, keep: int | None = None, hidden: bool = False):
+    """One forward. ``mask`` covers the cached columns plus ``input_ids``. Returns (fp32 logits,
+    last hidden states or None, cache) for the last ``keep`` positions (all when None)."""
+    new = input_ids.shape[1]
+    positions = position_ids(mask)[:, -new:]
+    out = model(
+        input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=past,
+        use_cache=past is not None or keep is not None, output_hidden_states=hidden,
+        logits_to_keep=keep or 0,
+    )
+    states = out.hidden_states[-1] if hidden else None
+    if hidden and keep:
+        states = states[:, -keep:]
+    return out.logits.float(), states, out.past_key_values
+
+
+def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, *, hidden: bool = False):
+    """Teacher-forced log-probs of the completion tokens: ``[B, T]`` (0 where ``completion_mask`` is 0).
+
+    With ``hidden``, also the last hidden states at the positions that predict each completion
+    token, ``[B, T, H]``, and the full logits ``[B, T, V]`` (for entropies and values)."""
+    ids = torch.cat([prompt_ids, completion_ids], dim=1)
+    mask = torch.cat([prompt_mask, completion_mask], dim=1)
+    P, T = prompt_ids.shape[1], completion_ids.shape[1]
+    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False,
+                output_hidden_states=hidden, logits_to_keep=T + 1)
+    # logits_to_keep=T+1 keeps positions P-1 .. P+T-1; the one at P-1 predicts completion token 0.
+    logits = out.logits[:, :T].float()
+    logp = torch.gather(F.log_softmax(logits, dim=-1), -1, completion_ids.unsqueeze(-1)).squeeze(-1)
+    logp = logp * completion_mask
+    if not hidden:
+        return logp
+    return logp, out.hidden_states[-1][:, P - 1 : P + T - 1], logits
+
+
+class IncrementalLM:
+    """KV-cached decoding of one model over ``n`` rows whose episodes start and end independently.
+
+    Each row's content is right-aligned in the cache: a row (re)started while others are mid-episode
+    gets its padded prompt in the last P columns, with the older columns masked out. The cache is
+    trimmed to the longest live row, so it never exceeds P + T columns.
+    """
+
+    def __init__(self, model, n: int, *, hidden: bool = False):
+        self.model, self.n, self.hidden = model, n, hidden
+        self.cache = None
+        self.mask: torch.Tensor | None = None  # [n, L]
+        self.width = torch.zeros(n, dtype=torch.long)  # columns of live content per row
+        self.logits: torch.Tensor | None = None  # [n, V] next-token logits (fp32)
+        self.states: torch.Tensor | None = None  # [n, H] last hidden state, with hidden=True
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @torch.no_grad()
+    def start(self, rows: list[int], ids: torch.Tensor, mask: torch.Tensor) -> None:
+        """Encode prompts (``[k, P]``, left-padded) for ``rows``, replacing whatever those rows held."""
+        logits, states, cache = forward(self.model, ids, mask, keep=1, hidden=self.hidden)
+        rows_t = torch.as_tensor(rows, dtype=torch.long, device=ids.device)
+        P = ids.shape[1]
+        new_kv = [(layer.keys, layer.values) for layer in cache.layers]
+        if self.cache is None:
+            # Every row starts empty: zero-filled columns with a zero mask.
+            for layer in cache.layers:
+                layer.keys = layer.keys.new_zeros((self.n, *layer.keys.shape[1:]))
+                layer.values = layer.values.new_zeros((self.n, *layer.values.shape[1:]))
+            self.cache, self.mask = cache, torch.zeros(self.n, P, dtype=torch.long, device=ids.device)
+            self.logits = logits.new_zeros(self.n, logits.shape[-1])
+            if self.hidden:
+                self.states = states.new_zeros(self.n, states.shape[-1])
+        L = self.mask.shape[1]
+        for layer, new in zip(self.cache.layers, new_kv):
+            layer.keys[rows_t, :, L - P :] = new[0]
+            layer.values[rows_t, :, L - P :] = new[1]
+        self.mask[rows_t] = 0
+        self.mask[rows_t, L - P :] = mask
+        self.width[rows_t] = P
+        self.logits[rows_t] = logits[:, -1]
+        if self.hidden:
+            self.states[rows_t] = states[:, -1]
+
+    @torch.no_grad()
+    def advance(self, tokens: torch.Tensor, live: torch.Tensor) -> None:
+        """Append one token per row. Rows where ``live`` is False must have been stopped: they get a
+        placeholder token (attended, so no row is ever fully masked, which makes SDPA return NaN)
+        and keep their logits unchanged."""
+        live = live.to(self.mask.device)
+        mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
+        ids = torch.where(live, tokens.to(self.mask.device), 0).unsqueeze(1)
+        logits, states, self.cache = forward(self.model, ids, mask, self.cache, keep=1, hidden=self.hidden)
+        self.mask = mask
+        self.width[live.cpu()] += 1  # rows that are not live were stopped and stay empty
+        live_rows = live.nonzero().squeeze(1)
+        self.logits[live_rows] = logits[live_rows, -1]
+        if self.hidden:
+            self.states[live_rows] = states[live_rows, -1]
+
+    def stop(self, rows: list[int]) -> None:
+        """Mark rows as finished so their columns may be trimmed away."""
+        self.width[torch.as_tensor(rows, dtype=torch.long)] = 0
+        self._trim()
+
+    def _trim(self) -> None:
+        keep = int(self.width.max())
+        L = self.mask.shape[1]
+        if keep == 0:
+            self.cache, self.mask = None, None
+        elif keep < L:
+            for layer in self.cache.layers:
+                layer.keys = layer.keys[:, :, L - keep :]
+                layer.values = layer.values[:, :, L - keep :]
+            self.mask = self.mask[:, L - keep :]
