@@ -1,0 +1,26 @@
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+
+
+def blocks(lang):
+    return re.findall(rf"```{lang}\n(.*?)```", README, flags=re.S)
+
+
+def test_readme_opens_with_two_setup_commands_and_ci_runs_the_test_one():
+    commands = [b.strip() for b in blocks("bash")[:2]]
+    assert all(c.startswith("python3 -m venv .venv") and "pip install torch==2.13.0" in c for c in commands)
+    assert commands[0].endswith("textgym demo")
+    assert commands[1].endswith("python -m pytest")
+    ci_lines = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if line and not line.startswith("#")]
+    assert commands[1] in ci_lines
+
+
+def test_readme_python_example_runs():
+    code = blocks("python")[0]
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    assert namespace["rewards"].shape == (8,)
+    assert "exclaims" in namespace["textgym"].rewards.names()
