@@ -67,10 +67,6 @@ class IncrementalLM:
         self.logits: torch.Tensor | None = None  # [n, V] next-token logits (fp32)
         self.states: torch.Tensor | None = None  # [n, H] last hidden state, with hidden=True
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
     @torch.no_grad()
     def start(self, rows: list[int], ids: torch.Tensor, mask: torch.Tensor) -> None:
         """Encode prompts (``[k, P]``, left-padded) for ``rows``, replacing whatever those rows held."""
@@ -113,6 +109,11 @@ class IncrementalLM:
         self.logits[live_rows] = logits[live_rows, -1]
         if self.hidden:
             self.states[live_rows] = states[live_rows, -1]
+
+    def clear(self) -> None:
+        """Forget every row (a following ``start`` must then cover the rows it needs)."""
+        self.cache, self.mask = None, None
+        self.width[:] = 0
 
     def stop(self, rows: list[int]) -> None:
         """Mark rows as finished so their columns may be trimmed away."""

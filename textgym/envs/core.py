@@ -102,7 +102,45 @@ class TextGenCore:
         self.logp = torch.zeros(n, self.T)  # log pi(y_t) at sampling time
         self.kl_per_token = torch.zeros(n, self.T)  # per_token mode: the penalised terms
         self.policy = lm.IncrementalLM(self.model, n)
-        self.ref = lm.IncrementalLM(self.ref_model, n) if cfg.kl_mode == "per_token" else None
+        # Models decoded in lockstep with the policy, one KV-cached forward per step each: the
+        # reference in per_token mode, and whatever an agent adds (e.g. NLPO's masking policy).
+        self.followers: dict[str, lm.IncrementalLM] = {}
+        if cfg.kl_mode == "per_token":
+            self.followers["ref"] = lm.IncrementalLM(self.ref_model, n)
+
+    @property
+    def ref(self) -> lm.IncrementalLM | None:
+        return self.followers.get("ref")
+
+    def decoders(self) -> list[lm.IncrementalLM]:
+        return [self.policy, *self.followers.values()]
+
+    def add_follower(self, name: str, model) -> lm.IncrementalLM:
+        """Decode ``model`` in lockstep with the policy from now on (live rows are encoded at once)."""
+        self.followers[name] = lm.IncrementalLM(model, self.n)
+        self.refresh([self.followers[name]])
+        return self.followers[name]
+
+    @torch.no_grad()
+    def refresh(self, decoders: list[lm.IncrementalLM] | None = None) -> None:
+        """Re-encode the live rows from scratch, e.g. after the policy's weights changed, so the
+        cached logits are those of the current weights. One forward per decoder."""
+        rows = np.flatnonzero(self.live).tolist()
+        decoders = self.decoders() if decoders is None else decoders
+        if not rows:
+            for dec in decoders:
+                dec.clear()
+            return
+        width = self.P + int(self.length[rows].max())
+        ids = np.full((len(rows), width), self.pad_id, dtype=np.int64)
+        mask = np.zeros((len(rows), width), dtype=np.int64)
+        for j, row in enumerate(rows):  # right-align each row's prompt + completion
+            n = self.P + int(self.length[row])
+            ids[j, width - n :], mask[j, width - n :] = self.input_ids[row, :n], self.attention_mask[row, :n]
+        ids_t, mask_t = torch.as_tensor(ids, device=self.device), torch.as_tensor(mask, device=self.device)
+        for dec in decoders:
+            dec.clear()
+            dec.start(rows, ids_t, mask_t)
 
     # --- construction ---------------------------------------------------------------------------
 
@@ -192,9 +230,8 @@ class TextGenCore:
         self.logp[rows] = 0.0
         self.kl_per_token[rows] = 0.0
         ids_t, mask_t = torch.as_tensor(ids, device=self.device), torch.as_tensor(mask, device=self.device)
-        self.policy.start(rows, ids_t, mask_t)
-        if self.ref is not None:
-            self.ref.start(rows, ids_t, mask_t)
+        for dec in self.decoders():
+            dec.start(rows, ids_t, mask_t)
 
     def check_actions(self, actions: np.ndarray, rows: np.ndarray) -> np.ndarray:
         actions = np.asarray(actions)
@@ -241,9 +278,8 @@ class TextGenCore:
         if going.any():
             acts_all = torch.as_tensor(actions, device=self.device)
             going_t = torch.as_tensor(going, device=self.device)
-            self.policy.advance(acts_all, going_t)
-            if self.ref is not None:
-                self.ref.advance(acts_all, going_t)
+            for dec in self.decoders():
+                dec.advance(acts_all, going_t)
         return rewards_out, done, infos
 
     def completion_text(self, row: int) -> str:
@@ -277,9 +313,8 @@ class TextGenCore:
             }
             self.kl_controller.update(float(kls[j]), n_steps=1)
         self.live[done] = False
-        self.policy.stop(done_list)
-        if self.ref is not None:
-            self.ref.stop(done_list)
+        for dec in self.decoders():
+            dec.stop(done_list)
         return infos
 
     @torch.no_grad()

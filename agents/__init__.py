@@ -1,0 +1,87 @@
+"""RL agents for textgym environments: stable-baselines3 algorithms over one thin LM policy.
+
+    import agents
+    model = agents.make("ppo", "textgym/Sentiment-v0", n_envs=8)   # or "a2c", "nlpo"
+    model.learn(2048, progress_bar=True)
+    model.save("ppo_sentiment")
+    model = agents.load("ppo_sentiment", env="textgym/Sentiment-v0", n_envs=8)
+"""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+from typing import Any
+
+from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
+
+from agents.a2c import A2C
+from agents.buffer import EpisodeRolloutBuffer
+from agents.common import LMAlgorithm
+from agents.nlpo import NLPO, NLPOPolicy
+from agents.policy import LMActorCriticPolicy
+from agents.ppo import PPO
+from agents.vec_env import LMVecEnv, as_vec_env
+
+_REGISTRY: dict[str, type] = {}
+
+
+def register(name: str, algo_class: type, *, overwrite: bool = False) -> type:
+    """Register an SB3 on-policy algorithm class under ``name``. A plain SB3 class (say a PPO
+    variant of yours) is combined with textgym's ``LMAlgorithm`` mixin; returns the class used."""
+    if not isinstance(algo_class, type) or not issubclass(algo_class, OnPolicyAlgorithm):
+        raise ValueError(f"algorithm {name!r} must be a stable-baselines3 OnPolicyAlgorithm subclass, got {algo_class!r}")
+    if name in _REGISTRY and not overwrite:
+        raise ValueError(f"algorithm {name!r} is already registered; pass overwrite=True to replace it")
+    if not issubclass(algo_class, LMAlgorithm):
+        algo_class = type(algo_class.__name__, (LMAlgorithm, algo_class), {"algo_name": name})
+    _REGISTRY[name] = algo_class
+    return algo_class
+
+
+def names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_class(name: str) -> type:
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown algorithm {name!r}; valid: {', '.join(names())}")
+    return _REGISTRY[name]
+
+
+def make(algo: str, env: Any, *, n_envs: int | None = None, env_kwargs: dict | None = None, **hyperparameters: Any):
+    """An SB3 algorithm object for ``algo`` (``names()``) on ``env``: an env id (made as a batched
+    vector env of ``n_envs`` rows with ``env_kwargs``), a textgym env, or a textgym vector env.
+    ``hyperparameters`` go to the algorithm's constructor (``lora=``, ``policy_kwargs=``, ``seed=``...)."""
+    cls = get_class(algo)
+    vec = as_vec_env(env, n_envs, env_kwargs)
+    hyperparameters.setdefault("device", vec.core.device)
+    if not issubclass(cls, (PPO, A2C)):  # a user's class keeps its own defaults but needs our policy
+        hyperparameters.setdefault("policy", LMActorCriticPolicy)
+    return cls(env=vec, **hyperparameters)
+
+
+def load(path: str | Path, env: Any, *, n_envs: int | None = None, env_kwargs: dict | None = None, **kwargs: Any):
+    """Restore an agent saved with ``.save(path)``. ``env`` provides the LM that the saved weights
+    are loaded into (and the reference model, which is never saved)."""
+    path = Path(path)
+    if not path.exists() and path.with_suffix(".zip").exists():
+        path = path.with_suffix(".zip")
+    if not path.exists():
+        raise FileNotFoundError(f"no saved agent at {str(path)!r}")
+    with zipfile.ZipFile(path) as archive:
+        data = json.loads(archive.read("data"))
+    algo = data.get("textgym_algo")
+    if algo is None:
+        raise ValueError(f"{str(path)!r} was not saved by a textgym agent (no 'textgym_algo' entry)")
+    vec = as_vec_env(env, n_envs, env_kwargs)
+    kwargs.setdefault("device", vec.core.device)
+    return get_class(algo).load(path, env=vec, **kwargs)
+
+
+for _name, _cls in (("ppo", PPO), ("a2c", A2C), ("nlpo", NLPO)):
+    register(_name, _cls)
+
+__all__ = ["A2C", "NLPO", "PPO", "EpisodeRolloutBuffer", "LMActorCriticPolicy", "LMAlgorithm", "LMVecEnv", "NLPOPolicy",
+           "as_vec_env", "get_class", "load", "make", "names", "register"]

@@ -1,0 +1,55 @@
+"""``EpisodeRolloutBuffer``: SB3's rollout buffer, yielding minibatches of whole episodes.
+
+SB3 shuffles transitions, so every row of a minibatch needs its own LM forward. Here minibatches
+are filled with whole episode segments (an episode, or the part of it inside this rollout), each
+in step order, so ``LMActorCriticPolicy`` evaluates a segment with one teacher-forced forward.
+Segments are shuffled with numpy's global RNG (seeded by SB3), like SB3 shuffles transitions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+
+import numpy as np
+from stable_baselines3.common.buffers import DictRolloutBuffer
+from stable_baselines3.common.type_aliases import DictRolloutBufferSamples
+
+
+class EpisodeRolloutBuffer(DictRolloutBuffer):
+    """A ``DictRolloutBuffer`` whose ``get(batch_size)`` yields about ``batch_size`` transitions per
+    minibatch, made of whole episode segments (a segment longer than ``batch_size`` forms its own)."""
+
+    def segments(self) -> list[np.ndarray]:
+        """Flat indices of each episode segment, in step order."""
+        self._flatten()
+        starts = self.episode_starts.reshape(-1).astype(bool)
+        starts[:: self.buffer_size] = True  # each env's block starts a segment
+        bounds = np.append(np.flatnonzero(starts), starts.size)
+        return [np.arange(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+
+    def get(self, batch_size: int | None = None) -> Generator[DictRolloutBufferSamples, None, None]:
+        assert self.full, "the rollout buffer is not full"
+        segments = self.segments()
+        total = self.buffer_size * self.n_envs
+        batch_size = total if batch_size is None else batch_size
+        chunk: list[np.ndarray] = []
+        size = 0
+        for k in np.random.permutation(len(segments)):
+            chunk.append(segments[k])
+            size += len(segments[k])
+            if size >= batch_size:
+                yield self._get_samples(np.concatenate(chunk))
+                chunk, size = [], 0
+        if chunk:
+            yield self._get_samples(np.concatenate(chunk))
+
+    def _flatten(self) -> None:
+        # As SB3's get(): [n_steps, n_envs, ...] -> [n_envs * n_steps, ...], env-major, so each
+        # env's steps are contiguous. episode_starts is flattened too, to find the segments.
+        if self.generator_ready:
+            return
+        for key, obs in self.observations.items():
+            self.observations[key] = self.swap_and_flatten(obs)
+        for name in ("actions", "values", "log_probs", "advantages", "returns", "episode_starts"):
+            self.__dict__[name] = self.swap_and_flatten(self.__dict__[name])
+        self.generator_ready = True

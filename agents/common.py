@@ -1,0 +1,72 @@
+"""What every textgym agent adds to a stable-baselines3 on-policy algorithm (a mixin).
+
+- The policy is built over the env's own LM (injected at construction, never pickled into the
+  saved data: ``agents.load`` takes it from the env again), with LoRA applied first if asked.
+- After each update the env's KV cache is re-encoded, so rollouts keep sampling from the current
+  policy (one forward per live episode per update).
+- The RLHF figures are logged: mean score, KL, KL coefficient, completion length, entropy.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from agents.lora import apply_lora, lora_config
+from agents.vec_env import LMVecEnv, as_vec_env
+
+
+class LMAlgorithm:
+    """Mixin placed before an SB3 ``OnPolicyAlgorithm`` subclass in the bases."""
+
+    algo_name = "custom"
+
+    def __init__(self, policy, env, *args, lora: Any = None, **kwargs):
+        self.lora = lora_config(lora)
+        self.textgym_algo = self.algo_name
+        self._episode_stats: list[dict] = []
+        super().__init__(policy, as_vec_env(env) if env is not None else None, *args, **kwargs)
+
+    @property
+    def core(self):
+        if not isinstance(self.env, LMVecEnv):
+            raise ValueError("textgym agents need a textgym env: pass env= (an env id, textgym env or vector env)")
+        return self.env.core
+
+    def _setup_model(self) -> None:
+        core = self.core
+        if self.lora and getattr(core, "peft_model", None) is None:
+            apply_lora(core, self.lora)
+        if self.policy_kwargs.get("critic") is None and not core.policy.hidden:
+            core.policy.hidden = True  # the shared value head reads the cached hidden states
+            core.refresh([core.policy])
+        saved = dict(self.policy_kwargs)
+        self.policy_kwargs = {**saved, "lm": core.model, "core": core}
+        try:
+            super()._setup_model()
+        finally:
+            self.policy_kwargs = saved
+
+    def _excluded_save_params(self) -> list[str]:
+        return [*super()._excluded_save_params(), "_episode_stats"]
+
+    def collect_rollouts(self, env, callback, rollout_buffer, n_rollout_steps: int) -> bool:
+        self._episode_stats = []
+        result = super().collect_rollouts(env, callback, rollout_buffer, n_rollout_steps)
+        if self._episode_stats:
+            for key, name in (("score", "score_mean"), ("kl", "kl_mean"), ("length", "completion_length")):
+                self.logger.record(f"rollout/{name}", float(np.mean([s[key] for s in self._episode_stats])))
+        self.logger.record("rollout/kl_coef", float(self.core.kl_controller.value))
+        return result
+
+    def _update_info_buffer(self, infos: list[dict[str, Any]], dones=None) -> None:
+        super()._update_info_buffer(infos, dones)
+        self._episode_stats.extend(info for info in infos if "score" in info)
+
+    def train(self) -> None:
+        super().train()
+        entropy_loss = self.logger.name_to_value.get("train/entropy_loss")
+        if entropy_loss is not None:
+            self.logger.record("train/entropy", -float(entropy_loss))
+        self.core.refresh([self.core.policy])  # the weights changed: cached logits must follow

@@ -1,0 +1,50 @@
+"""LoRA through ``peft``: only the adapters train, and the reference model is the same weights
+with the adapters disabled, so one copy of the LM is in memory."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+DEFAULT_LORA: dict[str, Any] = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0}
+
+
+def lora_config(lora: Any) -> dict | None:
+    """``None``/``False`` -> no LoRA; ``True`` -> defaults; a dict -> ``peft.LoraConfig`` keywords."""
+    if lora is None or lora is False:
+        return None
+    if lora is True:
+        return dict(DEFAULT_LORA)
+    if isinstance(lora, dict):
+        return {**DEFAULT_LORA, **lora}
+    raise ValueError(f"lora must be None, True or a dict of peft.LoraConfig options, got {lora!r}")
+
+
+class AdapterDisabledRef(nn.Module):
+    """The reference policy: the LoRA model's forward with its adapters switched off. Holds no
+    parameters of its own (the base weights are shared with the policy and frozen)."""
+
+    def __init__(self, peft_model):
+        super().__init__()
+        self._peft = [peft_model]  # a list, so the policy's weights are not registered twice
+
+    def forward(self, *args, **kwargs):
+        with self._peft[0].disable_adapter():
+            return self._peft[0](*args, **kwargs)
+
+    def get_output_embeddings(self):
+        return self._peft[0].get_output_embeddings()
+
+
+def apply_lora(core, lora: dict) -> None:
+    """Inject LoRA adapters into the env's model in place; the reference becomes the adapter-free model."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(task_type="CAUSAL_LM", **{k: v for k, v in lora.items() if k != "task_type"})
+    peft_model = get_peft_model(core.model, config)  # modifies core.model's layers in place
+    core.peft_model = peft_model
+    core.ref_model = AdapterDisabledRef(peft_model)  # the frozen copy made by the env is dropped
+    if core.ref is not None:
+        core.ref.model = core.ref_model
+    core.refresh()

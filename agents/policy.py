@@ -1,0 +1,201 @@
+"""``LMActorCriticPolicy``: a stable-baselines3 actor-critic policy over the env's own causal LM.
+
+Actor: the LM's next-token logits as a full-vocabulary categorical (no top-k, no top-p). Critic: a
+scalar value head on the LM's last hidden state (shared trunk), or on a separate trunk.
+
+It answers SB3's per-observation calls (``forward``, ``evaluate_actions``, ``predict_values``)
+without the usual cost of an LM as an SB3 policy:
+
+- during rollouts the observation is the env engine's current state, whose next-token logits and
+  hidden states its KV-cached step already computed: they are read, not recomputed;
+- during training, rows of one episode (consecutive observations that extend each other by one
+  token, as ``EpisodeRolloutBuffer`` yields them) share one teacher-forced forward over the
+  episode's longest observation, instead of one forward per transition.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import numpy as np
+import torch
+from gymnasium import spaces
+from stable_baselines3.common.policies import ActorCriticPolicy
+from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
+from torch import nn
+
+from textgym import lm, models
+
+
+class _NoFeatures(BaseFeaturesExtractor):
+    """Placeholder: the LM reads token ids itself."""
+
+    def __init__(self, observation_space: spaces.Space):
+        super().__init__(observation_space, features_dim=1)
+
+    def forward(self, observations):  # pragma: no cover - never called
+        raise RuntimeError("LMActorCriticPolicy does not use a features extractor")
+
+
+def group_rows(ids: torch.Tensor, mask: torch.Tensor, prompt_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Split rows into runs where each observation is the previous one plus one token.
+
+    Returns ``(group index per row, index of each group's last row, tokens generated per row)``.
+    A group's last observation contains the context of every row in the group.
+    """
+    t = mask[:, prompt_len:].sum(1)
+    n = ids.shape[0]
+    same = torch.zeros(n, dtype=torch.bool, device=ids.device)
+    if n > 1:
+        diff = (ids[1:] != ids[:-1]) | (mask[1:] != mask[:-1])
+        new_col = nn.functional.one_hot(prompt_len + t[:-1], ids.shape[1]).bool()
+        same[1:] = (t[1:] == t[:-1] + 1) & ~(diff & ~new_col).any(1)
+    group = torch.cumsum(~same, 0) - 1
+    last = torch.zeros(int(group[-1]) + 1, dtype=torch.long, device=ids.device)
+    last.scatter_reduce_(0, group, torch.arange(n, device=ids.device), reduce="amax", include_self=False)
+    return group, last, t
+
+
+def grouped_forward(model, ids, mask, prompt_len: int, *, logits: bool = True):
+    """Next-token logits ``[N, V]`` (or None) and last hidden states ``[N, H]`` for every
+    observation row, with one forward per group of rows (see ``group_rows``)."""
+    group, last, t = group_rows(ids, mask, prompt_len)
+    tmax = int(t[last].max())
+    width = prompt_len + tmax
+    seq, seq_mask = ids[last, :width], mask[last, :width]
+    kwargs: dict[str, Any] = {"logits_to_keep": tmax + 1 if logits else 1} if _is_causal_lm(model) else {}
+    out = model(input_ids=seq, attention_mask=seq_mask, position_ids=lm.position_ids(seq_mask), use_cache=False,
+                output_hidden_states=True, **kwargs)
+    # Position prompt_len - 1 + t predicts the token after an observation with t generated tokens.
+    hidden = out.hidden_states[-1][:, prompt_len - 1 : width][group, t]
+    next_logits = out.logits.float()[group, t] if logits else None
+    return next_logits, hidden
+
+
+def _is_causal_lm(model) -> bool:
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return head is not None
+
+
+class LMActorCriticPolicy(ActorCriticPolicy):
+    """SB3 actor-critic policy whose actor is the env's causal LM.
+
+    :param lm: the causal LM (injected by ``agents``: the env's own model, trained in place).
+    :param core: the env engine whose KV-cached logits rollouts reuse (injected by ``agents``).
+    :param critic: ``None`` (default): value head on the LM's own last hidden state (shared trunk).
+        ``"copy"``: a separate trunk initialised as a copy of the LM. Or a model sharing the LM's
+        vocabulary (e.g. a reward model with a causal-LM backbone, whose scalar head then
+        initialises the value head). A separate critic costs one forward over each observation
+        during rollouts (it has no KV cache in the env).
+    :param value_head_std: standard deviation of the value head's initial weights.
+    :param optimizer_class: AdamW by default; it covers only trainable weights and the value head.
+    """
+
+    def __init__(
+        self,
+        observation_space: spaces.Dict,
+        action_space: spaces.Discrete,
+        lr_schedule,
+        lm: nn.Module | None = None,
+        core: Any = None,
+        critic: Any = None,
+        value_head_std: float = 0.01,
+        optimizer_class: type[torch.optim.Optimizer] = torch.optim.AdamW,
+        optimizer_kwargs: dict | None = None,
+        **kwargs: Any,
+    ):
+        if lm is None:
+            raise ValueError("LMActorCriticPolicy needs the env's language model: create it with agents.make()")
+        self._init_args = (lm, critic, value_head_std)
+        self._core = core
+        self.prompt_len = core.P if core is not None else int(kwargs.pop("prompt_len"))
+        kwargs.pop("prompt_len", None)
+        super().__init__(
+            observation_space, action_space, lr_schedule, ortho_init=False, features_extractor_class=_NoFeatures,
+            optimizer_class=optimizer_class, optimizer_kwargs=optimizer_kwargs, **kwargs,
+        )
+
+    def _build(self, lr_schedule) -> None:
+        lm_model, critic, value_head_std = self._init_args
+        del self._init_args
+        self.lm = models.disable_dropout(lm_model)
+        hidden = lm_model.get_input_embeddings().weight.shape[1]
+        self.critic: nn.Module | None = None
+        if critic == "copy":
+            self.critic = models.disable_dropout(copy.deepcopy(lm_model))
+        elif isinstance(critic, str):
+            from transformers import AutoModelForSequenceClassification
+
+            self.critic = models.disable_dropout(AutoModelForSequenceClassification.from_pretrained(critic))
+        elif isinstance(critic, nn.Module):
+            self.critic = models.disable_dropout(critic)
+        elif critic is not None:
+            raise ValueError(f"critic must be None, 'copy', a model path or a model, got {critic!r}")
+        if self.critic is not None:
+            self.critic.requires_grad_(True)
+            hidden = self.critic.get_input_embeddings().weight.shape[1]
+        self.value_head = nn.Linear(hidden, 1)
+        nn.init.normal_(self.value_head.weight, std=value_head_std)
+        nn.init.zeros_(self.value_head.bias)
+        score = getattr(self.critic, "score", None)
+        if isinstance(score, nn.Linear) and score.out_features == 1 and score.in_features == hidden:
+            with torch.no_grad():  # a reward model's head is a good first guess of the value
+                self.value_head.weight.copy_(score.weight)
+                if score.bias is not None:
+                    self.value_head.bias.copy_(score.bias)
+        self.value_head.to(next(lm_model.parameters()).device)
+        # The reference model is not a submodule: it is never optimised and never saved.
+        trainable = [p for p in self.parameters() if p.requires_grad]
+        self.optimizer = self.optimizer_class(trainable, lr=lr_schedule(1), **self.optimizer_kwargs)
+
+    # --- the three SB3 entry points ---------------------------------------------------------------
+
+    def forward(self, obs, deterministic: bool = False):
+        dist, values = self._dist_and_values(obs)
+        actions = dist.get_actions(deterministic=deterministic)
+        return actions, values, dist.log_prob(actions)
+
+    def evaluate_actions(self, obs, actions):
+        actions = actions.long().flatten()
+        dist, values = self._dist_and_values(obs, actions=actions)
+        return values, dist.log_prob(actions), dist.entropy()
+
+    def predict_values(self, obs) -> torch.Tensor:
+        return self._dist_and_values(obs, need_dist=False)[1]
+
+    def get_distribution(self, obs):
+        return self._dist_and_values(obs)[0]
+
+    def _predict(self, observation, deterministic: bool = False) -> torch.Tensor:
+        return self.get_distribution(observation).get_actions(deterministic=deterministic)
+
+    # --- internals ----------------------------------------------------------------------------------
+
+    def _cached(self, ids: torch.Tensor, mask: torch.Tensor) -> bool:
+        """True when ``obs`` is the env engine's current state, so its KV-cached outputs apply."""
+        core = self._core
+        if core is None or torch.is_grad_enabled() or ids.shape[0] != core.n or not core.live.all():
+            return False
+        if core.policy.logits is None or (self.critic is None and core.policy.states is None):
+            return False
+        return np.array_equal(ids.cpu().numpy(), core.input_ids) and np.array_equal(mask.cpu().numpy(), core.attention_mask)
+
+    def _dist_and_values(self, obs, need_dist: bool = True, actions: torch.Tensor | None = None):
+        ids, mask = obs["input_ids"].long(), obs["attention_mask"].long()
+        cached = self._cached(ids, mask)
+        if cached:
+            logits, hidden = self._core.policy.logits, self._core.policy.states
+        else:
+            logits, hidden = grouped_forward(self.lm, ids, mask, self.prompt_len, logits=need_dist or self.critic is None)
+        if self.critic is not None:
+            hidden = grouped_forward(self.critic, ids, mask, self.prompt_len, logits=False)[1]
+        values = self.value_head(hidden.float())
+        if not need_dist:
+            return None, values
+        logits = self.shape_logits(logits, ids, mask, cached, actions)
+        return self.action_dist.proba_distribution(action_logits=logits), values
+
+    def shape_logits(self, logits, ids, mask, cached: bool, actions: torch.Tensor | None) -> torch.Tensor:
+        """Hook for algorithms that change the action distribution (NLPO masks it)."""
+        return logits

@@ -1,0 +1,122 @@
+"""A stable-baselines3 ``VecEnv`` over textgym's batched engine.
+
+SB3 steps a ``VecEnv`` and resets finished envs at once (putting the last observation in
+``info["terminal_observation"]``). ``LMVecEnv`` does exactly that on a ``TextGenCore``, so the
+rows stay in the engine's KV cache: one batched forward per step for all envs.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+from gymnasium.utils import seeding
+from stable_baselines3.common.vec_env import VecEnv
+
+from textgym.envs import TextGenCore, TextGenEnv, TextGenVectorEnv
+from textgym.envs.textgen import make_spaces
+
+
+class LMVecEnv(VecEnv):
+    """SB3 vector env over the ``n`` rows of a ``TextGenCore``. Adds SB3's Monitor fields
+    (``info["episode"]``) so ``ep_rew_mean`` is logged."""
+
+    def __init__(self, core: TextGenCore):
+        self.core = core
+        self.render_mode = core.cfg.render_mode
+        observation_space, action_space = make_spaces(core)
+        super().__init__(core.n, observation_space, action_space)
+        self._rngs = [np.random.default_rng() for _ in range(core.n)]
+        self._actions: np.ndarray | None = None
+        self._returns = np.zeros(core.n)
+        self._start = time.time()
+
+    def reset(self):
+        for i, seed in enumerate(self._seeds):
+            if seed is not None:
+                self._rngs[i], _ = seeding.np_random(seed)
+        self.core.reset_rows(list(range(self.num_envs)), self._rngs)
+        self._returns[:] = 0.0
+        self.reset_infos = [{"prompt": p} for p in self.core.prompt_text]
+        self._reset_seeds()
+        self._reset_options()
+        return self.core.observation()
+
+    def step_async(self, actions: np.ndarray) -> None:
+        self._actions = np.asarray(actions).reshape(self.num_envs)
+
+    def step_wait(self):
+        rewards, done, finals = self.core.step(self._actions, np.ones(self.num_envs, dtype=bool))
+        self._returns += rewards
+        infos: list[dict[str, Any]] = [{} for _ in range(self.num_envs)]
+        rows = np.flatnonzero(done).tolist()
+        if rows:
+            terminal = self.core.observation(rows)
+            for j, i in enumerate(rows):
+                infos[i] = {
+                    **finals[i],
+                    "terminal_observation": {k: v[j] for k, v in terminal.items()},
+                    "episode": {"r": float(self._returns[i]), "l": finals[i]["length"],
+                                "t": round(time.time() - self._start, 6)},
+                }
+                self._returns[i] = 0.0
+            self.core.reset_rows(rows, [self._rngs[i] for i in rows])
+        return self.core.observation(), rewards.astype(np.float32), done, infos
+
+    def close(self) -> None:
+        pass
+
+    def get_attr(self, attr_name: str, indices=None) -> list[Any]:
+        value = getattr(self, attr_name) if hasattr(self, attr_name) else getattr(self.core, attr_name)
+        return [value for _ in self._indices(indices)]
+
+    def set_attr(self, attr_name: str, value: Any, indices=None) -> None:
+        setattr(self, attr_name, value)
+
+    def env_method(self, method_name: str, *method_args, indices=None, **method_kwargs) -> list[Any]:
+        method = getattr(self.core, method_name)
+        return [method(*method_args, **method_kwargs) for _ in self._indices(indices)]
+
+    def env_is_wrapped(self, wrapper_class, indices=None) -> list[bool]:
+        return [False for _ in self._indices(indices)]
+
+    def render(self, mode: str | None = None):
+        return [self.core.render_text(i) for i in range(self.num_envs)]
+
+    def _indices(self, indices) -> list[int]:
+        if indices is None:
+            return list(range(self.num_envs))
+        return [indices] if isinstance(indices, int) else list(indices)
+
+
+def as_vec_env(env: Any, n_envs: int | None = None, env_kwargs: dict | None = None) -> LMVecEnv:
+    """``env`` as an ``LMVecEnv``: an env id (made with ``n_envs`` batched rows and ``env_kwargs``),
+    a textgym env from ``gym.make``, a textgym vector env, or an ``LMVecEnv``."""
+    env_kwargs = env_kwargs or {}
+    if isinstance(env, str):
+        if env not in gym.registry:
+            raise ValueError(f"unknown env id {env!r}; textgym envs: {', '.join(_textgym_ids())}")
+        vec = gym.make_vec(env, num_envs=n_envs or 1, vectorization_mode="vector_entry_point", **env_kwargs)
+        if not isinstance(vec.unwrapped, TextGenVectorEnv):
+            raise ValueError(f"env {env!r} is not a textgym text-generation env")
+        return LMVecEnv(vec.unwrapped.core)
+    if env_kwargs:
+        raise ValueError("env_kwargs only apply when env is an env id")
+    if isinstance(env, LMVecEnv):
+        core = env.core
+    elif isinstance(getattr(env, "unwrapped", None), (TextGenEnv, TextGenVectorEnv)):
+        core = env.unwrapped.core
+    else:
+        raise ValueError(
+            f"env must be a textgym env id, a textgym env or vector env, got {type(env).__name__}; "
+            f"textgym envs: {', '.join(_textgym_ids())}"
+        )
+    if n_envs is not None and n_envs != core.n:
+        raise ValueError(f"n_envs={n_envs} does not match the env's {core.n} rows; make the env with num_envs={n_envs}")
+    return env if isinstance(env, LMVecEnv) else LMVecEnv(core)
+
+
+def _textgym_ids() -> list[str]:
+    return sorted(k for k in gym.registry if k.startswith("textgym/"))
