@@ -19,6 +19,7 @@ from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
 from agents.a2c import A2C
 from agents.buffer import EpisodeRolloutBuffer
 from agents.common import LMAlgorithm
+from agents.evaluate import evaluate
 from agents.nlpo import NLPO, NLPOPolicy
 from agents.policy import LMActorCriticPolicy
 from agents.ppo import PPO
@@ -84,4 +85,4 @@ for _name, _cls in (("ppo", PPO), ("a2c", A2C), ("nlpo", NLPO)):
     register(_name, _cls)
 
 __all__ = ["A2C", "NLPO", "PPO", "EpisodeRolloutBuffer", "LMActorCriticPolicy", "LMAlgorithm", "LMVecEnv", "NLPOPolicy",
-           "as_vec_env", "get_class", "load", "make", "names", "register"]
+           "as_vec_env", "evaluate", "get_class", "load", "make", "names", "register"]

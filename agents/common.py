@@ -53,7 +53,11 @@ class LMAlgorithm:
 
     def collect_rollouts(self, env, callback, rollout_buffer, n_rollout_steps: int) -> bool:
         self._episode_stats = []
-        result = super().collect_rollouts(env, callback, rollout_buffer, n_rollout_steps)
+        self.policy.rollout_bootstrap = True
+        try:
+            result = super().collect_rollouts(env, callback, rollout_buffer, n_rollout_steps)
+        finally:
+            self.policy.rollout_bootstrap = False
         if self._episode_stats:
             for key, name in (("score", "score_mean"), ("kl", "kl_mean"), ("length", "completion_length")):
                 self.logger.record(f"rollout/{name}", float(np.mean([s[key] for s in self._episode_stats])))

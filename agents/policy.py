@@ -49,7 +49,7 @@ def group_rows(ids: torch.Tensor, mask: torch.Tensor, prompt_len: int) -> tuple[
     same = torch.zeros(n, dtype=torch.bool, device=ids.device)
     if n > 1:
         diff = (ids[1:] != ids[:-1]) | (mask[1:] != mask[:-1])
-        new_col = nn.functional.one_hot(prompt_len + t[:-1], ids.shape[1]).bool()
+        new_col = nn.functional.one_hot((prompt_len + t[:-1]).clamp(max=ids.shape[1] - 1), ids.shape[1]).bool()
         same[1:] = (t[1:] == t[:-1] + 1) & ~(diff & ~new_col).any(1)
     group = torch.cumsum(~same, 0) - 1
     last = torch.zeros(int(group[-1]) + 1, dtype=torch.long, device=ids.device)
@@ -109,6 +109,7 @@ class LMActorCriticPolicy(ActorCriticPolicy):
             raise ValueError("LMActorCriticPolicy needs the env's language model: create it with agents.make()")
         self._init_args = (lm, critic, value_head_std)
         self._core = core
+        self.rollout_bootstrap = False  # set by agents during collect_rollouts (see predict_values)
         self.prompt_len = core.P if core is not None else int(kwargs.pop("prompt_len"))
         kwargs.pop("prompt_len", None)
         super().__init__(
@@ -162,6 +163,18 @@ class LMActorCriticPolicy(ActorCriticPolicy):
         return values, dist.log_prob(actions), dist.entropy()
 
     def predict_values(self, obs) -> torch.Tensor:
+        core = self._core
+        ids, mask = obs["input_ids"].long(), obs["attention_mask"].long()
+        if self.rollout_bootstrap and self.critic is None and self._is_env_state(ids, mask) and core.pending.any():
+            # At the end of a rollout SB3 asks for the values of the last observations to bootstrap
+            # unfinished episodes. Rows reset by the last step belong to finished episodes, whose
+            # bootstrap is multiplied by (1 - done) = 0: their prompts are not encoded now, but
+            # when the next rollout needs them, with the updated weights (saves a forward per rollout).
+            values = torch.zeros(core.n, 1, device=self.value_head.weight.device)
+            started = torch.as_tensor(~core.pending, device=values.device)
+            if started.any():
+                values[started] = self.value_head(core.policy.states[started].float())
+            return values
         return self._dist_and_values(obs, need_dist=False)[1]
 
     def get_distribution(self, obs):
@@ -172,14 +185,20 @@ class LMActorCriticPolicy(ActorCriticPolicy):
 
     # --- internals ----------------------------------------------------------------------------------
 
-    def _cached(self, ids: torch.Tensor, mask: torch.Tensor) -> bool:
-        """True when ``obs`` is the env engine's current state, so its KV-cached outputs apply."""
+    def _is_env_state(self, ids: torch.Tensor, mask: torch.Tensor) -> bool:
+        """True when ``obs`` is the env engine's current state (and no gradient is wanted)."""
         core = self._core
         if core is None or torch.is_grad_enabled() or ids.shape[0] != core.n or not core.live.all():
             return False
-        if core.policy.logits is None or (self.critic is None and core.policy.states is None):
-            return False
         return np.array_equal(ids.cpu().numpy(), core.input_ids) and np.array_equal(mask.cpu().numpy(), core.attention_mask)
+
+    def _cached(self, ids: torch.Tensor, mask: torch.Tensor) -> bool:
+        """True when the env engine's KV-cached outputs answer for ``obs``."""
+        if not self._is_env_state(ids, mask):
+            return False
+        core = self._core
+        core.ensure_started()
+        return core.policy.logits is not None and (self.critic is not None or core.policy.states is not None)
 
     def _dist_and_values(self, obs, need_dist: bool = True, actions: torch.Tensor | None = None):
         ids, mask = obs["input_ids"].long(), obs["attention_mask"].long()

@@ -9,7 +9,7 @@ import stable_baselines3 as sb3
 import torch
 
 import agents
-from agents.evaluate import evaluate
+from agents import evaluate
 from agents.nlpo import top_p_mask
 from agents.policy import group_rows
 from textgym import models
@@ -254,3 +254,13 @@ def test_separate_critic_copy():
         warnings.simplefilter("ignore")
         model.learn(128)
     assert any(not torch.equal(a, b) for a, b in zip(before, model.policy.critic.parameters()))
+
+
+def test_rollout_end_does_not_encode_prompts_of_finished_episodes():
+    # n_steps == max_new_tokens without EOS: every episode ends on the rollout's last step.
+    model = make("ppo", env_kwargs={"stop_on_eos": False}, n_steps=TOY["max_new_tokens"])
+    buffer = _collect_one_rollout(model)
+    core = model.env.core
+    assert core.pending.all()  # the next episodes' prompts wait for the updated weights
+    last = buffer.rewards[-1]
+    np.testing.assert_allclose(buffer.returns[-1], last, atol=1e-6)  # done: no bootstrap (gamma = 1)

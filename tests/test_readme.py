@@ -24,3 +24,10 @@ def test_readme_python_example_runs():
     exec(compile(code, "README.md", "exec"), namespace)
     assert namespace["rewards"].shape == (8,)
     assert "exclaims" in namespace["textgym"].rewards.names()
+
+
+def test_readme_agents_example_runs(tmp_path):
+    code = blocks("python")[1].replace("/tmp/nlpo_agent", str(tmp_path / "nlpo_agent"))
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    assert namespace["model"].textgym_algo == "nlpo"

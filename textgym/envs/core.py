@@ -91,12 +91,14 @@ class TextGenCore:
         self.vocab = models.logits_width(self.model)
         self.pad_id = int(self.tokenizer.pad_token_id)
         self.eos_ids = _eos_ids(self.model, self.tokenizer)
+        self._warned_long_prompt = False
 
         L = self.P + self.T
         self.input_ids = np.full((n, L), self.pad_id, dtype=np.int64)
         self.attention_mask = np.zeros((n, L), dtype=np.int64)
         self.length = np.zeros(n, dtype=np.int64)  # tokens generated so far
         self.live = np.zeros(n, dtype=bool)  # episode running (reset and not finished)
+        self.pending = np.zeros(n, dtype=bool)  # reset, prompt not yet encoded (see ensure_started)
         self.prompt_index = np.zeros(n, dtype=np.int64)
         self.prompt_text = [""] * n
         self.logp = torch.zeros(n, self.T)  # log pi(y_t) at sampling time
@@ -125,7 +127,7 @@ class TextGenCore:
     def refresh(self, decoders: list[lm.IncrementalLM] | None = None) -> None:
         """Re-encode the live rows from scratch, e.g. after the policy's weights changed, so the
         cached logits are those of the current weights. One forward per decoder."""
-        rows = np.flatnonzero(self.live).tolist()
+        rows = np.flatnonzero(self.live & ~self.pending).tolist()  # pending rows start later anyway
         decoders = self.decoders() if decoders is None else decoders
         if not rows:
             for dec in decoders:
@@ -196,15 +198,19 @@ class TextGenCore:
         if not ids:  # an empty prompt still needs a token to condition on
             ids = [tok.bos_token_id if tok.bos_token_id is not None else self.eos_ids[0]]
         if len(ids) > self.P:
-            warnings.warn(
-                f"prompt of {len(ids)} tokens is longer than max_prompt_tokens={self.P}: cut from the left", stacklevel=2
-            )
+            if not self._warned_long_prompt:  # once per env: a prompt set may hold many long prompts
+                warnings.warn(
+                    f"prompt of {len(ids)} tokens is longer than max_prompt_tokens={self.P}: cut from the left "
+                    "(further long prompts of this env are cut silently)", stacklevel=2,
+                )
+                self._warned_long_prompt = True
             ids = ids[-self.P :]
         return ids
 
     def reset_rows(self, rows: list[int], rngs: list[np.random.Generator], options: dict | None = None) -> None:
         """Start new episodes in ``rows``: sample a prompt with each row's RNG (or take the one in
-        ``options``: ``prompt`` text or ``prompt_index``), encode all of them in one forward."""
+        ``options``: ``prompt`` text or ``prompt_index``). Their prompts are encoded, all in one
+        forward, when their logits are first needed (``ensure_started``)."""
         if not rows:
             return
         options = options or {}
@@ -229,9 +235,21 @@ class TextGenCore:
         self.live[rows] = True
         self.logp[rows] = 0.0
         self.kl_per_token[rows] = 0.0
-        ids_t, mask_t = torch.as_tensor(ids, device=self.device), torch.as_tensor(mask, device=self.device)
+        self.pending[rows] = True
+
+    @torch.no_grad()
+    def ensure_started(self) -> None:
+        """Encode the prompts of newly reset rows, in one forward per decoder. Deferred from
+        ``reset_rows`` so that a reset whose logits are never used (a reset before a policy update,
+        or reset after reset) costs no forward."""
+        rows = np.flatnonzero(self.pending).tolist()
+        if not rows:
+            return
+        ids = torch.as_tensor(self.input_ids[rows, : self.P], device=self.device)
+        mask = torch.as_tensor(self.attention_mask[rows, : self.P], device=self.device)
         for dec in self.decoders():
-            dec.start(rows, ids_t, mask_t)
+            dec.start(rows, ids, mask)
+        self.pending[rows] = False
 
     def check_actions(self, actions: np.ndarray, rows: np.ndarray) -> np.ndarray:
         actions = np.asarray(actions)
@@ -253,6 +271,7 @@ class TextGenCore:
         if (rows & ~self.live).any():
             raise RuntimeError("step() called on an episode that is over: call reset() first")
         actions = self.check_actions(actions, rows)
+        self.ensure_started()
         rewards_out = np.zeros(self.n, dtype=np.float64)
         idx = np.flatnonzero(rows)
         t = self.length[idx]

@@ -107,6 +107,7 @@ class TextGenEnv(gym.Env):
 
     def next_token_logits(self):
         """The policy's next-token logits for the current observation, ``[V]`` (fp32)."""
+        self.core.ensure_started()
         return self.core.policy.logits[0]
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
@@ -157,6 +158,8 @@ class TextGenVectorEnv(gym.vector.VectorEnv):
         return self.core.tokenizer
 
     def next_token_logits(self):
+        """The policy's next-token logits for the current observations, ``[num_envs, V]`` (fp32)."""
+        self.core.ensure_started()
         return self.core.policy.logits
 
     def reset(self, *, seed: int | list[int | None] | None = None, options: dict | None = None):
