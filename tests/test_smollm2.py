@@ -47,3 +47,17 @@ def test_sentiment_env_on_smollm2(smollm2):
         ends += int(term.sum())
         assert np.isfinite(reward).all()
     assert ends >= 4  # every episode lasts at most max_new_tokens=20 steps
+
+
+def test_ppo_with_lora_on_smollm2(smollm2, tmp_path):
+    import agents
+
+    model, tok = smollm2
+    agent = agents.make("ppo", "textgym/Sentiment-v0", n_envs=4, env_kwargs={"model": model, "tokenizer": tok},
+                        lora={"r": 4}, n_steps=20, batch_size=40, n_epochs=1, learning_rate=1e-4, seed=0)
+    agent.learn(80)
+    logged = agent.logger.name_to_value
+    assert np.isfinite(logged["train/value_loss"]) and logged["train/entropy"] > 0
+    assert all(p.requires_grad == ("lora_" in n) for n, p in agent.policy.lm.named_parameters())
+    summary = agents.evaluate(agent, 4)
+    assert -1.0 <= summary["score"] <= 1.0 and summary["kl"] > -1.0
