@@ -5,6 +5,8 @@
 - After each update the env's KV cache is re-encoded, so rollouts keep sampling from the current
   policy (one forward per live episode per update).
 - The RLHF figures are logged: mean score, KL, KL coefficient, completion length, entropy.
+- Optional PPO-ptx: ``ptx_coef`` > 0 mixes a language-modelling loss on ``ptx_data`` into every
+  update (see ``agents.ptx``).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from agents.lora import apply_lora, lora_config
+from agents.ptx import PtxOptimizer, ptx_batches
 from agents.vec_env import LMVecEnv, as_vec_env
 
 
@@ -22,7 +25,13 @@ class LMAlgorithm:
 
     algo_name = "custom"
 
-    def __init__(self, policy, env, *args, lora: Any = None, **kwargs):
+    def __init__(self, policy, env, *args, lora: Any = None, ptx_coef: float = 0.0, ptx_data: Any = None,
+                 ptx_batch_size: int = 8, ptx_max_length: int = 128, **kwargs):
+        if ptx_coef < 0 or (ptx_coef > 0 and ptx_data is None):
+            raise ValueError(f"ptx_coef must be >= 0 and needs ptx_data (texts) when > 0; got ptx_coef={ptx_coef!r}, "
+                             f"ptx_data={ptx_data!r}")
+        self.ptx_coef, self.ptx_data = float(ptx_coef), ptx_data
+        self.ptx_batch_size, self.ptx_max_length = ptx_batch_size, ptx_max_length
         self.lora = lora_config(lora)
         self.textgym_algo = self.algo_name
         self._episode_stats: list[dict] = []
@@ -47,6 +56,10 @@ class LMAlgorithm:
             super()._setup_model()
         finally:
             self.policy_kwargs = saved
+        if self.ptx_coef > 0:
+            batches = ptx_batches(core.tokenizer, self.ptx_data, self.ptx_batch_size, self.ptx_max_length,
+                                  seed=self.seed or 0)
+            self.policy.optimizer = PtxOptimizer(self.policy.optimizer, core.model, batches, self.ptx_coef)
 
     def _excluded_save_params(self) -> list[str]:
         return [*super()._excluded_save_params(), "_episode_stats"]
@@ -73,4 +86,7 @@ class LMAlgorithm:
         entropy_loss = self.logger.name_to_value.get("train/entropy_loss")
         if entropy_loss is not None:
             self.logger.record("train/entropy", -float(entropy_loss))
+        if isinstance(self.policy.optimizer, PtxOptimizer) and self.policy.optimizer.losses:
+            self.logger.record("train/ptx_loss", float(np.mean(self.policy.optimizer.losses)))
+            self.policy.optimizer.losses.clear()
         self.core.refresh([self.core.policy])  # the weights changed: cached logits must follow

@@ -293,3 +293,15 @@ def test_random_agent_episode_with_custom_reward():
     while not done:
         obs, reward, done, truncated, info = env.step(env.action_space.sample())
     assert info["score"] == float("e" in info["completion"])
+
+
+@pytest.mark.parametrize("kl_mode", ["final", "per_token"])
+def test_info_reports_reference_logprob_of_the_completion(kl_mode):
+    model, ref = _perturbed_ref()
+    _, tok = models.load("textgym/tiny")
+    env = make(model=model, tokenizer=tok, ref_model=ref, kl_mode=kl_mode, max_new_tokens=4, stop_on_eos=False)
+    obs, *_, info = run_episode(env, [40, 41, 42, 43])
+    ids, mask = torch.as_tensor(obs["input_ids"])[None], torch.as_tensor(obs["attention_mask"])[None]
+    with torch.no_grad():
+        expected = lm.completion_logprobs(ref, ids[:, :64], mask[:, :64], ids[:, 64:68], mask[:, 64:68]).sum().item()
+    assert info["ref_logprob"] == pytest.approx(expected, abs=1e-4)

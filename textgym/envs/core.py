@@ -103,6 +103,7 @@ class TextGenCore:
         self.prompt_text = [""] * n
         self.logp = torch.zeros(n, self.T)  # log pi(y_t) at sampling time
         self.kl_per_token = torch.zeros(n, self.T)  # per_token mode: the penalised terms
+        self.ref_logp = torch.zeros(n, self.T)  # per_token mode: log pi_ref(y_t) at sampling time
         self.policy = lm.IncrementalLM(self.model, n)
         # Models decoded in lockstep with the policy, one KV-cached forward per step each: the
         # reference in per_token mode, and whatever an agent adds (e.g. NLPO's masking policy).
@@ -235,6 +236,7 @@ class TextGenCore:
         self.live[rows] = True
         self.logp[rows] = 0.0
         self.kl_per_token[rows] = 0.0
+        self.ref_logp[rows] = 0.0
         self.pending[rows] = True
 
     @torch.no_grad()
@@ -282,6 +284,7 @@ class TextGenCore:
             ref_logp = _token_logp(self.ref.logits[torch.as_tensor(idx, device=self.device)], acts)
             terms = klmod.kl_terms(logp - ref_logp, self.cfg.kl_estimator).cpu()
             self.kl_per_token[idx, t] = terms
+            self.ref_logp[idx, t] = ref_logp.cpu()
             rewards_out[idx] -= self.kl_controller.value * terms.double().numpy()
 
         self.input_ids[idx, self.P + t] = actions[idx]
@@ -318,10 +321,12 @@ class TextGenCore:
             metadata = {}  # a prompt passed through reset options carries no metadata
         scores = self.reward_fn(prompts, completions, **metadata)
         if self.cfg.kl_mode == "final":
-            kl_tokens = klmod.kl_terms(self.logp[done] - self.ref_logprobs(done), self.cfg.kl_estimator)
+            ref_logp = self.ref_logprobs(done)
+            kl_tokens = klmod.kl_terms(self.logp[done] - ref_logp, self.cfg.kl_estimator)
         else:
-            kl_tokens = self.kl_per_token[done]
+            ref_logp, kl_tokens = self.ref_logp[done], self.kl_per_token[done]
         kls = kl_tokens.sum(1).double().numpy()
+        ref_sums = ref_logp.sum(1).double().numpy()
         infos = {}
         for j, row in enumerate(done_list):
             coef = self.kl_controller.value
@@ -329,6 +334,7 @@ class TextGenCore:
             infos[row] = {
                 "score": float(scores[j]), "kl": float(kls[j]), "kl_coef": coef, "prompt": prompts[j],
                 "completion": completions[j], "length": int(self.length[row]),
+                "ref_logprob": float(ref_sums[j]),  # log pi_ref(completion): perplexity under the reference
             }
             self.kl_controller.update(float(kls[j]), n_steps=1)
         self.live[done] = False
