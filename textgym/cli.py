@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
@@ -67,6 +68,77 @@ def cmd_list(args) -> int:
     print("environments:", ", ".join(textgym.ENV_IDS))
     print("rewards:     ", ", ".join(rewards.names()))
     print("models:      ", ", ".join(models.BUILTIN), "(or any Hugging Face directory or hub id)")
+    import agents
+
+    print("agents:      ", ", ".join(agents.names()))
+    return 0
+
+
+def _config_and_overrides(args) -> tuple[str | None, list[str]]:
+    """argparse puts a first ``key=value`` into the optional config slot: give it back."""
+    config, overrides = args.config, list(args.overrides)
+    if config is not None and "=" in config and not Path(config).exists():
+        overrides.insert(0, config)
+        config = None
+    return config, overrides
+
+
+def cmd_train(args) -> int:
+    from textgym.train import config_from_cli, train
+
+    config, overrides = _config_and_overrides(args)
+    # With --resume only training.output_dir is read from these: the run continues with its saved config.
+    cfg = config_from_cli(config, overrides, args.algo)
+    result = train(cfg, resume=args.resume)
+    _print_comparison(result, cfg.training.output_dir)
+    return 0
+
+
+def _print_comparison(result: dict, run_dir: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"held-out evaluation, {run_dir}")
+    table.add_column("metric")
+    table.add_column("before", justify="right")
+    table.add_column("after", justify="right")
+    for key, before in result["before"].items():
+        after = result["after"].get(key, float("nan"))
+        table.add_row(key, f"{before:.4g}", f"{after:.4g}")
+    Console().print(table)
+
+
+def cmd_eval(args) -> int:
+    from textgym.evaluate import evaluate_target
+
+    summary = evaluate_target(args.target, env_id=args.env, n=args.n, ref=args.ref, seed=args.seed,
+                              n_envs=args.n_envs, out=args.json)
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"textgym eval {args.target}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in summary["metrics"].items():
+        table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
+    Console().print(table)
+    print(f"wrote {summary['json']}")
+    return 0
+
+
+def cmd_sft(args) -> int:
+    from textgym.config import load_config
+    from textgym.sft import SFTConfig, train_sft
+
+    print(json.dumps(train_sft(load_config(SFTConfig, *_config_and_overrides(args))), indent=1))
+    return 0
+
+
+def cmd_rm(args) -> int:
+    from textgym.config import load_config
+    from textgym.rm import RMConfig, train_reward_model
+
+    print(json.dumps(train_reward_model(load_config(RMConfig, *_config_and_overrides(args))), indent=1))
     return 0
 
 
@@ -81,8 +153,32 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--json", default=None, help="also write the episodes to this JSON file")
     demo.set_defaults(func=cmd_demo)
-    lst = sub.add_parser("list", help="registered environments, rewards and models")
+    lst = sub.add_parser("list", help="registered environments, rewards, agents and models")
     lst.set_defaults(func=cmd_list)
+
+    tr = sub.add_parser("train", help="RL fine-tuning from a YAML config (default: PPO on Sentiment-v0 with SmolLM2)")
+    tr.add_argument("config", nargs="?", default=None, help="YAML config (sections model, env, reward, agent, training)")
+    tr.add_argument("overrides", nargs="*", help="key=value overrides, e.g. training.iterations=5 agent.algo=a2c")
+    tr.add_argument("--algo", default=None, help="shortcut for agent.algo=...")
+    tr.add_argument("--resume", action="store_true", help="continue the run in training.output_dir")
+    tr.set_defaults(func=cmd_train)
+
+    ev = sub.add_parser("eval", help="evaluate a run directory or a model on held-out prompts")
+    ev.add_argument("target", help="a run directory (from textgym train) or a model name/path")
+    ev.add_argument("--env", default=None, help="env id (default: the run's, else textgym/Sentiment-v0)")
+    ev.add_argument("--n", type=int, default=None, help="number of held-out prompts (default: the run's eval_n, else 50)")
+    ev.add_argument("--ref", default=None, help="reference model (default: the run's base model, else the model itself)")
+    ev.add_argument("--n-envs", type=int, default=16, help="prompts generated together")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--json", default=None, help="where to write the JSON (default: RUN_DIR/eval.json or ./eval.json)")
+    ev.set_defaults(func=cmd_eval)
+
+    for name, func, what in (("sft", cmd_sft, "supervised fine-tuning on (prompt, completion) demonstrations"),
+                             ("rm", cmd_rm, "train a scalar reward model from preference pairs or rankings")):
+        p = sub.add_parser(name, help=what)
+        p.add_argument("config", nargs="?", default=None, help="YAML config")
+        p.add_argument("overrides", nargs="*", help="key=value overrides")
+        p.set_defaults(func=func)
     return parser
 
 

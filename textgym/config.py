@@ -126,10 +126,24 @@ def merge(base: dict, update: dict) -> dict:
     return out
 
 
+def defaults(cls: type) -> dict:
+    """The default values of ``cls``'s fields as a nested dict (fields without a default left out)."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            value = f.default_factory()
+            out[f.name] = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+    return out
+
+
 def load_config(cls: type, path: str | Path | None = None, overrides: list[str] | None = None,
                 base: dict | None = None) -> Any:
-    """``cls`` from ``base`` (a dict), updated by the YAML file at ``path``, updated by ``overrides``."""
-    data: dict = dict(base or {})
+    """``cls`` from its defaults, updated by ``base`` (a dict), by the YAML file at ``path``, then by
+    ``overrides``. Mappings merge key by key, so ``agent.hyperparameters.n_steps=8`` keeps the other
+    default hyperparameters."""
+    data: dict = merge(defaults(cls), base or {})
     if path is not None:
         path = Path(path)
         if not path.exists():

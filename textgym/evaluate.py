@@ -1,0 +1,127 @@
+"""Held-out evaluation: completions of fixed prompts, scored by every configured reward, with the
+KL to the reference, perplexity under the reference, distinct-1/2 and length."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from textgym import metrics, rewards
+from textgym.envs.core import TextGenCore
+from textgym.prompts import PromptSet
+
+
+@torch.no_grad()
+def generate(core: TextGenCore, prompts: PromptSet, seed: int = 0) -> list[dict]:
+    """Sample one completion per prompt from the core's policy (full distribution), ``core.n`` at a
+    time; returns the final-step infos in prompt order. Ends every episode running in ``core``."""
+    gen = torch.Generator(device=core.device).manual_seed(seed)
+    saved = core.prompts
+    core.prompts = prompts
+    results: list[dict] = []
+    try:
+        for start in range(0, len(prompts), core.n):
+            core.stop_all()
+            rows = list(range(min(core.n, len(prompts) - start)))
+            for row in rows:
+                core.reset_rows([row], [None], {"prompt_index": start + row})
+            finished: dict[int, dict] = {}
+            while core.live.any():
+                core.ensure_started()
+                probs = torch.softmax(core.policy.logits, dim=-1)
+                actions = torch.multinomial(probs, 1, generator=gen).squeeze(1).cpu().numpy()
+                _, _, infos = core.step(actions, core.live.copy())
+                finished.update(infos)
+            results.extend(finished[row] for row in rows)
+    finally:
+        core.prompts = saved
+        core.stop_all()
+    return results
+
+
+def summarise(episodes: list[dict], extra_rewards: dict[str, Any] | None = None, prompts: PromptSet | None = None) -> dict:
+    """Mean figures over ``episodes`` (infos from ``generate``), plus each of ``extra_rewards``
+    (name -> reward) on the same completions."""
+    completions = [e["completion"] for e in episodes]
+    lengths = [e["length"] for e in episodes]
+    out = {
+        "n": len(episodes),
+        "score": float(np.mean([e["score"] for e in episodes])),
+        "kl": float(np.mean([e["kl"] for e in episodes])),
+        "perplexity_ref": metrics.perplexity([e["ref_logprob"] for e in episodes], lengths),
+        "distinct_1": metrics.distinct_n(completions, 1),
+        "distinct_2": metrics.distinct_n(completions, 2),
+        "length": float(np.mean(lengths)),
+    }
+    for name, reward in (extra_rewards or {}).items():
+        meta = prompts.metadata_for(list(range(len(episodes)))) if prompts is not None else {}
+        out[f"reward/{name}"] = float(np.mean(reward([e["prompt"] for e in episodes], completions, **meta)))
+    return out
+
+
+def make_rewards(specs: list) -> dict[str, Any]:
+    """``["length", {"name": "keyword", "kwargs": {...}}]`` -> ``{label: reward}``."""
+    out = {}
+    for spec in specs:
+        if isinstance(spec, str):
+            out[spec] = rewards.make(spec)
+        elif isinstance(spec, dict) and "name" in spec:
+            label = spec.get("label", spec["name"])
+            out[label] = rewards.make(spec["name"], **spec.get("kwargs", {}))
+        else:
+            raise ValueError(f"reward spec must be a name or {{name: ..., kwargs: ...}}, got {spec!r}")
+    return out
+
+
+def held_out_prompts(env_id: str, env_prompts: PromptSet, source: Any = None, n: int | None = None) -> PromptSet:
+    """The evaluation prompts: ``source`` if given, else the sentiment task's test split, else the
+    env's own prompts; the first ``n`` of them."""
+    from textgym.prompts import load_prompts, sentiment_prompts
+
+    if source is not None:
+        prompts = load_prompts(source)
+    elif env_id == "textgym/Sentiment-v0":
+        prompts = sentiment_prompts("test")
+    else:
+        prompts = env_prompts
+    n = len(prompts) if n is None else min(n, len(prompts))
+    return PromptSet(prompts.prompts[:n], {k: v[:n] for k, v in prompts.metadata.items()})
+
+
+def evaluate_target(target: str, *, env_id: str | None = None, n: int | None = None, ref: str | None = None,
+                    seed: int = 0, n_envs: int = 16, out: str | None = None) -> dict:
+    """``textgym eval``: evaluate a run directory's final model against its base model, or any
+    model (against ``ref``, default itself). Writes JSON with the metrics and every episode."""
+    import json
+    from pathlib import Path
+
+    import gymnasium as gym
+
+    from textgym.config import load_config
+
+    path = Path(target)
+    source, extra = None, []
+    if (path / "config.yaml").exists():
+        from textgym.train import TrainConfig
+
+        cfg = load_config(TrainConfig, path / "config.yaml")
+        if not (path / "final_model" / "config.json").exists():
+            raise FileNotFoundError(f"run {target!r} has no final_model/ yet: finish or resume it first")
+        env_id = env_id or cfg.env.id
+        kwargs = {**cfg.env_kwargs(), "model": str(path / "final_model"), "ref_model": ref or cfg.model.name}
+        n = n or cfg.training.eval_n
+        source, extra = cfg.training.eval_prompts, cfg.reward.eval
+        out = out or str(path / "eval.json")
+    else:
+        env_id = env_id or "textgym/Sentiment-v0"
+        kwargs = {"model": target, "ref_model": ref}
+        out = out or "eval.json"
+    vec = gym.make_vec(env_id, num_envs=n_envs, vectorization_mode="vector_entry_point", **kwargs)
+    core = vec.unwrapped.core
+    prompts = held_out_prompts(env_id, core.prompts, source, n)
+    episodes = generate(core, prompts, seed=seed)
+    summary = summarise(episodes, make_rewards(extra), prompts)
+    Path(out).write_text(json.dumps({"target": target, "env": env_id, "metrics": summary, "episodes": episodes}, indent=1))
+    return {"metrics": summary, "json": out}

@@ -1,0 +1,270 @@
+"""``textgym train``: RL fine-tuning of a causal LM on a textgym env, from one YAML config.
+
+A run directory holds the resolved ``config.yaml``, TensorBoard logs (``tb/``), ``metrics.jsonl``
+(one line per iteration), ``checkpoint/`` (written atomically after every iteration; ``--resume``
+continues from it), ``samples_before.jsonl`` / ``samples_after.jsonl`` (held-out completions),
+``final_model/`` (``save_pretrained``) and PNG plots of score, KL and KL coefficient.
+
+Every iteration (one rollout and one update) starts from fresh episodes with the seed
+``training.seed + iteration``, so a resumed run repeats exactly what the uninterrupted run would do.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from textgym.assets import atomic_dir
+from textgym.config import ConfigError, load_config, save_config, to_dict
+
+
+@dataclass
+class ModelSection:
+    """The policy LM (``name``: anything ``textgym.models.load`` accepts) and optional LoRA."""
+
+    name: str = "textgym/smollm2-135m"
+    lora: dict | None = None  # peft.LoraConfig options, e.g. {r: 8}; null = full fine-tuning
+
+
+@dataclass
+class EnvSection:
+    """The environment: a textgym env id, batched as ``n_envs`` rows; ``kwargs`` are its arguments."""
+
+    id: str = "textgym/Sentiment-v0"
+    n_envs: int = 16
+    kwargs: dict = field(default_factory=dict)
+
+
+@dataclass
+class RewardSection:
+    """The reward the agent optimises, and extra rewards reported at evaluation."""
+
+    name: str = "vader"
+    kwargs: dict = field(default_factory=dict)
+    eval: list = field(default_factory=list)  # names or {name:, kwargs:} reported by evaluations
+
+
+@dataclass
+class AgentSection:
+    """The algorithm (``agents.names()``) and its hyperparameters (see ``agents.PPO`` etc.)."""
+
+    algo: str = "ppo"
+    hyperparameters: dict = field(default_factory=lambda: {
+        "learning_rate": 2e-4, "n_steps": 20, "batch_size": 80, "n_epochs": 4, "target_kl": None,
+    })
+
+
+@dataclass
+class TrainingSection:
+    """Length of the run, evaluation and output."""
+
+    iterations: int = 20
+    seed: int = 0
+    output_dir: str = "runs/sentiment"
+    eval_prompts: str | None = None  # held-out prompts; null: the env's test split (or its prompts)
+    eval_n: int = 32
+    eval_every: int = 5
+    samples: int = 8
+
+    def validate(self) -> None:
+        for key in ("iterations", "eval_n", "eval_every", "samples"):
+            if getattr(self, key) < (0 if key == "eval_every" else 1):
+                raise ConfigError(f"training.{key} must be >= 1, got {getattr(self, key)!r}")
+
+
+@dataclass
+class TrainConfig:
+    """``textgym train``'s config: sections model, env, reward, agent, training."""
+
+    model: ModelSection = field(default_factory=ModelSection)
+    env: EnvSection = field(default_factory=EnvSection)
+    reward: RewardSection = field(default_factory=RewardSection)
+    agent: AgentSection = field(default_factory=AgentSection)
+    training: TrainingSection = field(default_factory=TrainingSection)
+
+    def validate(self) -> None:
+        import agents
+
+        if self.agent.algo not in agents.names():
+            raise ConfigError(f"agent.algo {self.agent.algo!r} is not an algorithm; valid: {', '.join(agents.names())}")
+        reserved = sorted({"model", "reward", "reward_kwargs"} & set(self.env.kwargs))
+        if reserved:
+            raise ConfigError(f"env.kwargs.{reserved[0]} is set by the {reserved[0].split('_')[0]} section, not env.kwargs")
+
+    def env_kwargs(self) -> dict:
+        return {**self.env.kwargs, "model": self.model.name, "reward": self.reward.name,
+                "reward_kwargs": dict(self.reward.kwargs)}
+
+
+def config_from_cli(path: str | None, overrides: list[str], algo: str | None = None) -> TrainConfig:
+    overrides = list(overrides) + ([f"agent.algo={algo}"] if algo else [])
+    return load_config(TrainConfig, path, overrides)
+
+
+# --- the run ---------------------------------------------------------------------------------------
+
+
+class Run:
+    """One training run in ``cfg.training.output_dir``."""
+
+    def __init__(self, cfg: TrainConfig, resume: bool = False, progress: bool = True):
+        import agents
+
+        self.dir = Path(cfg.training.output_dir)
+        self.checkpoint = self.dir / "checkpoint"
+        if resume:
+            if not (self.checkpoint / "state.json").exists():
+                raise FileNotFoundError(f"nothing to resume in {str(self.dir)!r}: no checkpoint/state.json")
+            cfg = load_config(TrainConfig, self.dir / "config.yaml")
+            self.state = json.loads((self.checkpoint / "state.json").read_text())
+        else:
+            if (self.checkpoint / "state.json").exists():
+                raise FileExistsError(f"{str(self.dir)!r} already holds a run: pass --resume, or another training.output_dir")
+            self.dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.dir / "config.yaml")
+            self.state = {"iteration": 0, "history": [], "before": None}
+        self.cfg, self.progress = cfg, progress
+        hp = {**cfg.agent.hyperparameters, "seed": cfg.training.seed}
+        if cfg.model.lora is not None:
+            hp["lora"] = cfg.model.lora
+        env_kwargs = cfg.env_kwargs()
+        if resume:
+            self.agent = agents.load(self.checkpoint / "agent.zip", env=cfg.env.id, n_envs=cfg.env.n_envs,
+                                     env_kwargs=env_kwargs)
+            self.agent.env.core.kl_controller.load_state_dict(self.state["kl_controller"])
+        else:
+            self.agent = agents.make(cfg.agent.algo, cfg.env.id, n_envs=cfg.env.n_envs, env_kwargs=env_kwargs, **hp)
+        from stable_baselines3.common.logger import configure
+
+        self.agent.set_logger(configure(str(self.dir / "tb"), ["tensorboard"]))
+        self.core = self.agent.env.core
+        self.eval_prompts = self._eval_prompts()
+        from textgym.evaluate import make_rewards
+
+        self.eval_rewards = make_rewards(cfg.reward.eval)
+
+    def _eval_prompts(self):
+        from textgym.evaluate import held_out_prompts
+
+        t = self.cfg.training
+        return held_out_prompts(self.cfg.env.id, self.core.prompts, t.eval_prompts, t.eval_n)
+
+    def evaluate(self) -> tuple[dict, list[dict]]:
+        from textgym.evaluate import generate, summarise
+
+        episodes = generate(self.core, self.eval_prompts, seed=self.cfg.training.seed)
+        return summarise(episodes, self.eval_rewards, self.eval_prompts), episodes
+
+    def _write_samples(self, name: str, episodes: list[dict]) -> None:
+        keep = ("prompt", "completion", "score", "kl", "length")
+        with open(self.dir / name, "w") as f:
+            for e in episodes[: self.cfg.training.samples]:
+                f.write(json.dumps({k: e[k] for k in keep}) + "\n")
+
+    def iterate(self, it: int) -> dict:
+        """One rollout and one update, from fresh episodes seeded by the iteration."""
+        agent = self.agent
+        agent.set_random_seed(self.cfg.training.seed + it)
+        agent._last_obs = agent.env.reset()
+        agent._last_episode_starts = np.ones((agent.n_envs,), dtype=bool)
+        start = time.time()
+        agent.learn(agent.n_steps * agent.n_envs, reset_num_timesteps=False)
+        stats = agent._episode_stats
+        record: dict[str, Any] = {"iteration": it + 1, "timesteps": int(agent.num_timesteps)}
+        for key in ("score", "kl", "length"):
+            record[key] = float(np.mean([s[key] for s in stats])) if stats else float("nan")
+        record["reward"] = float(np.mean([s["episode"]["r"] for s in stats])) if stats else float("nan")
+        record["kl_coef"] = float(self.core.kl_controller.value)
+        for key, value in agent.logger.name_to_value.items():
+            if key.startswith("train/"):
+                record[key] = float(value)
+        agent.logger.dump(agent.num_timesteps)
+        record["seconds"] = round(time.time() - start, 3)
+        every = self.cfg.training.eval_every
+        if (every and (it + 1) % every == 0) or it + 1 == self.cfg.training.iterations:
+            summary, _ = self.evaluate()
+            record.update({f"eval/{k}": v for k, v in summary.items() if k != "n"})
+        return record
+
+    def save_checkpoint(self) -> None:
+        with atomic_dir(self.checkpoint) as tmp:
+            self.agent.save(tmp / "agent.zip")
+            state = {**self.state, "kl_controller": self.core.kl_controller.state_dict()}
+            (tmp / "state.json").write_text(json.dumps(state))
+        # metrics.jsonl mirrors the checkpoint's history, so a kill between the two writes loses nothing.
+        tmp_metrics = self.dir / "metrics.jsonl.tmp"
+        tmp_metrics.write_text("".join(json.dumps(r) + "\n" for r in self.state["history"]))
+        os.replace(tmp_metrics, self.dir / "metrics.jsonl")
+
+    def run(self) -> dict:
+        from tqdm.auto import tqdm
+
+        t = self.cfg.training
+        if self.state["before"] is None:
+            summary, episodes = self.evaluate()
+            self._write_samples("samples_before.jsonl", episodes)
+            self.state["before"] = summary
+            self.save_checkpoint()
+        bar = tqdm(range(self.state["iteration"], t.iterations), initial=self.state["iteration"], total=t.iterations,
+                   desc="textgym train", unit="iter", disable=not self.progress)
+        for it in bar:
+            record = self.iterate(it)
+            self.state["history"].append(record)
+            self.state["iteration"] = it + 1
+            self.save_checkpoint()
+            bar.set_postfix(score=f"{record['score']:.3f}", kl=f"{record['kl']:.2f}")
+        summary, episodes = self.evaluate()
+        self._write_samples("samples_after.jsonl", episodes)
+        self.save_final_model()
+        plot_history(self.state["history"], self.dir)
+        result = {"before": self.state["before"], "after": summary, "iterations": self.state["iteration"]}
+        (self.dir / "summary.json").write_text(json.dumps(result, indent=1))
+        return result
+
+    def save_final_model(self) -> None:
+        model = self.core.model
+        peft_model = getattr(self.core, "peft_model", None)
+        if peft_model is not None:  # a plain model directory: LoRA merged into a copy of the weights
+            model = copy.deepcopy(peft_model).merge_and_unload()
+        with atomic_dir(self.dir / "final_model") as tmp:
+            model.save_pretrained(tmp)
+            self.core.tokenizer.save_pretrained(tmp)
+
+
+def plot_history(history: list[dict], out_dir: Path) -> list[Path]:
+    """PNG plots of score, KL and KL coefficient per iteration (and held-out score where measured)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    its = [r["iteration"] for r in history]
+    paths = []
+    for key, title in (("score", "mean score"), ("kl", "mean KL to the reference"), ("kl_coef", "KL coefficient")):
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.plot(its, [r[key] for r in history], marker="o", label="training rollouts")
+        evals = [(r["iteration"], r[f"eval/{key}"]) for r in history if f"eval/{key}" in r]
+        if evals:
+            ax.plot(*zip(*evals), marker="s", label="held-out prompts")
+            ax.legend()
+        ax.set_xlabel("iteration")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        path = Path(out_dir) / f"{key}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
+    return Run(cfg, resume=resume, progress=progress).run()
+
