@@ -9,6 +9,7 @@ raises ``ConfigError`` naming the key and what is valid.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -19,6 +20,25 @@ import yaml
 
 class ConfigError(ValueError):
     """A config key that does not exist, or a value of the wrong type."""
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads ``1e-5`` as a string (it wants ``1.0e-5``); configs are full of such numbers."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+    |\.[0-9_]+(?:[eE][-+][0-9]+)?
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."),
+)
+
+
+def yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)
 
 
 def from_dict(cls: type, data: dict | None, prefix: str = "") -> Any:
@@ -104,7 +124,7 @@ def parse_overrides(overrides: list[str]) -> dict:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value (e.g. agent.algo=a2c)")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = yaml_load(raw) if raw.strip() else ""
         node = result
         parts = key.strip().split(".")
         for part in parts[:-1]:
@@ -148,7 +168,7 @@ def load_config(cls: type, path: str | Path | None = None, overrides: list[str] 
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"config file {str(path)!r} not found")
-        loaded = yaml.safe_load(path.read_text()) or {}
+        loaded = yaml_load(path.read_text()) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
         data = merge(data, loaded)

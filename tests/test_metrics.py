@@ -1,0 +1,88 @@
+import math
+import sys
+
+import pytest
+
+from textgym.metrics import distinct_n, elo_bootstrap, elo_ratings, perplexity, spearman, summarise
+
+
+def test_distinct_n():
+    texts = ["a b a", "b c"]
+    assert distinct_n(texts, 1) == pytest.approx(3 / 5)  # a b a b c
+    assert distinct_n(texts, 2) == 1.0  # (a b) (b a) (b c): bigrams never span texts
+    assert distinct_n(["a b a b"], 2) == pytest.approx(2 / 3)  # (a b) (b a) (a b)
+    assert distinct_n(["  the cat\tthe\ncat "], 1) == 0.5  # any whitespace splits
+    assert distinct_n([], 1) == distinct_n(["one", ""], 2) == 0.0
+    with pytest.raises(ValueError, match="n must be"):
+        distinct_n(["a"], 0)
+
+
+def test_perplexity_is_token_weighted():
+    assert perplexity([-2.0, -4.0], [1, 3]) == pytest.approx(math.exp(1.5))
+    assert perplexity([0.0], [5]) == 1.0
+    with pytest.raises(ValueError):
+        perplexity([-1.0], [1, 2])
+    assert math.isnan(perplexity([], [])) and math.isnan(perplexity([0.0], [0]))
+
+
+@pytest.mark.parametrize("numpy_only", [False, True])
+def test_spearman(monkeypatch, numpy_only):
+    if numpy_only:
+        monkeypatch.setitem(sys.modules, "scipy.stats", None)  # import fails: the numpy ranking is used
+    # Ranks with ties: x -> 1, 2.5, 2.5, 4; y -> 1, 3, 2, 4; rho = 4.5 / sqrt(4.5 * 5).
+    assert spearman([1, 2, 2, 3], [10, 30, 20, 40]) == pytest.approx(3 / math.sqrt(10))
+    assert spearman([1, 2, 3, 4], [1, 8, 27, 64]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    assert math.isnan(spearman([1, 1, 1], [1, 2, 3]))
+    with pytest.raises(ValueError):
+        spearman([1, 2], [1])
+
+
+def test_summarise():
+    s = summarise([1, 2, 3, 4])
+    assert s == pytest.approx({"mean": 2.5, "std": math.sqrt(1.25), "min": 1.0, "max": 4.0})
+    assert all(type(v) is float for v in s.values())
+    with pytest.raises(ValueError):
+        summarise([])
+
+
+def test_elo_single_match():
+    assert elo_ratings(["a", "b"], [("a", "b", 1.0)], k=16) == {"a": 1008.0, "b": 992.0}
+    assert elo_ratings(["a", "b"], [("a", "b", 0.0)], k=16) == {"a": 992.0, "b": 1008.0}
+    assert elo_ratings(["a", "b"], [("a", "b", 0.5)], k=16) == {"a": 1000.0, "b": 1000.0}
+    assert elo_ratings(["a", "b", "c"], [], initial=1500) == {"a": 1500.0, "b": 1500.0, "c": 1500.0}
+
+
+def test_elo_sequential_updates_and_rounds():
+    second = 16 * (1 - 1 / (1 + 10 ** (-16 / 400)))  # a (1008) beats b (992) again
+    ratings = elo_ratings(["a", "b"], [("a", "b", 1.0)], k=16, rounds=2)
+    assert ratings == pytest.approx({"a": 1008 + second, "b": 992 - second})
+    assert ratings == elo_ratings(["a", "b"], [("a", "b", 1.0)] * 2, k=16)
+    # Order matters, hence shuffling with a seed is reproducible and may differ from the given order.
+    matches = [("a", "b", 1.0), ("b", "c", 1.0), ("c", "a", 0.5), ("a", "c", 1.0), ("b", "a", 1.0)] * 3
+    shuffled = elo_ratings(["a", "b", "c"], matches, rounds=3, seed=1)
+    assert shuffled == elo_ratings(["a", "b", "c"], matches, rounds=3, seed=1)
+    assert shuffled != elo_ratings(["a", "b", "c"], matches, rounds=3)
+    assert sum(shuffled.values()) == pytest.approx(3000)  # zero-sum updates
+    with pytest.raises(ValueError, match="unknown player 'd'"):
+        elo_ratings(["a", "b"], [("a", "d", 1.0)])
+    with pytest.raises(ValueError, match="score"):
+        elo_ratings(["a", "b"], [("a", "b", 2.0)])
+
+
+def test_elo_bootstrap_intervals():
+    players = ["a", "b", "c"]
+    matches = ([("a", "b", 1.0)] * 8 + [("a", "b", 0.0)] * 2 + [("b", "c", 1.0)] * 7 + [("b", "c", 0.0)] * 3
+               + [("a", "c", 1.0)] * 9 + [("c", "a", 1.0)])
+    result = elo_bootstrap(players, matches, n_bootstrap=200, seed=0, rounds=3)
+    point = elo_ratings(players, matches, rounds=3)
+    for p in players:
+        assert result[p]["rating"] == point[p]
+        assert result[p]["low"] <= result[p]["rating"] <= result[p]["high"]
+        assert result[p]["low"] < result[p]["high"]
+    assert result["a"]["rating"] > result["b"]["rating"] > result["c"]["rating"]
+    assert result == elo_bootstrap(players, matches, n_bootstrap=200, seed=0, rounds=3)
+    narrow = elo_bootstrap(players, matches, n_bootstrap=200, seed=0, ci=0.5, rounds=3)
+    assert narrow["a"]["high"] - narrow["a"]["low"] < result["a"]["high"] - result["a"]["low"]
+    with pytest.raises(ValueError, match="ci"):
+        elo_bootstrap(players, matches, ci=1.5)
