@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import zipfile
 from pathlib import Path
@@ -51,6 +52,17 @@ def get_class(name: str) -> type:
     return _REGISTRY[name]
 
 
+def accepted_hyperparameters(algo: str) -> set[str]:
+    """Keyword arguments the algorithm's constructor chain accepts (its class and its bases)."""
+    names: set[str] = set()
+    for klass in get_class(algo).__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is not None:
+            params = inspect.signature(init).parameters.values()
+            names |= {p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and p.name != "self"}
+    return names
+
+
 def make(algo: str, env: Any, *, n_envs: int | None = None, env_kwargs: dict | None = None, **hyperparameters: Any):
     """An SB3 algorithm object for ``algo`` (``names()``) on ``env``: an env id (made as a batched
     vector env of ``n_envs`` rows with ``env_kwargs``), a textgym env, or a textgym vector env.
@@ -85,4 +97,4 @@ for _name, _cls in (("ppo", PPO), ("a2c", A2C), ("nlpo", NLPO)):
     register(_name, _cls)
 
 __all__ = ["A2C", "NLPO", "PPO", "EpisodeRolloutBuffer", "LMActorCriticPolicy", "LMAlgorithm", "LMVecEnv", "NLPOPolicy",
-           "as_vec_env", "evaluate", "get_class", "load", "make", "names", "register"]
+           "accepted_hyperparameters", "as_vec_env", "evaluate", "get_class", "load", "make", "names", "register"]

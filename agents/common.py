@@ -46,6 +46,7 @@ class LMAlgorithm:
     def _setup_model(self) -> None:
         core = self.core
         if self.lora and getattr(core, "peft_model", None) is None:
+            self.set_random_seed(self.seed)  # the adapters' initialisation must follow the seed too
             apply_lora(core, self.lora)
         if self.policy_kwargs.get("critic") is None and not core.policy.hidden:
             core.policy.hidden = True  # the shared value head reads the cached hidden states

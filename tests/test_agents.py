@@ -115,10 +115,11 @@ def test_save_load_round_trip_gives_identical_actions(tmp_path):
         assert torch.equal(p, q)
 
 
-def test_same_seed_same_run():
+@pytest.mark.parametrize("lora", [None, {"r": 4}])
+def test_same_seed_same_run(lora):
     runs = []
     for _ in range(2):
-        model = make("ppo")
+        model = make("ppo", lora=lora)
         model.learn(128)
         runs.append((model.policy.state_dict(), [e["r"] for e in model.ep_info_buffer]))
     (s1, r1), (s2, r2) = runs

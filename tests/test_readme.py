@@ -12,7 +12,7 @@ def blocks(lang):
 def test_readme_opens_with_two_setup_commands_and_ci_runs_the_test_one():
     commands = [b.strip() for b in blocks("bash")[:2]]
     assert all(c.startswith("python3 -m venv .venv") and "pip install torch==2.13.0" in c for c in commands)
-    assert commands[0].endswith("textgym demo")
+    assert commands[0].endswith("textgym train")
     assert commands[1].endswith("python -m pytest")
     ci_lines = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if line and not line.startswith("#")]
     assert commands[1] in ci_lines

@@ -239,6 +239,13 @@ class TextGenCore:
         self.ref_logp[rows] = 0.0
         self.pending[rows] = True
 
+    def stop_all(self) -> None:
+        """End every episode without scoring it (e.g. before an evaluation borrows the rows)."""
+        self.live[:] = False
+        self.pending[:] = False
+        for dec in self.decoders():
+            dec.clear()
+
     @torch.no_grad()
     def ensure_started(self) -> None:
         """Encode the prompts of newly reset rows, in one forward per decoder. Deferred from

@@ -1,0 +1,40 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from textgym.config import load_config
+from textgym.rm import RMConfig
+from textgym.train import TrainConfig
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+@pytest.mark.parametrize("name", ["sentiment_ppo.yaml", "ppo_with_reward_model.yaml"])
+def test_train_configs_are_valid(name):
+    cfg = load_config(TrainConfig, EXAMPLES / name)
+    assert cfg.env.id == "textgym/Sentiment-v0"
+
+
+def test_default_config_is_the_example():
+    assert load_config(TrainConfig, EXAMPLES / "sentiment_ppo.yaml") == load_config(TrainConfig)
+
+
+def test_rm_config_is_valid():
+    assert load_config(RMConfig, EXAMPLES / "rm_from_preferences.yaml").backbone == "minilm"
+
+
+@pytest.mark.parametrize("script, expect", [("custom_reward.py", "politeness:"), ("compare_algorithms.py", "nlpo")])
+def test_python_examples_run_on_the_tiny_model(script, expect):
+    out = subprocess.run([sys.executable, str(EXAMPLES / script), "--steps", "256"], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert expect in out.stdout
+
+
+def test_make_preferences_script(tmp_path):
+    out = subprocess.run([sys.executable, str(EXAMPLES / "make_preferences.py"), "--model", "textgym/tiny", "--k", "3",
+                          "--out", str(tmp_path / "p.jsonl"), "--pairs"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert (tmp_path / "p.jsonl").read_text().count("\n") >= 1

@@ -1,0 +1,129 @@
+import json
+
+import pytest
+import torch
+
+from textgym import models
+from textgym.cli import main
+from textgym.config import ConfigError, load_config
+from textgym.train import Run, TrainConfig, train
+
+TINY_RUN = [
+    "model.name=textgym/tiny", "model.lora=null", "env.id=textgym/TextGen-v0", "env.n_envs=4", "env.kwargs.max_new_tokens=6",
+    "env.kwargs.max_prompt_tokens=16", "reward.name=keyword", "reward.kwargs.keywords=[the]", "reward.eval=[length]",
+    "agent.hyperparameters.n_steps=6", "agent.hyperparameters.batch_size=24", "agent.hyperparameters.learning_rate=3e-3",
+    "training.eval_n=8", "training.eval_every=2", "training.samples=4",
+]
+
+
+def tiny_config(tmp_path, *extra):
+    return load_config(TrainConfig, overrides=[*TINY_RUN, f"training.output_dir={tmp_path}", *extra])
+
+
+def test_config_validation_names_the_key():
+    with pytest.raises(ConfigError, match=r"unknown config key 'training.iteratons'; valid keys of training: iterations"):
+        load_config(TrainConfig, overrides=["training.iteratons=3"])
+    with pytest.raises(ConfigError, match=r"'training.iterations' must be an integer, got 'many'"):
+        load_config(TrainConfig, overrides=["training.iterations=many"])
+    with pytest.raises(ConfigError, match=r"agent.algo 'dqn' is not an algorithm; valid: a2c, nlpo, ppo"):
+        load_config(TrainConfig, overrides=["agent.algo=dqn"])
+    with pytest.raises(ConfigError, match=r"env.kwargs.model is set by the model section"):
+        load_config(TrainConfig, overrides=["env.kwargs.model=x"])
+    with pytest.raises(ConfigError, match=r"unknown config key 'optimiser'"):
+        load_config(TrainConfig, overrides=["optimiser.lr=1"])
+    cfg = load_config(TrainConfig, overrides=["agent.hyperparameters.n_steps=8"])
+    assert cfg.agent.hyperparameters["n_steps"] == 8 and "learning_rate" in cfg.agent.hyperparameters
+
+
+def test_yaml_config_and_cli_overrides(tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_text("agent:\n  algo: a2c\ntraining:\n  iterations: 7\n")
+    cfg = load_config(TrainConfig, path, ["training.iterations=9"])
+    assert cfg.agent.algo == "a2c" and cfg.training.iterations == 9 and cfg.env.id == "textgym/Sentiment-v0"
+
+
+def test_train_writes_the_run_directory(tmp_path):
+    result = train(tiny_config(tmp_path, "training.iterations=4"), progress=False)
+    assert result["iterations"] == 4
+    for name in ("config.yaml", "metrics.jsonl", "samples_before.jsonl", "samples_after.jsonl", "summary.json",
+                 "score.png", "kl.png", "kl_coef.png"):
+        assert (tmp_path / name).exists(), name
+    assert (tmp_path / "score.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in lines] == [1, 2, 3, 4]
+    assert {"score", "kl", "kl_coef", "train/value_loss", "train/entropy"} <= set(lines[0])
+    assert "eval/score" in lines[1] and "eval/score" not in lines[0]
+    assert len((tmp_path / "samples_after.jsonl").read_text().splitlines()) == 4
+    assert list((tmp_path / "tb").rglob("events.out.tfevents*"))
+    model, _ = models.load(tmp_path / "final_model")
+    assert result["after"]["score"] > result["before"]["score"]  # the keyword task is learnt quickly
+    assert {"perplexity_ref", "distinct_1", "distinct_2", "length", "reward/length"} <= set(result["after"])
+    with pytest.raises(FileExistsError, match="--resume"):
+        Run(tiny_config(tmp_path))
+
+
+@pytest.mark.parametrize("lora", ["model.lora=null", "model.lora={r: 4}"])
+def test_killed_run_resumes_with_the_same_iterations(tmp_path, monkeypatch, lora):
+    full = tmp_path / "full"
+    train(tiny_config(full, "training.iterations=3", lora), progress=False)
+
+    killed = tmp_path / "killed"
+    original = Run.iterate
+
+    def dies_in_iteration_2(self, it):
+        if it == 1:
+            self.agent.learn(8, reset_num_timesteps=False)  # half-done work that must not count
+            raise KeyboardInterrupt("killed")
+        return original(self, it)
+
+    monkeypatch.setattr(Run, "iterate", dies_in_iteration_2)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(killed, "training.iterations=3", lora), progress=False)
+    assert len((killed / "metrics.jsonl").read_text().splitlines()) == 1
+    monkeypatch.setattr(Run, "iterate", original)
+    train(tiny_config(killed, "training.iterations=3", lora), resume=True, progress=False)
+
+    def records(run):
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+
+    assert records(killed) == records(full)
+    a, _ = models.load(full / "final_model")
+    b, _ = models.load(killed / "final_model")
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(p, q), name
+
+
+def test_cli_sft_rm_train_eval_end_to_end(tmp_path, capsys):
+    demos = tmp_path / "demos.jsonl"
+    demos.write_text("".join(json.dumps({"prompt": f"Say something about film {i}:", "completion": " the film was good"})
+                             + "\n" for i in range(16)))
+    prefs = tmp_path / "prefs.jsonl"
+    good, bad = ["good", "great", "lovely", "happy"], ["bad", "awful", "sad", "boring"]
+    prefs.write_text("".join(json.dumps({"prompt": f"Review {i}:", "chosen": f" a {good[i % 4]} film",
+                                         "rejected": f" a {bad[i % 4]} film"}) + "\n" for i in range(24)))
+    assert main(["sft", f"model={models.TINY}", f"data={demos}", f"output_dir={tmp_path / 'sft'}", "epochs=2"]) == 0
+    assert main(["rm", "backbone=textgym/tiny", f"data={prefs}", f"output_dir={tmp_path / 'rm'}", "epochs=2"]) == 0
+    run = tmp_path / "run"
+    args = [o for o in TINY_RUN if not o.startswith(("model.name", "reward."))]
+    with pytest.warns(UserWarning, match="batch_size, n_epochs, target_kl do not apply to a2c: ignored"):
+        assert main(["train", f"model.name={tmp_path / 'sft'}", "reward.name=reward_model",
+                     f"reward.kwargs.model={tmp_path / 'rm'}", *args, "training.iterations=2",
+                     f"training.output_dir={run}", "--algo", "a2c"]) == 0
+    assert main(["eval", str(run), "--n", "4"]) == 0
+    report = json.loads((run / "eval.json").read_text())
+    assert report["metrics"]["n"] == 4 and len(report["episodes"]) == 4
+    assert {"score", "kl", "perplexity_ref", "distinct_1", "distinct_2", "length"} <= set(report["metrics"])
+    out = capsys.readouterr().out
+    assert "perplexity_ref" in out and "held-out evaluation" in out
+    assert main(["list"]) == 0
+    assert "textgym/Sentiment-v0" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_default_config_runs_on_smollm2(tmp_path):
+    cfg = load_config(TrainConfig, overrides=[f"training.output_dir={tmp_path}", "training.iterations=2",
+                                              "env.n_envs=4", "training.eval_n=4", "training.eval_every=0"])
+    result = train(cfg, progress=False)
+    assert result["iterations"] == 2 and -1 <= result["after"]["score"] <= 1
+    assert (tmp_path / "final_model" / "config.json").exists()
