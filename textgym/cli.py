@@ -142,6 +142,27 @@ def cmd_rm(args) -> int:
     return 0
 
 
+def cmd_bench_rewards(args) -> int:
+    from textgym.bench import BenchRewardsConfig, bench_rewards
+    from textgym.config import load_config
+
+    cfg = load_config(BenchRewardsConfig, *_config_and_overrides(args))
+    bench_rewards(cfg)
+    print((Path(cfg.output_dir) / "results.md").read_text())
+    print(f"plot: {Path(cfg.output_dir) / 'overoptimization.png'}")
+    return 0
+
+
+def cmd_bench_elo(args) -> int:
+    from textgym.bench import bench_elo
+
+    bench_elo(args.policies, judge=args.judge, env_id=args.env, n=args.n, seed=args.seed, n_envs=args.n_envs,
+              n_bootstrap=args.bootstrap, output_dir=args.output_dir)
+    print((Path(args.output_dir) / "elo.md").read_text())
+    print(f"plot: {Path(args.output_dir) / 'elo.png'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="textgym", description="Text generation as a Gymnasium environment, for RLHF.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -172,6 +193,23 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--json", default=None, help="where to write the JSON (default: RUN_DIR/eval.json or ./eval.json)")
     ev.set_defaults(func=cmd_eval)
+
+    bench = sub.add_parser("bench", help="benchmark reward functions (rewards) or rate policies (elo)")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True)
+    br = bench_sub.add_parser("rewards", help="train against each reward; gold score, KL, agreement, speed, plot")
+    br.add_argument("config", nargs="?", default=None, help="YAML config (rewards, gold, seeds, train, ...)")
+    br.add_argument("overrides", nargs="*", help="key=value overrides")
+    br.set_defaults(func=cmd_bench_rewards)
+    be = bench_sub.add_parser("elo", help="Elo ratings of policies from pairwise comparisons under a judge reward")
+    be.add_argument("policies", nargs="+", help="run directories or model names/paths")
+    be.add_argument("--judge", default="vader", help="registered reward that judges each pair of completions")
+    be.add_argument("--env", default="textgym/Sentiment-v0", help="env whose held-out prompts are completed")
+    be.add_argument("--n", type=int, default=32, help="prompts")
+    be.add_argument("--n-envs", type=int, default=16)
+    be.add_argument("--seed", type=int, default=0)
+    be.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for the intervals")
+    be.add_argument("--output-dir", default="runs/bench_elo")
+    be.set_defaults(func=cmd_bench_elo)
 
     for name, func, what in (("sft", cmd_sft, "supervised fine-tuning on (prompt, completion) demonstrations"),
                              ("rm", cmd_rm, "train a scalar reward model from preference pairs or rankings")):

@@ -1,0 +1,280 @@
+"""Reward-function benchmarks: ``textgym bench rewards`` and ``textgym bench elo``.
+
+``bench rewards`` trains the same policy against each proxy reward (same env, algorithm, budget and
+seeds) and reports the proxy score, the score under a designated gold reward, the KL to the
+reference, perplexity under the reference, distinct-1/2 and wall time; it measures every reward's
+speed and the rewards' agreement (Spearman) on one shared set of completions, and plots the gold
+score against sqrt(KL) through training: where the curve bends down, optimising the proxy stops
+helping the gold reward (Gao et al. 2022, "Scaling Laws for Reward Model Overoptimization").
+
+``bench elo`` rates policies by pairwise comparisons of their completions of the same prompts under
+a judge reward, with bootstrap confidence intervals.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from textgym import metrics
+from textgym.config import ConfigError, defaults, from_dict, merge
+from textgym.evaluate import generate, held_out_prompts, make_rewards
+
+
+@dataclass
+class BenchRewardsConfig:
+    """``textgym bench rewards``'s config.
+
+    ``train`` is a ``textgym train`` config (sections model, env, agent, training) shared by every
+    run; its reward section is replaced by each entry of ``rewards`` (``{name, kwargs, label}``).
+    """
+
+    rewards: list = field(default_factory=lambda: [{"name": "vader"}, {"name": "length"}])
+    gold: Any = "vader"  # a reward name or {name:, kwargs:}
+    seeds: list = field(default_factory=lambda: [0])
+    train: dict = field(default_factory=dict)
+    agreement_n: int = 64  # completions scored for the speed and agreement measurements
+    output_dir: str = "runs/bench_rewards"
+
+    def validate(self) -> None:
+        if not self.rewards:
+            raise ConfigError("rewards must list at least one reward")
+        for spec in self.rewards:
+            if not (isinstance(spec, str) or (isinstance(spec, dict) and "name" in spec)):
+                raise ConfigError(f"each entry of rewards must be a name or {{name:, kwargs:, label:}}, got {spec!r}")
+        if not self.seeds or not all(isinstance(s, int) for s in self.seeds):
+            raise ConfigError(f"seeds must be a non-empty list of integers, got {self.seeds!r}")
+        self.train_config(self.specs()[0], self.seeds[0], Path(self.output_dir))  # checks the train section
+    def specs(self) -> list[dict]:
+        out = []
+        for spec in self.rewards:
+            spec = {"name": spec} if isinstance(spec, str) else dict(spec)
+            spec.setdefault("kwargs", {})
+            spec.setdefault("label", spec["name"])
+            out.append(spec)
+        labels = [s["label"] for s in out]
+        if len(set(labels)) != len(labels):
+            raise ConfigError(f"reward labels must be unique (give each a label:), got {labels}")
+        return out
+
+    def train_config(self, spec: dict, seed: int, out_dir: Path):
+        from textgym.train import TrainConfig
+
+        if "reward" in self.train:
+            raise ConfigError("train.reward is set by the benchmark: list the rewards under rewards:")
+        data = merge(self.train, {
+            "reward": {"name": spec["name"], "kwargs": spec["kwargs"], "eval": [{**self.gold_spec(), "label": "gold"}]},
+            "training": {"seed": seed, "output_dir": str(out_dir)},
+        })
+        return from_dict(TrainConfig, merge(defaults(TrainConfig), data), "train.")
+
+    def gold_spec(self) -> dict:
+        return dict(self.gold) if isinstance(self.gold, dict) else {"name": self.gold}
+
+
+def bench_rewards(cfg: BenchRewardsConfig, progress: bool = True) -> dict:
+    """Run the benchmark; writes ``results.json``, ``results.md`` and ``overoptimization.png`` into
+    ``cfg.output_dir`` and returns the results. A reward that fails is reported, not fatal."""
+    from textgym.train import Run
+
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {"rewards": {}, "gold": cfg.gold, "seeds": cfg.seeds}
+    for spec in cfg.specs():
+        label = spec["label"]
+        runs = []
+        try:
+            for seed in cfg.seeds:
+                start = time.time()
+                run = Run(cfg.train_config(spec, seed, out / label / f"seed{seed}"), progress=progress)
+                summary = run.run()
+                curve = [(0, summary["before"])] + [
+                    (r["iteration"], {k[5:]: v for k, v in r.items() if k.startswith("eval/")})
+                    for r in run.state["history"] if "eval/score" in r
+                ]
+                runs.append({"seed": seed, "after": summary["after"], "seconds": time.time() - start,
+                             "curve": [{"iteration": it, "kl": m["kl"], "gold": m["reward/gold"], "proxy": m["score"]}
+                                       for it, m in curve]})
+            results["rewards"][label] = {"spec": spec, "runs": runs, **_aggregate(runs)}
+        except Exception as err:  # one broken reward must not stop the benchmark
+            results["rewards"][label] = {"spec": spec, "runs": runs,
+                                         "error": f"{type(err).__name__}: {err}",
+                                         "traceback": traceback.format_exc(limit=3)}
+    results["speed_agreement"] = speed_and_agreement(cfg)
+    (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    (out / "results.md").write_text(markdown_report(results))
+    plot_overoptimization(results, out / "overoptimization.png")
+    return results
+
+
+def _aggregate(runs: list[dict]) -> dict:
+    def mean(key):
+        return float(np.mean([r["after"][key] for r in runs]))
+
+    return {"proxy": mean("score"), "gold": mean("reward/gold"), "kl": mean("kl"),
+            "perplexity_ref": mean("perplexity_ref"), "distinct_1": mean("distinct_1"),
+            "distinct_2": mean("distinct_2"), "seconds": float(np.mean([r["seconds"] for r in runs]))}
+
+
+def speed_and_agreement(cfg: BenchRewardsConfig) -> dict:
+    """Score one shared set of completions (sampled from the initial policy) with every reward and
+    the gold: completions per second, and the Spearman correlation of every pair."""
+    import gymnasium as gym
+
+    train_cfg = cfg.train_config(cfg.specs()[0], cfg.seeds[0], Path(cfg.output_dir) / "_agreement")
+    kwargs = {**train_cfg.env_kwargs(), "reward": "length", "reward_kwargs": {}}
+    vec = gym.make_vec(train_cfg.env.id, num_envs=train_cfg.env.n_envs, vectorization_mode="vector_entry_point",
+                       **kwargs)
+    core = vec.unwrapped.core
+    prompts = held_out_prompts(train_cfg.env.id, core.prompts, train_cfg.training.eval_prompts, cfg.agreement_n)
+    episodes = generate(core, prompts, seed=cfg.seeds[0])
+    texts = ([e["prompt"] for e in episodes], [e["completion"] for e in episodes])
+    meta = prompts.metadata_for(list(range(len(episodes))))
+    specs = [*cfg.specs(), {**cfg.gold_spec(), "label": "gold"}]
+    scores, speed, errors = {}, {}, {}
+    for spec in specs:
+        try:
+            reward = make_rewards([spec])[spec["label"]]
+            start = time.perf_counter()
+            scores[spec["label"]] = reward(*texts, **meta)
+            speed[spec["label"]] = len(episodes) / max(time.perf_counter() - start, 1e-9)
+        except Exception as err:
+            errors[spec["label"]] = f"{type(err).__name__}: {err}"
+    labels = list(scores)
+    spearman = {a: {b: metrics.spearman(scores[a], scores[b]) for b in labels} for a in labels}
+    return {"n": len(episodes), "completions_per_second": speed, "spearman": spearman, "errors": errors}
+
+
+def markdown_report(results: dict) -> str:
+    rows = ["| reward | proxy score | gold score | KL | perplexity (ref) | distinct-1 | distinct-2 | wall time (s) | "
+            "scored / s |", "|---|---|---|---|---|---|---|---|---|"]
+    speed = results["speed_agreement"]["completions_per_second"]
+    for label, r in results["rewards"].items():
+        if "error" in r:
+            rows.append(f"| {label} | failed: {r['error']} | | | | | | | |")
+            continue
+        rows.append(f"| {label} | {r['proxy']:.3f} | {r['gold']:.3f} | {r['kl']:.2f} | {r['perplexity_ref']:.1f} | "
+                    f"{r['distinct_1']:.3f} | {r['distinct_2']:.3f} | {r['seconds']:.0f} | {speed.get(label, float('nan')):.0f} |")
+    spearman = results["speed_agreement"]["spearman"]
+    labels = list(spearman)
+    rows += ["", "Spearman agreement on the same completions:", "",
+             "| | " + " | ".join(labels) + " |", "|---" * (len(labels) + 1) + "|"]
+    for a in labels:
+        rows.append(f"| {a} | " + " | ".join(f"{spearman[a][b]:.2f}" for b in labels) + " |")
+    for label, error in results["speed_agreement"]["errors"].items():
+        rows.append(f"\n{label} could not be scored: {error}")
+    return "\n".join(rows) + "\n"
+
+
+def plot_overoptimization(results: dict, path: Path) -> None:
+    """Gold score against sqrt(KL) through training, one line per proxy reward and seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for label, r in results["rewards"].items():
+        for run in r.get("runs", []):
+            kl = np.sqrt(np.maximum([p["kl"] for p in run["curve"]], 0.0))
+            ax.plot(kl, [p["gold"] for p in run["curve"]], marker="o", label=f"{label} (seed {run['seed']})")
+    ax.set_xlabel("sqrt(KL to the reference)")
+    ax.set_ylabel("gold score (held-out)")
+    ax.set_title("Optimising each proxy: gold score against KL")
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# --- Elo --------------------------------------------------------------------------------------------
+
+
+def bench_elo(targets: list[str], *, judge: Any = "vader", env_id: str = "textgym/Sentiment-v0", n: int = 32,
+              seed: int = 0, n_envs: int = 16, n_bootstrap: int = 200, output_dir: str = "runs/bench_elo",
+              env_kwargs: dict | None = None) -> dict:
+    """Rate policies (run directories or models) by Elo from pairwise comparisons of their
+    completions of the same ``n`` held-out prompts under ``judge``: a higher judge score wins the
+    comparison, equal scores draw. Writes ``elo.json``, ``elo.md`` and ``elo.png``."""
+    import gymnasium as gym
+
+    if len(targets) < 2:
+        raise ValueError(f"bench elo needs at least two policies, got {targets!r}")
+    judge_spec = judge if isinstance(judge, dict) else {"name": judge}
+    judge_fn = make_rewards([{**judge_spec, "label": "judge"}])["judge"]
+    names, completions, prompts = [], {}, None
+    for target in targets:
+        model_path = Path(target) / "final_model" if (Path(target) / "final_model").exists() else target
+        name = Path(target).name if Path(target).exists() else str(target)
+        if name in completions:
+            name = str(target)
+        from textgym import models
+
+        model, tokenizer = models.load(model_path)
+        vec = gym.make_vec(env_id, num_envs=n_envs, vectorization_mode="vector_entry_point", model=model,
+                           tokenizer=tokenizer, ref_model=model, **(env_kwargs or {}))
+        core = vec.unwrapped.core
+        prompts = prompts or held_out_prompts(env_id, core.prompts, None, n)
+        episodes = generate(core, prompts, seed=seed)
+        completions[name] = [e["completion"] for e in episodes]
+        names.append(name)
+    meta = prompts.metadata_for(list(range(len(prompts))))
+    scores = {name: judge_fn(prompts.prompts, completions[name], **meta) for name in names}
+    matches = judge_matches(names, scores)
+    ratings = metrics.elo_bootstrap(names, matches, n_bootstrap=n_bootstrap, seed=seed)
+    result = {"judge": judge_spec, "n_prompts": len(prompts), "ratings": ratings,
+              "mean_judge_score": {k: float(np.mean(v)) for k, v in scores.items()}}
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "elo.json").write_text(json.dumps(result, indent=1))
+    (out / "elo.md").write_text(elo_markdown(result))
+    plot_elo(ratings, out / "elo.png")
+    return result
+
+
+def judge_matches(names: list[str], scores: dict[str, list[float]]) -> list[tuple[str, str, float]]:
+    """One match per prompt and pair of policies: 1 if the first's completion scores higher, 0.5 tie."""
+    matches = []
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            for sa, sb in zip(scores[a], scores[b]):
+                matches.append((a, b, 1.0 if sa > sb else 0.0 if sa < sb else 0.5))
+    return matches
+
+
+def elo_markdown(result: dict) -> str:
+    rows = ["| policy | Elo | 95% CI | mean judge score |", "|---|---|---|---|"]
+    ordered = sorted(result["ratings"].items(), key=lambda kv: -kv[1]["rating"])
+    for name, r in ordered:
+        rows.append(f"| {name} | {r['rating']:.0f} | [{r['low']:.0f}, {r['high']:.0f}] | "
+                    f"{result['mean_judge_score'][name]:.3f} |")
+    return "\n".join(rows) + "\n"
+
+
+def plot_elo(ratings: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ordered = sorted(ratings.items(), key=lambda kv: kv[1]["rating"])
+    names = [k for k, _ in ordered]
+    values = np.array([v["rating"] for _, v in ordered])
+    err = np.array([[v["rating"] - v["low"], v["high"] - v["rating"]] for _, v in ordered]).T
+    fig, ax = plt.subplots(figsize=(6, 0.5 + 0.5 * len(names)))
+    ax.errorbar(values, range(len(names)), xerr=np.maximum(err, 0), fmt="o", capsize=4)
+    ax.set_yticks(range(len(names)), names)
+    ax.set_xlabel("Elo rating (95% bootstrap interval)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
