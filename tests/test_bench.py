@@ -71,7 +71,7 @@ def test_bench_elo_ranks_a_trained_policy(tmp_path, capsys):
     result = json.loads((tmp_path / "elo" / "elo.json").read_text())
     for r in result["ratings"].values():
         assert r["low"] <= r["high"]
-    assert set(result["ratings"]) == {"textgym/tiny", "run"}
+    assert set(result["ratings"]) == {"textgym/tiny", str(run)}
     assert (tmp_path / "elo" / "elo.png").exists() and "| policy | Elo |" in capsys.readouterr().out
     with pytest.raises(ValueError, match="at least two policies"):
         bench_elo(["textgym/tiny"])

@@ -21,6 +21,14 @@ def test_default_config_is_the_example():
     assert load_config(TrainConfig, EXAMPLES / "sentiment_ppo.yaml") == load_config(TrainConfig)
 
 
+def test_bench_config_is_valid():
+    from textgym.bench import BenchRewardsConfig
+
+    cfg = load_config(BenchRewardsConfig, EXAMPLES / "bench_rewards.yaml")
+    assert [s["label"] for s in cfg.specs()] == ["reward_model", "classifier", "length", "vader"]
+    assert cfg.gold == "vader"
+
+
 def test_rm_config_is_valid():
     assert load_config(RMConfig, EXAMPLES / "rm_from_preferences.yaml").backbone == "minilm"
 

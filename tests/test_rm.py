@@ -277,3 +277,21 @@ def test_synthesize_and_pairs() -> None:
     assert all(len(p["chosen"]) > len(p["rejected"]) for p in every)
     # Rankings written by write_jsonl load back as training data.
     assert len(load_preferences(records)) == len(records)
+
+
+def test_train_classifier_feeds_the_classifier_reward(tmp_path):
+    from textgym import rewards
+    from textgym.rm import train_classifier
+
+    happy = ["a lovely happy film", "great and wonderful", "I loved it, so good", "a joyful delight"]
+    sad = ["an awful sad film", "boring and bad", "I hated it, so dull", "a miserable mess"]
+    texts = [t + f" {i}" for i in range(8) for t in happy + sad]
+    labels = [int(j < 4) for _ in range(8) for j in range(8)]
+    metrics = train_classifier(texts, labels, label_names=("other", "positive"), backbone="textgym/tiny",
+                               output_dir=tmp_path / "clf", epochs=4, learning_rate=1e-3, progress=False)
+    assert metrics["eval_accuracy"] >= 0.8
+    reward = rewards.make("classifier", model=str(tmp_path / "clf"), label="positive")
+    good, bad = reward(["", ""], ["a lovely happy film", "an awful sad film"])
+    assert good > bad
+    with pytest.raises(ValueError, match="as many labels as texts"):
+        train_classifier(["a"], [0, 1], output_dir=tmp_path / "x")

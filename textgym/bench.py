@@ -213,9 +213,7 @@ def bench_elo(targets: list[str], *, judge: Any = "vader", env_id: str = "textgy
     names, completions, prompts = [], {}, None
     for target in targets:
         model_path = Path(target) / "final_model" if (Path(target) / "final_model").exists() else target
-        name = Path(target).name if Path(target).exists() else str(target)
-        if name in completions:
-            name = str(target)
+        name = str(target).rstrip("/")
         from textgym import models
 
         model, tokenizer = models.load(model_path)
