@@ -23,7 +23,29 @@ def make_spaces(core: TextGenCore) -> tuple[spaces.Dict, spaces.Discrete]:
     return observation, spaces.Discrete(core.vocab)
 
 
-class TextGenEnv(gym.Env):
+class _CoreViews:
+    """Handy views of the engine for agents and users: the policy LM, reference, tokenizer, KL controller."""
+
+    core: TextGenCore
+
+    @property
+    def model(self):
+        return self.core.model
+
+    @property
+    def ref_model(self):
+        return self.core.ref_model
+
+    @property
+    def tokenizer(self):
+        return self.core.tokenizer
+
+    @property
+    def kl_controller(self):
+        return self.core.kl_controller
+
+
+class TextGenEnv(_CoreViews, gym.Env):
     """Generate a completion of a prompt, one token per step, rewarded by a reward function minus a
     KL penalty against a frozen reference model.
 
@@ -88,23 +110,6 @@ class TextGenEnv(gym.Env):
 
     env_id = "textgym/TextGen-v0"
 
-    # Handy views for agents and users.
-    @property
-    def model(self):
-        return self.core.model
-
-    @property
-    def ref_model(self):
-        return self.core.ref_model
-
-    @property
-    def tokenizer(self):
-        return self.core.tokenizer
-
-    @property
-    def kl_controller(self):
-        return self.core.kl_controller
-
     def next_token_logits(self):
         """The policy's next-token logits for the current observation, ``[V]`` (fp32)."""
         self.core.ensure_started()
@@ -127,7 +132,7 @@ class TextGenEnv(gym.Env):
         return None
 
 
-class TextGenVectorEnv(gym.vector.VectorEnv):
+class TextGenVectorEnv(_CoreViews, gym.vector.VectorEnv):
     """``num_envs`` TextGen episodes computed in batches: one model forward per step for all of
     them, the KV cache reused across steps, rewards and reference log-probs of the episodes that
     end computed together. Same spaces and results as ``num_envs`` single envs seeded
@@ -148,14 +153,6 @@ class TextGenVectorEnv(gym.vector.VectorEnv):
         self.action_space = batch_space(self.single_action_space, self.num_envs)
         self._rngs = [np.random.default_rng() for _ in range(self.num_envs)]
         self._autoreset = np.zeros(self.num_envs, dtype=bool)
-
-    @property
-    def model(self):
-        return self.core.model
-
-    @property
-    def tokenizer(self):
-        return self.core.tokenizer
 
     def next_token_logits(self):
         """The policy's next-token logits for the current observations, ``[num_envs, V]`` (fp32)."""
