@@ -289,3 +289,19 @@ def test_ppo_ptx_adds_the_pretraining_gradient(tmp_path):
     assert model.logger.name_to_value["train/ptx_loss"] > 0
     with pytest.raises(ValueError, match="needs ptx_data"):
         make("ppo", ptx_coef=0.1)
+
+
+def test_separate_critic_from_a_reward_model_directory(tmp_path):
+    """A reward model sharing the policy's vocabulary (causal backbone) initialises the critic and
+    its scalar head initialises the value head."""
+    from textgym.rm import load_reward_model
+
+    rm, tok = load_reward_model("textgym/tiny", seed=3)
+    rm.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    model = make("ppo", policy_kwargs={"critic": str(tmp_path)})
+    critic = model.policy.critic
+    assert critic is not None and critic is not model.policy.lm
+    torch.testing.assert_close(model.policy.value_head.weight, rm.score.weight)
+    model.learn(64)
+    assert np.isfinite(model.logger.name_to_value["train/value_loss"])

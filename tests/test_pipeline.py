@@ -65,23 +65,24 @@ def test_train_writes_the_run_directory(tmp_path):
 @pytest.mark.parametrize("lora", ["model.lora=null", "model.lora={r: 4}"])
 def test_killed_run_resumes_with_the_same_iterations(tmp_path, monkeypatch, lora):
     full = tmp_path / "full"
-    train(tiny_config(full, "training.iterations=3", lora), progress=False)
+    train(tiny_config(full, "training.iterations=4", lora), progress=False)
 
     killed = tmp_path / "killed"
     original = Run.iterate
 
-    def dies_in_iteration_2(self, it):
-        if it == 1:
+    def dies_in_iteration_3(self, it):
+        if it == 2:
+            self.agent._last_obs = self.agent.env.reset()
             self.agent.learn(8, reset_num_timesteps=False)  # half-done work that must not count
             raise KeyboardInterrupt("killed")
         return original(self, it)
 
-    monkeypatch.setattr(Run, "iterate", dies_in_iteration_2)
+    monkeypatch.setattr(Run, "iterate", dies_in_iteration_3)
     with pytest.raises(KeyboardInterrupt):
-        train(tiny_config(killed, "training.iterations=3", lora), progress=False)
-    assert len((killed / "metrics.jsonl").read_text().splitlines()) == 1
+        train(tiny_config(killed, "training.iterations=4", lora), progress=False)
+    assert len((killed / "metrics.jsonl").read_text().splitlines()) == 2
     monkeypatch.setattr(Run, "iterate", original)
-    train(tiny_config(killed, "training.iterations=3", lora), resume=True, progress=False)
+    train(tiny_config(killed, "training.iterations=4", lora), resume=True, progress=False)
 
     def records(run):
         rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -127,3 +128,39 @@ def test_default_config_runs_on_smollm2(tmp_path):
     result = train(cfg, progress=False)
     assert result["iterations"] == 2 and -1 <= result["after"]["score"] <= 1
     assert (tmp_path / "final_model" / "config.json").exists()
+
+
+def test_sigkilled_cli_run_resumes_to_the_same_result(tmp_path):
+    """A real kill -9 at a random point: the resumed run ends with the uninterrupted run's iterations."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    def cli(out, *extra):
+        return [sys.executable, "-m", "textgym.cli", "train", *TINY_RUN, "training.iterations=6",
+                "training.eval_every=0", f"training.output_dir={out}", *extra]
+
+    full = tmp_path / "full"
+    subprocess.run(cli(full), check=True, capture_output=True, timeout=300)
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(cli(killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = killed / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = len(metrics.read_text().splitlines())
+    assert 2 <= done < 6, "the kill should land mid-run"
+    subprocess.run(cli(killed, "--resume"), check=True, capture_output=True, timeout=300)
+
+    def records(run):
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+
+    assert records(killed) == records(full)
+    assert not list(tmp_path.rglob(".checkpoint-*"))  # no half-written checkpoint left behind

@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -127,6 +128,8 @@ class Run:
                 raise FileNotFoundError(f"nothing to resume in {str(self.dir)!r}: no checkpoint/state.json")
             cfg = load_config(TrainConfig, self.dir / "config.yaml")
             self.state = json.loads((self.checkpoint / "state.json").read_text())
+            for stale in [*self.dir.glob(".checkpoint-*"), *self.dir.glob(".final_model-*")]:
+                shutil.rmtree(stale, ignore_errors=True)  # half-written by the killed process
         else:
             if (self.checkpoint / "state.json").exists():
                 raise FileExistsError(f"{str(self.dir)!r} already holds a run: pass --resume, or another training.output_dir")

@@ -254,6 +254,11 @@ class TextGenCore:
         rows = np.flatnonzero(self.pending).tolist()
         if not rows:
             return
+        if not (self.live & ~self.pending).any():
+            # Nothing else is running: start from an empty cache, so the computation (and its float
+            # rounding) does not depend on what the cache held before: runs resume bit for bit.
+            for dec in self.decoders():
+                dec.clear()
         ids = torch.as_tensor(self.input_ids[rows, : self.P], device=self.device)
         mask = torch.as_tensor(self.attention_mask[rows, : self.P], device=self.device)
         for dec in self.decoders():
