@@ -4,9 +4,9 @@
 # length, and VADER itself. Then an Elo rating of the resulting policies judged by VADER.
 set -euo pipefail
 mkdir -p runs/bench_data
-python examples/make_preferences.py --model textgym/smollm2-135m --k 4 --out runs/bench_data/prefs.jsonl
+python examples/make_preferences.py --model textgym/smollm2-135m --k 4 --limit 128 --out runs/bench_data/prefs.jsonl
 textgym rm backbone=minilm data=runs/bench_data/prefs.jsonl output_dir=runs/bench_data/reward_model epochs=2
 python examples/train_classifier.py --data runs/bench_data/prefs.jsonl --out runs/bench_data/classifier
 textgym bench rewards examples/bench_rewards.yaml
 textgym bench elo textgym/smollm2-135m runs/bench_rewards/{reward_model,classifier,length,vader}/seed0 \
-  --judge vader --n 32 --output-dir runs/bench_elo
+  --judge vader --n 24 --output-dir runs/bench_elo

@@ -2,7 +2,7 @@
 
     python examples/make_preferences.py --model textgym/smollm2-135m --k 4 --out data/prefs.jsonl [--pairs]
 
-Then train a reward model on it: ``python -m textgym.rm data=data/prefs.jsonl``.
+Then train a reward model on it: ``textgym rm data=data/prefs.jsonl``.
 """
 
 from __future__ import annotations
@@ -22,11 +22,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=16, help="prompts per generate call")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="data/prefs.jsonl")
+    parser.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
     parser.add_argument("--pairs", action="store_true", help="write best-vs-worst pairs instead of rankings")
     parser.add_argument("--all-pairs", action="store_true", help="write every ordered pair instead of rankings")
     args = parser.parse_args(argv)
 
-    records = synthesize(args.model, prompts=args.prompts, k=args.k, gold=args.gold,
+    prompts = args.prompts
+    if args.limit is not None:
+        from textgym.prompts import PromptSet, load_prompts, sentiment_prompts
+
+        full = load_prompts(prompts) if prompts else sentiment_prompts("train")
+        prompts = PromptSet(full.prompts[: args.limit], {k: v[: args.limit] for k, v in full.metadata.items()})
+    records = synthesize(args.model, prompts=prompts, k=args.k, gold=args.gold,
                          max_new_tokens=args.max_new_tokens, seed=args.seed, batch_size=args.batch_size)
     kind = "rankings"
     if args.pairs or args.all_pairs:
