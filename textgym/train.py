@@ -235,7 +235,7 @@ class Run:
         summary, episodes = self.evaluate()
         self._write_samples("samples_after.jsonl", episodes)
         self.save_final_model()
-        plot_history(self.state["history"], self.dir)
+        plot_history(self.state["history"], self.dir, self.state["before"])
         result = {"before": self.state["before"], "after": summary, "iterations": self.state["iteration"]}
         (self.dir / "summary.json").write_text(json.dumps(result, indent=1))
         return result
@@ -250,8 +250,9 @@ class Run:
             self.core.tokenizer.save_pretrained(tmp)
 
 
-def plot_history(history: list[dict], out_dir: Path) -> list[Path]:
-    """PNG plots of score, KL and KL coefficient per iteration (and held-out score where measured)."""
+def plot_history(history: list[dict], out_dir: Path, before: dict | None = None) -> list[Path]:
+    """PNG plots of score, KL and KL coefficient per iteration, with the held-out evaluations
+    (``before``: the one before training, drawn at iteration 0)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -262,7 +263,8 @@ def plot_history(history: list[dict], out_dir: Path) -> list[Path]:
     for key, title in (("score", "mean score"), ("kl", "mean KL to the reference"), ("kl_coef", "KL coefficient")):
         fig, ax = plt.subplots(figsize=(6, 3.5))
         ax.plot(its, [r[key] for r in history], marker="o", label="training rollouts")
-        evals = [(r["iteration"], r[f"eval/{key}"]) for r in history if f"eval/{key}" in r]
+        evals = [(0, before[key])] if before and key in before else []
+        evals += [(r["iteration"], r[f"eval/{key}"]) for r in history if f"eval/{key}" in r]
         if evals:
             ax.plot(*zip(*evals), marker="s", label="held-out prompts")
             ax.legend()
