@@ -29,10 +29,9 @@ def main(argv: list[str] | None = None) -> int:
 
     prompts = args.prompts
     if args.limit is not None:
-        from textgym.prompts import PromptSet, load_prompts, sentiment_prompts
+        from textgym.prompts import load_prompts, sentiment_prompts
 
-        full = load_prompts(prompts) if prompts else sentiment_prompts("train")
-        prompts = PromptSet(full.prompts[: args.limit], {k: v[: args.limit] for k, v in full.metadata.items()})
+        prompts = (load_prompts(prompts) if prompts else sentiment_prompts("train")).head(args.limit)
     records = synthesize(args.model, prompts=prompts, k=args.k, gold=args.gold,
                          max_new_tokens=args.max_new_tokens, seed=args.seed, batch_size=args.batch_size)
     kind = "rankings"

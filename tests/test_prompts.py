@@ -333,3 +333,10 @@ def test_error_bad_spec_and_type():
         load_prompts("")
     with pytest.raises(TypeError, match="cannot load prompts from int"):
         load_prompts(42)
+
+
+def test_head_keeps_metadata_aligned():
+    ps = PromptSet(["a", "b", "c"], {"references": ["x", "y", "z"]})
+    head = ps.head(2)
+    assert head.prompts == ["a", "b"] and head.metadata == {"references": ["x", "y"]}
+    assert len(ps.head(10)) == 3

@@ -55,9 +55,11 @@ def summarise(episodes: list[dict], extra_rewards: dict[str, Any] | None = None,
         "distinct_2": metrics.distinct_n(completions, 2),
         "length": float(np.mean(lengths)),
     }
-    for name, reward in (extra_rewards or {}).items():
+    if extra_rewards:
+        texts = [e["prompt"] for e in episodes]
         meta = prompts.metadata_for(list(range(len(episodes)))) if prompts is not None else {}
-        out[f"reward/{name}"] = float(np.mean(reward([e["prompt"] for e in episodes], completions, **meta)))
+        for name, reward in extra_rewards.items():
+            out[f"reward/{name}"] = float(np.mean(reward(texts, completions, **meta)))
     return out
 
 
@@ -86,8 +88,7 @@ def held_out_prompts(env_id: str, env_prompts: PromptSet, source: Any = None, n:
         prompts = sentiment_prompts("test")
     else:
         prompts = env_prompts
-    n = len(prompts) if n is None else min(n, len(prompts))
-    return PromptSet(prompts.prompts[:n], {k: v[:n] for k, v in prompts.metadata.items()})
+    return prompts if n is None else prompts.head(n)
 
 
 def evaluate_target(target: str, *, env_id: str | None = None, n: int | None = None, ref: str | None = None,

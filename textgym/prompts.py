@@ -88,6 +88,10 @@ class PromptSet:
         i = operator.index(i)
         return self.prompts[i], {k: v[i] for k, v in self.metadata.items()}
 
+    def head(self, n: int) -> "PromptSet":
+        """The first ``n`` prompts with their metadata."""
+        return PromptSet(self.prompts[:n], {k: v[:n] for k, v in self.metadata.items()})
+
     def metadata_for(self, indices: Sequence[int]) -> dict[str, list]:
         """Metadata of the rows ``indices``, as one list per column (batch order)."""
         return {k: [v[i] for i in indices] for k, v in self.metadata.items()}

@@ -328,9 +328,9 @@ class TextGenCore:
         done_list = done.tolist()
         completions = [self.completion_text(r) for r in done_list]
         prompts = [self.prompt_text[r] for r in done_list]
-        metadata = self.prompts.metadata_for([max(int(self.prompt_index[r]), 0) for r in done_list])
-        if (self.prompt_index[done] < 0).any():
-            metadata = {}  # a prompt passed through reset options carries no metadata
+        # A prompt passed as text through reset options (index -1) carries no metadata.
+        indices = self.prompt_index[done]
+        metadata = {} if (indices < 0).any() else self.prompts.metadata_for(indices.tolist())
         scores = self.reward_fn(prompts, completions, **metadata)
         if self.cfg.kl_mode == "final":
             ref_logp = self.ref_logprobs(done)
