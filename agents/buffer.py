@@ -9,15 +9,38 @@ Segments are shuffled with numpy's global RNG (seeded by SB3), like SB3 shuffles
 from __future__ import annotations
 
 from collections.abc import Generator
+from typing import NamedTuple
 
 import numpy as np
+import torch
 from stable_baselines3.common.buffers import DictRolloutBuffer
-from stable_baselines3.common.type_aliases import DictRolloutBufferSamples
+
+
+class LMRolloutSamples(NamedTuple):
+    """SB3's ``DictRolloutBufferSamples`` plus the reference log-prob of each action (``None``
+    unless the KL term sits in the loss)."""
+
+    observations: dict
+    actions: torch.Tensor
+    old_values: torch.Tensor
+    old_log_prob: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+    ref_log_prob: torch.Tensor | None
 
 
 class EpisodeRolloutBuffer(DictRolloutBuffer):
     """A ``DictRolloutBuffer`` whose ``get(batch_size)`` yields about ``batch_size`` transitions per
-    minibatch, made of whole episode segments (a segment longer than ``batch_size`` forms its own)."""
+    minibatch, made of whole episode segments (a segment longer than ``batch_size`` forms its own).
+
+    ``ref_log_probs`` (flat, filled by the agent before an update with the KL in the loss) rides
+    along in every minibatch as ``ref_log_prob``."""
+
+    ref_log_probs: np.ndarray | None = None
+
+    def reset(self) -> None:
+        super().reset()
+        self.ref_log_probs = None
 
     def segments(self) -> list[np.ndarray]:
         """Flat indices of each episode segment, in step order."""
@@ -42,6 +65,11 @@ class EpisodeRolloutBuffer(DictRolloutBuffer):
                 chunk, size = [], 0
         if chunk:
             yield self._get_samples(np.concatenate(chunk))
+
+    def _get_samples(self, batch_inds: np.ndarray, env=None) -> LMRolloutSamples:  # type: ignore[override]
+        base = super()._get_samples(batch_inds, env)
+        ref = None if self.ref_log_probs is None else self.to_torch(self.ref_log_probs[batch_inds])
+        return LMRolloutSamples(*base, ref_log_prob=ref)
 
     def _flatten(self) -> None:
         # As SB3's get(): [n_steps, n_envs, ...] -> [n_envs * n_steps, ...], env-major, so each

@@ -4,9 +4,16 @@
   saved data: ``agents.load`` takes it from the env again), with LoRA applied first if asked.
 - After each update the env's KV cache is re-encoded, so rollouts keep sampling from the current
   policy (one forward per live episode per update).
-- The RLHF figures are logged: mean score, KL, KL coefficient, completion length, entropy.
+- The KL coefficient moves once per rollout, on the rollout's mean KL (the env's controller is
+  handed over to the agent); its state is saved with the agent.
+- The KL placement is the env's ``kl_in``: in the reward the env already subtracts ``kl_coef * k1``;
+  in the loss (``kl_in="loss"``) every update adds ``kl_coef * k2`` differentiated through
+  ``log pi`` (see ``textgym.kl`` for why only these two pairs are gradient-correct).
+- The RLHF figures are logged: mean score, KL (k1, and k3 as a diagnostic), KL coefficient,
+  completion length, entropy, and NLPO's kept mask mass.
 - Optional PPO-ptx: ``ptx_coef`` > 0 mixes a language-modelling loss on ``ptx_data`` into every
   update (see ``agents.ptx``).
+- ``learning_rate=None`` picks a default by model size and LoRA (``default_learning_rate``).
 """
 
 from __future__ import annotations
@@ -14,16 +21,46 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 from agents.lora import apply_lora, lora_config
 from agents.ptx import PtxOptimizer, ptx_batches
 from agents.vec_env import LMVecEnv, as_vec_env
+from textgym import kl as klmod
+
+
+def default_learning_rate(model, lora: bool) -> float:
+    """The learning rate used when none is given, in the spirit of TRL's recommendations: LoRA
+    adapters train at 3e-4 (they start at zero and have few weights); full fine-tuning of a real LM
+    at 1e-5 (TRL's PPO default 1.41e-5); a toy model under 10M parameters (``textgym/tiny``) at 3e-3,
+    which it needs to move within a few thousand steps."""
+    if lora:
+        return 3e-4
+    n_params = sum(p.numel() for p in model.parameters())
+    return 3e-3 if n_params < 10_000_000 else 1e-5
+
+
+def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
+               clip_range_vf: float | None) -> torch.Tensor:
+    """Mean squared error of the values; with ``clip_range_vf``, PPO2's pessimistic form
+    ``max((V - R)^2, (V_clipped - R)^2)`` with ``V_clipped`` within ``clip_range_vf`` of the
+    rollout's value. (stable-baselines3 keeps only the clipped term, which stops the critic at
+    ``clip_range_vf`` per rollout whatever the reward scale, and gives it no gradient beyond.)"""
+    unclipped = (returns - values).square()
+    if clip_range_vf is None:
+        return unclipped.mean()
+    clipped = old_values + (values - old_values).clamp(-clip_range_vf, clip_range_vf)
+    return torch.max(unclipped, (returns - clipped).square()).mean()
 
 
 class LMAlgorithm:
     """Mixin placed before an SB3 ``OnPolicyAlgorithm`` subclass in the bases."""
 
     algo_name = "custom"
+    # True where the algorithm's own ``train`` adds ``kl_loss_term`` (kl_in="loss"); a plain SB3
+    # class registered through ``agents.register`` keeps SB3's update and the KL in the reward.
+    supports_kl_loss = False
 
     def __init__(self, policy, env, *args, lora: Any = None, ptx_coef: float = 0.0, ptx_data: Any = None,
                  ptx_batch_size: int = 8, ptx_max_length: int = 128, **kwargs):
@@ -35,7 +72,12 @@ class LMAlgorithm:
         self.lora = lora_config(lora)
         self.textgym_algo = self.algo_name
         self._episode_stats: list[dict] = []
-        super().__init__(policy, as_vec_env(env) if env is not None else None, *args, **kwargs)
+        env = as_vec_env(env) if env is not None else None
+        if kwargs.get("learning_rate", 0.0) is None:
+            if env is None:
+                raise ValueError("learning_rate=None picks a default from the env's model: pass env= too")
+            kwargs["learning_rate"] = default_learning_rate(env.core.model, self.lora is not None)
+        super().__init__(policy, env, *args, **kwargs)
 
     @property
     def core(self):
@@ -45,6 +87,13 @@ class LMAlgorithm:
 
     def _setup_model(self) -> None:
         core = self.core
+        if core.cfg.kl_in == "loss" and not self.supports_kl_loss:
+            raise ValueError(f"algorithm {self.algo_name!r} does not add a KL term to its loss: make the env with "
+                             "kl_in='reward' (the default), or use one of ppo, a2c, nlpo")
+        core.kl_batch_auto = False  # the coefficient moves once per rollout (collect_rollouts)
+        saved_state = getattr(self, "kl_controller_state", None)
+        if saved_state:  # set by agents.load from the saved data
+            core.kl_controller.load_state_dict(saved_state)
         if self.lora and getattr(core, "peft_model", None) is None:
             self.set_random_seed(self.seed)  # the adapters' initialisation must follow the seed too
             apply_lora(core, self.lora)
@@ -63,27 +112,73 @@ class LMAlgorithm:
             self.policy.optimizer = PtxOptimizer(self.policy.optimizer, core.model, batches, self.ptx_coef)
 
     def _excluded_save_params(self) -> list[str]:
-        return [*super()._excluded_save_params(), "_episode_stats"]
+        return [*super()._excluded_save_params(), "_episode_stats", "_update_logs", "kl_coef_used"]
+
+    def save(self, *args: Any, **kwargs: Any) -> None:
+        self.kl_controller_state = self.core.kl_controller.state_dict()  # a dict of floats, saved as JSON
+        super().save(*args, **kwargs)
 
     def collect_rollouts(self, env, callback, rollout_buffer, n_rollout_steps: int) -> bool:
         self._episode_stats = []
+        self.kl_coef_used = float(self.core.kl_controller.value)  # the coefficient of this whole rollout
         self.policy.rollout_bootstrap = True
         try:
             result = super().collect_rollouts(env, callback, rollout_buffer, n_rollout_steps)
         finally:
             self.policy.rollout_bootstrap = False
         if self._episode_stats:
-            for key, name in (("score", "score_mean"), ("kl", "kl_mean"), ("length", "completion_length")):
-                self.logger.record(f"rollout/{name}", float(np.mean([s[key] for s in self._episode_stats])))
-        self.logger.record("rollout/kl_coef", float(self.core.kl_controller.value))
+            for key, name in (("score", "score_mean"), ("kl", "kl_mean"), ("kl_k3", "kl_k3_mean"),
+                              ("length", "completion_length"), ("mask_mass", "mask_mass")):
+                if key in self._episode_stats[0]:
+                    self.logger.record(f"rollout/{name}", float(np.mean([s[key] for s in self._episode_stats])))
+        self.logger.record("rollout/kl_coef", self.kl_coef_used)
+        # One controller update per rollout, on the mean KL of the episodes that ended in it.
+        self.core.update_kl_controller()
         return result
+
+    # --- pieces shared by the algorithms' updates -------------------------------------------------
+
+    @property
+    def kl_in_loss(self) -> bool:
+        return self.core.cfg.kl_in == "loss"
+
+    def prepare_update(self) -> None:
+        """Work done once per rollout before its epochs: with the KL in the loss, the reference
+        log-prob of every sampled token (one teacher-forced forward per episode segment)."""
+        if self.kl_in_loss:
+            self.rollout_buffer.ref_log_probs = self.policy.reference_log_probs(self.rollout_buffer)
+
+    def kl_loss_term(self, data, log_prob: torch.Tensor) -> torch.Tensor | None:
+        """``kl_coef * mean k2`` over the minibatch's tokens, differentiable through ``log_prob``
+        (the acting distribution's); None when the KL sits in the reward."""
+        if not self.kl_in_loss:
+            return None
+        kl = klmod.kl_loss(log_prob, data.ref_log_prob).mean()
+        self._update_logs.setdefault("train/kl_loss", []).append(kl.item())
+        return self.kl_coef_used * kl
+
+    def log_update(self, name: str, value: float) -> None:
+        self._update_logs.setdefault(name, []).append(float(value))
+
+    def start_update_logs(self) -> None:
+        self._update_logs: dict[str, list[float]] = {}
+
+    def record_update_logs(self) -> None:
+        for name, values in self._update_logs.items():
+            self.logger.record(name, float(np.mean(values)))
 
     def _update_info_buffer(self, infos: list[dict[str, Any]], dones=None) -> None:
         super()._update_info_buffer(infos, dones)
         self._episode_stats.extend(info for info in infos if "score" in info)
 
     def train(self) -> None:
+        """SB3's own update (for a plain SB3 class registered with ``agents.register``); textgym's
+        algorithms write theirs out in full."""
         super().train()
+        self.after_train()
+
+    def after_train(self) -> None:
+        """Logging and the cache refresh that follow every update."""
         entropy_loss = self.logger.name_to_value.get("train/entropy_loss")
         if entropy_loss is not None:
             self.logger.record("train/entropy", -float(entropy_loss))

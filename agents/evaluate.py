@@ -1,27 +1,27 @@
-"""Evaluate an agent: play whole episodes on its env with its policy and summarise them."""
+"""Evaluate an agent: play whole episodes with its acting policy and summarise them."""
 
 from __future__ import annotations
 
 import numpy as np
-import torch
+
+from textgym import sampling
 
 
-@torch.no_grad()
-def evaluate(model, n_episodes: int = 32, deterministic: bool = False) -> dict:
-    """Play at least ``n_episodes`` episodes on ``model``'s env (from fresh resets; the training
-    state of the env is re-encoded afterwards) and return the mean score, KL, reward and
-    completion length, plus the episodes' final infos under ``"episodes"``."""
-    env = model.get_env()
-    obs = env.reset()
-    episodes: list[dict] = []
-    model.policy.set_training_mode(False)
-    while len(episodes) < n_episodes:
-        actions, _ = model.predict(obs, deterministic=deterministic)
-        obs, _, dones, infos = env.step(actions)
-        episodes.extend({k: v for k, v in info.items() if k != "terminal_observation"} for info in infos if "score" in info)
-    model._last_obs = env.reset()  # learning continues from fresh episodes
-    model._last_episode_starts = np.ones((env.num_envs,), dtype=bool)
+def evaluate(model, n_episodes: int = 32, deterministic: bool = False, seed: int = 0) -> dict:
+    """Play ``n_episodes`` episodes of ``model``'s task with its acting policy (NLPO's through its
+    mask), on prompts drawn from the env's prompt set, and return the mean score, KL, reward and
+    completion length, plus the episodes' final infos under ``"episodes"``.
+
+    Episodes are spread over the env's rows as stable-baselines3's ``evaluate_policy`` does (row
+    ``i`` plays ``(n_episodes + i) // n_envs``), so short completions are not over-represented. They
+    run on an evaluation copy of the env's engine with their own RNG: training (running episodes,
+    KV cache, KL controller, RNG state) continues exactly as if no evaluation had happened.
+    """
+    core = model.env.core
+    episodes = sampling.episodes_per_row(core, n_episodes, seed=seed, greedy=deterministic)
     summary = {key: float(np.mean([e[key] for e in episodes])) for key in ("score", "kl", "length")}
-    summary["reward"] = float(np.mean([e["episode"]["r"] for e in episodes]))
+    coef = core.kl_controller.value if core.cfg.kl_in == "reward" else 0.0
+    # The episode's return as training sees it (final-mode rewards; per-token mode sums to the same).
+    summary["reward"] = float(np.mean([core.cfg.score_scale * e["score"] - coef * e["kl"] for e in episodes]))
     summary["episodes"] = episodes
     return summary

@@ -177,6 +177,23 @@ class LMActorCriticPolicy(ActorCriticPolicy):
             return values
         return self._dist_and_values(obs, need_dist=False)[1]
 
+    @torch.no_grad()
+    def reference_log_probs(self, buffer) -> np.ndarray:
+        """``log pi_ref`` of every action in the (full) rollout ``buffer``, flat in the buffer's
+        order: one teacher-forced forward of the reference per chunk of whole episode segments."""
+        ref = self._core.ref_model
+        segments = buffer.segments()  # flattens the buffer
+        out = np.zeros(buffer.buffer_size * buffer.n_envs, dtype=np.float32)
+        device = self.value_head.weight.device
+        for start in range(0, len(segments), 8):
+            idx = np.concatenate(segments[start : start + 8])
+            ids = torch.as_tensor(buffer.observations["input_ids"][idx], device=device).long()
+            mask = torch.as_tensor(buffer.observations["attention_mask"][idx], device=device).long()
+            logits, _ = grouped_forward(ref, ids, mask, self.prompt_len)
+            actions = torch.as_tensor(buffer.actions[idx], device=device).long().reshape(-1, 1)
+            out[idx] = torch.log_softmax(logits, -1).gather(-1, actions).squeeze(-1).cpu().numpy()
+        return out
+
     def get_distribution(self, obs):
         return self._dist_and_values(obs)[0]
 

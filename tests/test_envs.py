@@ -99,18 +99,35 @@ def _hand_logratio(model, ref, obs, P, n):
         return (lm.completion_logprobs(model, *args) - lm.completion_logprobs(ref, *args))[0]
 
 
-@pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
-def test_kl_matches_hand_computed_logratios(estimator):
+@pytest.mark.parametrize("kl_in", ["reward", "loss"])
+def test_kl_matches_hand_computed_logratios(kl_in):
     model, ref = _perturbed_ref()
     _, tok = models.load("textgym/tiny")
-    env = make(model=model, tokenizer=tok, ref_model=ref, kl_estimator=estimator, kl_coef=0.5, max_new_tokens=5,
+    env = make(model=model, tokenizer=tok, ref_model=ref, kl_in=kl_in, kl_coef=0.5, max_new_tokens=5,
                stop_on_eos=False, reward=lambda p, c: [0.0] * len(c))
     rng = np.random.default_rng(0)
     obs, rewards, *_, info = run_episode(env, rng.integers(10, 300, size=5))
     r = _hand_logratio(model, ref, obs, 64, 5).double()
-    expected = {"k1": r, "k2": r**2 / 2, "k3": torch.exp(-r) - 1 + r}[estimator].sum().item()
-    assert info["kl"] == pytest.approx(expected, rel=1e-5, abs=1e-4)
-    assert rewards[-1] == pytest.approx(-0.5 * expected, rel=1e-5, abs=1e-4)
+    assert abs(r.sum().item()) > 0.05  # the reference really differs
+    assert info["kl"] == pytest.approx(r.sum().item(), rel=1e-5, abs=1e-4)  # k1, whatever the placement
+    assert info["kl_k3"] == pytest.approx((torch.exp(-r) - 1 + r).sum().item(), rel=1e-5, abs=1e-4)
+    # In the reward: -kl_coef * k1; in the loss: the reward is the score alone (the agent adds k2).
+    expected = -0.5 * r.sum().item() if kl_in == "reward" else 0.0
+    assert rewards[-1] == pytest.approx(expected, rel=1e-5, abs=1e-4)
+
+
+@pytest.mark.parametrize("kl_in, estimator", [("reward", "k2"), ("reward", "k3"), ("loss", "k1"), ("loss", "k3")])
+def test_gradient_wrong_kl_placements_are_refused(kl_in, estimator):
+    with pytest.raises(ValueError, match=rf"kl_estimator '{estimator}' with kl_in='{kl_in}' is refused: .*gradient"):
+        make(kl_in=kl_in, kl_estimator=estimator)
+    with pytest.raises(ValueError, match="unknown kl_in 'both'; valid: reward, loss"):
+        make(kl_in="both")
+
+
+def test_ref_model_cannot_be_the_policy():
+    model, tok = models.load("textgym/tiny")
+    with pytest.raises(ValueError, match="ref_model is the policy model itself"):
+        make(model=model, tokenizer=tok, ref_model=model)
 
 
 def test_per_token_kl_mode():
@@ -305,3 +322,75 @@ def test_info_reports_reference_logprob_of_the_completion(kl_mode):
     with torch.no_grad():
         expected = lm.completion_logprobs(ref, ids[:, :64], mask[:, :64], ids[:, 64:68], mask[:, 64:68]).sum().item()
     assert info["ref_logprob"] == pytest.approx(expected, abs=1e-4)
+
+
+def test_kl_controller_moves_once_per_batch_of_num_envs_episodes():
+    # Each of the 4 rows ends after 2 tokens, all on the same step: one update with their mean KL.
+    model, ref = _perturbed_ref()
+    _, tok = models.load("textgym/tiny")
+    vec = gym.make_vec("textgym/TextGen-v0", num_envs=4, vectorization_mode="vector_entry_point", model=model,
+                       tokenizer=tok, ref_model=ref, prompts=PROMPTS, max_new_tokens=2, stop_on_eos=False,
+                       kl_coef=0.2, kl_target=0.05, kl_horizon=10)
+    vec.reset(seed=0)
+    rng = np.random.default_rng(3)
+    vec.step(rng.integers(10, 300, size=4))
+    _, _, term, _, infos = vec.step(rng.integers(10, 300, size=4))
+    assert term.all()
+    assert (infos["kl_coef"] == 0.2).all()  # every row finishing together sees one coefficient
+    mean = float(np.mean(infos["kl"]))
+    assert np.ptp(infos["kl"]) > 0.01  # mixed per-episode KLs
+    error = min(max(mean / 0.05 - 1, -0.2), 0.2)
+    assert vec.unwrapped.kl_controller.value == pytest.approx(0.2 * (1 + error * 4 / 10))
+
+
+def test_evaluation_copy_leaves_the_engine_untouched():
+    from textgym import sampling
+
+    vec = gym.make_vec("textgym/TextGen-v0", num_envs=3, vectorization_mode="vector_entry_point", **TINY,
+                       prompts=PROMPTS, max_new_tokens=6, kl_coef=0.1, kl_target=1.0, kl_horizon=10)
+    core = vec.unwrapped.core
+    vec.reset(seed=0)
+    for _ in range(2):
+        vec.step(vec.unwrapped.next_token_logits().argmax(-1).numpy())
+    state = {k: getattr(core, k).copy() for k in ("input_ids", "attention_mask", "length", "live", "pending")}
+    logits = core.policy.logits.clone()
+    cache = [layer.keys.clone() for layer in core.policy.cache.layers]
+    coef, batch = core.kl_controller.value, list(core.kl_batch)
+    torch_rng, np_rng = torch.get_rng_state(), np.random.get_state()[1].copy()
+    episodes = sampling.episodes_per_row(core, 7, seed=1)
+    assert len(episodes) == 7
+    for key, value in state.items():
+        np.testing.assert_array_equal(getattr(core, key), value)
+    assert torch.equal(core.policy.logits, logits)
+    assert all(torch.equal(a.keys, b) for a, b in zip(core.policy.cache.layers, cache))
+    assert core.kl_controller.value == coef and core.kl_batch == batch
+    assert torch.equal(torch.get_rng_state(), torch_rng) and np.array_equal(np.random.get_state()[1], np_rng)
+    # The training episodes carry on as if nothing happened.
+    vec.step(vec.unwrapped.next_token_logits().argmax(-1).numpy())
+
+
+def test_episodes_per_row_spreads_episodes_like_sb3():
+    from textgym import sampling
+
+    vec = gym.make_vec("textgym/TextGen-v0", num_envs=3, vectorization_mode="vector_entry_point", **TINY,
+                       prompts=PROMPTS, max_new_tokens=6)
+    core = vec.unwrapped.core
+    assert sampling.play(core, lambda row: None, seed=0) == []
+    # 8 episodes over 3 rows: 2, 3, 3 (SB3's evaluate_policy), however fast each row finishes.
+    targets = [(8 + i) // 3 for i in range(3)]
+    counts = [0, 0, 0]
+
+    def next_prompt(row):
+        if counts[row] == targets[row]:
+            return None
+        counts[row] += 1
+        return 0
+
+    rows = [row for row, _ in sampling.play(core, next_prompt, seed=0)]
+    assert sorted(rows) == [0, 0, 1, 1, 1, 2, 2, 2]
+    assert len(sampling.episodes_per_row(core, 8)) == 8
+    a = sampling.episodes_per_row(core, 5, seed=4)
+    b = sampling.episodes_per_row(core, 5, seed=4)
+    assert [e["completion"] for e in a] == [e["completion"] for e in b]  # seeded
+    with pytest.raises(ValueError, match="n_episodes must be an integer >= 1, got 0"):
+        sampling.episodes_per_row(core, 0)

@@ -55,3 +55,63 @@ def test_adaptive_controller_follows_ziegler():
         kl.make_controller(0.2, kl_target=0)
     assert kl.make_controller(c) is c
     assert kl.KLConfig(coef=0.3, target=1.0).controller().target == 1.0
+
+
+# --- placement: which estimator's gradient is the gradient of KL(pi || pi_ref) -------------------
+
+
+def _categorical():
+    torch.manual_seed(1)
+    theta = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    ref_logp = torch.log_softmax(torch.randn(5, dtype=torch.float64), 0)
+    return theta, ref_logp
+
+
+def _expected_gradient(kl_in: str, estimator: str) -> torch.Tensor:
+    """The exact expected gradient (enumerating the 5 tokens) that an RL update follows when the KL
+    term is placed in the reward (score-function gradient of the detached term) or in the loss
+    (the term differentiated through log pi at the sampled token), tokens drawn from pi."""
+    theta, ref_logp = _categorical()
+    logp = torch.log_softmax(theta, 0)
+    pi = logp.exp().detach()  # sampling probabilities: no gradient flows through the sampling
+    if kl_in == "reward":
+        term = kl.kl_terms(logp - ref_logp, estimator).detach()
+        surrogate = (pi * term * logp).sum()  # REINFORCE: E[term(y) * log pi(y)]
+    else:
+        term = kl.kl_loss(logp, ref_logp) if estimator == "k2" else kl.kl_terms(logp - ref_logp, estimator)
+        surrogate = (pi * term).sum()
+    (grad,) = torch.autograd.grad(surrogate, theta)
+    return grad
+
+
+def _exact_kl_gradient() -> torch.Tensor:
+    theta, ref_logp = _categorical()
+    logp = torch.log_softmax(theta, 0)
+    (grad,) = torch.autograd.grad((logp.exp() * (logp - ref_logp)).sum(), theta)
+    return grad
+
+
+@pytest.mark.parametrize("kl_in", kl.PLACEMENTS)
+@pytest.mark.parametrize("estimator", kl.ESTIMATORS)
+def test_only_gradient_correct_placements_are_allowed(kl_in, estimator):
+    exact = _exact_kl_gradient()
+    assert exact.abs().max() > 0.05
+    grad = _expected_gradient(kl_in, estimator)
+    correct = torch.allclose(grad, exact, atol=1e-10)
+    if (kl_in, estimator) in (("reward", "k1"), ("loss", "k2")):
+        assert correct, (grad, exact)
+        assert kl.resolve_estimator(kl_in, estimator) == estimator
+    else:
+        assert not correct  # this pair would follow another gradient...
+        with pytest.raises(ValueError, match="is refused"):  # ...so it is refused
+            kl.resolve_estimator(kl_in, estimator)
+    assert kl.resolve_estimator(kl_in) == kl.ESTIMATOR_FOR[kl_in]
+
+
+def test_adaptive_controller_moves_once_on_the_batch_mean():
+    # Half the episodes at KL 0, half at 4x the target: the mean is 2x the target, so the
+    # coefficient rises by the clipped error 0.2 (per-episode updates would cancel out).
+    c = kl.make_controller(0.1, kl_target=1.0, kl_horizon=100)
+    kls = [0.0, 4.0] * 8
+    c.update(sum(kls) / len(kls), n_steps=len(kls))
+    assert c.value == pytest.approx(0.1 * (1 + 0.2 * 16 / 100))

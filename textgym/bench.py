@@ -214,11 +214,9 @@ def bench_elo(targets: list[str], *, judge: Any = "vader", env_id: str = "textgy
     for target in targets:
         model_path = Path(target) / "final_model" if (Path(target) / "final_model").exists() else target
         name = str(target).rstrip("/")
-        from textgym import models
-
-        model, tokenizer = models.load(model_path)
-        vec = gym.make_vec(env_id, num_envs=n_envs, vectorization_mode="vector_entry_point", model=model,
-                           tokenizer=tokenizer, ref_model=model, **(env_kwargs or {}))
+        # By path, so a saved acting distribution (NLPO's mask) is loaded with the model.
+        vec = gym.make_vec(env_id, num_envs=n_envs, vectorization_mode="vector_entry_point", model=str(model_path),
+                           **(env_kwargs or {}))
         core = vec.unwrapped.core
         prompts = prompts or held_out_prompts(env_id, core.prompts, None, n)
         episodes = generate(core, prompts, seed=seed)

@@ -6,39 +6,18 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import torch
 
-from textgym import metrics, rewards
+from textgym import metrics, rewards, sampling
 from textgym.envs.core import TextGenCore
 from textgym.prompts import PromptSet
 
 
-@torch.no_grad()
 def generate(core: TextGenCore, prompts: PromptSet, seed: int = 0) -> list[dict]:
-    """Sample one completion per prompt from the core's policy (full distribution), ``core.n`` at a
-    time; returns the final-step infos in prompt order. Ends every episode running in ``core``."""
-    gen = torch.Generator(device=core.device).manual_seed(seed)
-    saved = core.prompts
-    core.prompts = prompts
-    results: list[dict] = []
-    try:
-        for start in range(0, len(prompts), core.n):
-            core.stop_all()
-            rows = list(range(min(core.n, len(prompts) - start)))
-            for row in rows:
-                core.reset_rows([row], [None], {"prompt_index": start + row})
-            finished: dict[int, dict] = {}
-            while core.live.any():
-                core.ensure_started()
-                probs = torch.softmax(core.policy.logits, dim=-1)
-                actions = torch.multinomial(probs, 1, generator=gen).squeeze(1).cpu().numpy()
-                _, _, infos = core.step(actions, core.live.copy())
-                finished.update(infos)
-            results.extend(finished[row] for row in rows)
-    finally:
-        core.prompts = saved
-        core.stop_all()
-    return results
+    """Sample one completion per prompt from the core's acting distribution (the full LM
+    distribution, or NLPO's masked one), ``core.n`` at a time; returns the final-step infos in
+    prompt order. Runs on an evaluation copy: ``core``'s episodes, caches and KL controller are
+    left untouched (see ``textgym.sampling``)."""
+    return sampling.complete_prompts(core, prompts, seed=seed)
 
 
 def summarise(episodes: list[dict], extra_rewards: dict[str, Any] | None = None, prompts: PromptSet | None = None) -> dict:

@@ -9,6 +9,21 @@ Estimators follow Schulman, "Approximating KL Divergence" (2020). With tokens sa
 - ``k2 = log_ratio**2 / 2``: biased, low variance, always >= 0;
 - ``k3 = (exp(-log_ratio) - 1) + log_ratio``: unbiased, low variance, always >= 0.
 
+Where the KL term goes decides which estimator is right (Tang & Munos 2025, "On a few pitfalls in
+KL divergence gradient estimation for RL"). What an RL algorithm follows is a *gradient*, and:
+
+- **in the reward** (``kl_in="reward"``, the default) a policy-gradient method only sees the
+  score-function gradient ``E[term(y) * grad log pi(y)]`` of the term. Only ``k1`` makes that
+  ``grad KL(pi || pi_ref)``; ``k3`` gives ``grad KL + E_ref[grad log pi]`` (~0 near the
+  reference), ``k2`` a second-order quantity. So the reward takes ``k1`` alone.
+- **in the loss** (``kl_in="loss"``) the term is differentiated through ``log pi`` of the sampled
+  tokens. ``k2`` gives ``E[(log pi - log pi_ref) grad log pi] = grad KL(pi || pi_ref)`` on-policy;
+  ``k1`` gives ``E[grad log pi] = 0``; ``k3`` gives the gradient of the *forward* KL(pi_ref || pi).
+  So the loss takes ``k2`` alone.
+
+``k3`` (always >= 0, unbiased) stays a logged diagnostic next to ``k1``. ``kl_estimator=None``
+picks the right estimator for the placement; a wrong pair is refused with the reason.
+
 Coefficient control follows Ziegler et al. 2019, "Fine-Tuning Language Models from Human
 Preferences", section 2.2: ``beta <- beta * (1 + clip(KL / target - 1, -0.2, 0.2) * n / horizon)``.
 """
@@ -22,12 +37,43 @@ from typing import Union
 import torch
 
 ESTIMATORS = ("k1", "k2", "k3")
+PLACEMENTS = ("reward", "loss")
+# The one gradient-correct estimator of each placement (see the module docstring).
+ESTIMATOR_FOR = {"reward": "k1", "loss": "k2"}
+_WHY_NOT = {
+    ("reward", "k2"): "k2's score-function gradient is second order, not the gradient of KL(pi || pi_ref)",
+    ("reward", "k3"): "k3's score-function gradient is grad KL + E_ref[grad log pi], about zero near the reference",
+    ("loss", "k1"): "k1 differentiated through log pi has expected gradient E[grad log pi] = 0",
+    ("loss", "k3"): "k3 differentiated through log pi gives the gradient of the forward KL(pi_ref || pi)",
+}
 
 
 def check_estimator(estimator: str) -> str:
     if estimator not in ESTIMATORS:
         raise ValueError(f"unknown kl_estimator {estimator!r}; valid: {', '.join(ESTIMATORS)}")
     return estimator
+
+
+def resolve_estimator(kl_in: str, estimator: str | None = None) -> str:
+    """The estimator of placement ``kl_in`` (``"reward"`` or ``"loss"``): ``estimator`` if it is the
+    gradient-correct one there, the right one when ``None``; a wrong pair raises, saying why."""
+    if kl_in not in PLACEMENTS:
+        raise ValueError(f"unknown kl_in {kl_in!r}; valid: {', '.join(PLACEMENTS)}")
+    if estimator is None:
+        return ESTIMATOR_FOR[kl_in]
+    check_estimator(estimator)
+    if estimator != ESTIMATOR_FOR[kl_in]:
+        raise ValueError(
+            f"kl_estimator {estimator!r} with kl_in={kl_in!r} is refused: {_WHY_NOT[kl_in, estimator]}. "
+            f"Valid: kl_in='reward' with k1, or kl_in='loss' with k2 (k3 is always logged as info['kl_k3'])"
+        )
+    return estimator
+
+
+def kl_loss(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """The per-token KL *loss* term ``k2 = (log pi(y) - log pi_ref(y))**2 / 2``, differentiable
+    through ``logp``; on-policy its expected gradient is ``grad KL(pi || pi_ref)``."""
+    return 0.5 * (logp - ref_logp.detach()).square()
 
 
 def kl_terms(log_ratio: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
@@ -41,7 +87,8 @@ def kl_terms(log_ratio: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
 
 
 class KLController:
-    """Holds the KL coefficient ``value``; ``update`` is called with the KL measured on ``n_steps`` samples."""
+    """Holds the KL coefficient ``value``; ``update`` is called once per batch with the batch's mean
+    KL (per episode) and its number of episodes ``n_steps``."""
 
     value: float
 
@@ -71,6 +118,9 @@ class AdaptiveKLController(KLController):
     """Ziegler et al. (2019) proportional controller steering the measured KL towards ``target``.
 
     ``horizon`` is in samples (episodes): the error is applied with weight ``n_steps / horizon``.
+    Call ``update`` once per batch with the batch's *mean* KL, as Ziegler et al. and TRL do: the
+    clip then bounds the step of the mean error, not of each episode's (half the episodes at KL 0
+    and half at 4x the target would otherwise cancel to no change).
     """
 
     def __init__(self, init: float, target: float, horizon: float = 10000):

@@ -130,3 +130,20 @@ class IncrementalLM:
                 layer.keys = layer.keys[:, :, L - keep :]
                 layer.values = layer.values[:, :, L - keep :]
             self.mask = self.mask[:, L - keep :]
+
+
+def top_p_mask(logits: torch.Tensor, top_p: float, min_tokens_to_keep: int = 1) -> torch.Tensor:
+    """Boolean ``[N, V]``: the smallest set of most likely tokens whose probability reaches ``top_p``
+    (the token that crosses the threshold included), and at least ``min_tokens_to_keep`` tokens."""
+    probs = torch.softmax(logits.float(), dim=-1)
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    before = sorted_probs.cumsum(-1) - sorted_probs  # probability mass strictly above each token
+    keep_sorted = before < top_p
+    keep_sorted[:, :min_tokens_to_keep] = True
+    return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+
+
+def mask_logits(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """``logits`` with the tokens outside ``allowed`` removed: a softmax of the result is the
+    renormalised distribution over ``allowed``."""
+    return logits.masked_fill(~allowed, torch.finfo(logits.dtype).min)

@@ -415,7 +415,9 @@ class ClassifierReward(Reward):
         output: ``"prob"`` (softmax probability of ``label``; sigmoid when
             ``num_labels == 1``) or ``"logit"`` (the raw logit).
         include_prompt: score ``prompt + completion`` instead of the completion alone.
-        max_length: inputs are truncated to this many tokens.
+        max_length: inputs are truncated to this many tokens. None: the length the model was
+            trained with by ``textgym rm`` / ``train_classifier`` (saved in its config as
+            ``textgym_max_length``), else 512.
         device: torch device to run the model on.
         batch_size: number of texts per forward pass.
         tokenizer: a tokenizer or tokenizer path/id; defaults to ``model``.
@@ -437,7 +439,7 @@ class ClassifierReward(Reward):
         label: int | str | None = None,
         output: str = "prob",
         include_prompt: bool = False,
-        max_length: int = 512,
+        max_length: int | None = None,
         device: str | torch.device = "cpu",
         batch_size: int = 32,
         tokenizer: str | os.PathLike[str] | PreTrainedTokenizerBase | None = None,
@@ -446,8 +448,8 @@ class ClassifierReward(Reward):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         self.output = _choice("output", output, ("prob", "logit"))
-        if not isinstance(max_length, int) or max_length < 1:
-            raise ValueError(f"max_length must be a positive integer, got {max_length!r}")
+        if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1):
+            raise ValueError(f"max_length must be a positive integer or None, got {max_length!r}")
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         self.include_prompt = include_prompt
@@ -462,6 +464,9 @@ class ClassifierReward(Reward):
             raise ValueError("a loaded `model` needs `tokenizer=` as well")
         if isinstance(tokenizer, (str, os.PathLike)):
             tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+        if max_length is None:
+            max_length = int(getattr(model.config, "textgym_max_length", None) or 512)
+        self.max_length = max_length
         self.model = model.to(device).eval()
         self.tokenizer = tokenizer
         self._check_model(self.model)
@@ -550,7 +555,7 @@ class RewardModelReward(ClassifierReward):
         self,
         model: str | os.PathLike[str] | PreTrainedModel,
         include_prompt: bool = True,
-        max_length: int = 512,
+        max_length: int | None = None,
         device: str | torch.device = "cpu",
         batch_size: int = 32,
         tokenizer: str | os.PathLike[str] | PreTrainedTokenizerBase | None = None,

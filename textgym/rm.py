@@ -477,6 +477,7 @@ def train_reward_model(cfg: RMConfig, progress: bool = True) -> dict:
     metrics["eval_accuracy"] = accuracy()
     metrics["steps"] = cfg.epochs * steps_per_epoch
     metrics["output_dir"] = str(cfg.output_dir)
+    model.config.textgym_max_length = cfg.max_length  # the reward scores with the length it was trained on
     with atomic_dir(Path(cfg.output_dir)) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -561,6 +562,7 @@ def train_classifier(texts: list[str], labels: list[int], *, label_names: Sequen
                 optimizer.step()
                 bar.update()
     metrics["eval_accuracy"] = accuracy()
+    model.config.textgym_max_length = max_length  # the classifier reward scores with this length
     with atomic_dir(Path(output_dir)) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

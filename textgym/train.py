@@ -11,7 +11,6 @@ Every iteration (one rollout and one update) starts from fresh episodes with the
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import shutil
@@ -149,8 +148,7 @@ class Run:
         env_kwargs = cfg.env_kwargs()
         if resume:
             self.agent = agents.load(self.checkpoint / "agent.zip", env=cfg.env.id, n_envs=cfg.env.n_envs,
-                                     env_kwargs=env_kwargs)
-            self.agent.env.core.kl_controller.load_state_dict(self.state["kl_controller"])
+                                     env_kwargs=env_kwargs)  # restores the KL controller's state too
         else:
             self.agent = agents.make(cfg.agent.algo, cfg.env.id, n_envs=cfg.env.n_envs, env_kwargs=env_kwargs, **hp)
         from stable_baselines3.common.logger import configure
@@ -208,8 +206,7 @@ class Run:
     def save_checkpoint(self) -> None:
         with atomic_dir(self.checkpoint) as tmp:
             self.agent.save(tmp / "agent.zip")
-            state = {**self.state, "kl_controller": self.core.kl_controller.state_dict()}
-            (tmp / "state.json").write_text(json.dumps(state))
+            (tmp / "state.json").write_text(json.dumps(self.state))
         # metrics.jsonl mirrors the checkpoint's history, so a kill between the two writes loses nothing.
         tmp_metrics = self.dir / "metrics.jsonl.tmp"
         tmp_metrics.write_text("".join(json.dumps(r) + "\n" for r in self.state["history"]))
@@ -241,13 +238,9 @@ class Run:
         return result
 
     def save_final_model(self) -> None:
-        model = self.core.model
-        peft_model = getattr(self.core, "peft_model", None)
-        if peft_model is not None:  # a plain model directory: LoRA merged into a copy of the weights
-            model = copy.deepcopy(peft_model).merge_and_unload()
+        """The acting policy that the evaluations played (NLPO's with its mask), LoRA merged."""
         with atomic_dir(self.dir / "final_model") as tmp:
-            model.save_pretrained(tmp)
-            self.core.tokenizer.save_pretrained(tmp)
+            self.core.save_policy(tmp)
 
 
 def plot_history(history: list[dict], out_dir: Path, before: dict | None = None) -> list[Path]:

@@ -1,13 +1,19 @@
-"""A2C (Mnih et al. 2016) over a causal LM, with AdamW and defaults suited to text."""
+"""A2C (Mnih et al. 2016) over a causal LM, with AdamW and defaults suited to text.
+
+The update is written out here (SB3's ``A2C.train`` has no place for extra loss terms): one
+gradient step on the whole rollout, plus the KL term when the env puts it in the loss.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
 import stable_baselines3 as sb3
+import torch
+from stable_baselines3.common.utils import explained_variance
 
 from agents.buffer import EpisodeRolloutBuffer
-from agents.common import LMAlgorithm
+from agents.common import LMAlgorithm, value_loss
 from agents.policy import LMActorCriticPolicy
 
 
@@ -16,7 +22,7 @@ class A2C(LMAlgorithm, sb3.A2C):
 
     Text defaults (everything overridable; other SB3 A2C arguments pass through):
 
-    :param learning_rate: 1e-5.
+    :param learning_rate: None: by model size and LoRA (``agents.common.default_learning_rate``).
     :param n_steps: 64 transitions per env per rollout.
     :param gamma: 1.0; gae_lambda: 0.95; normalize_advantage: True.
     :param ent_coef: 0.0; vf_coef: 0.5; max_grad_norm: 1.0.
@@ -25,12 +31,13 @@ class A2C(LMAlgorithm, sb3.A2C):
     """
 
     algo_name = "a2c"
+    supports_kl_loss = True
 
     def __init__(
         self,
         policy: type[LMActorCriticPolicy] | str = LMActorCriticPolicy,
         env: Any = None,
-        learning_rate: float = 1e-5,
+        learning_rate: float | None = None,
         n_steps: int = 64,
         gamma: float = 1.0,
         gae_lambda: float = 0.95,
@@ -47,3 +54,38 @@ class A2C(LMAlgorithm, sb3.A2C):
             ent_coef=ent_coef, vf_coef=vf_coef, max_grad_norm=max_grad_norm, normalize_advantage=normalize_advantage,
             use_rms_prop=use_rms_prop, rollout_buffer_class=rollout_buffer_class, **kwargs,
         )
+
+    def train(self) -> None:
+        """One A2C update: a single gradient step on the whole rollout."""
+        self.policy.set_training_mode(True)
+        self._update_learning_rate(self.policy.optimizer)
+        self.prepare_update()
+        self.start_update_logs()
+        for data in self.rollout_buffer.get(batch_size=None):
+            actions = data.actions.long().flatten()
+            values, log_prob, entropy = self.policy.evaluate_actions(data.observations, actions)
+            values = values.flatten()
+            advantages = data.advantages
+            if self.normalize_advantage:
+                advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+            policy_loss = -(advantages * log_prob).mean()
+            v_loss = value_loss(values, data.old_values, data.returns, None)
+            entropy_loss = -entropy.mean()
+            loss = policy_loss + self.ent_coef * entropy_loss + self.vf_coef * v_loss
+            kl_term = self.kl_loss_term(data, log_prob)
+            if kl_term is not None:
+                loss = loss + kl_term
+            self.policy.optimizer.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.max_grad_norm)
+            self.policy.optimizer.step()
+            for name, value in (("train/policy_loss", policy_loss.item()), ("train/value_loss", v_loss.item()),
+                                ("train/entropy_loss", entropy_loss.item()), ("train/loss", loss.item())):
+                self.log_update(name, value)
+        self._n_updates += 1
+        self.record_update_logs()
+        buffer = self.rollout_buffer
+        self.logger.record("train/explained_variance",
+                           float(explained_variance(buffer.values.flatten(), buffer.returns.flatten())))
+        self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
+        self.after_train()

@@ -4,11 +4,17 @@ PPO whose action distribution is restricted, at every step, to the top-p tokens 
 policy*: a copy of the learner refreshed every ``mask_update_interval`` rollouts. The mask cuts
 the vocabulary-sized action space down to plausible tokens, which stabilises learning.
 
+The masked policy is the env's *acting distribution* (``TextGenCore.set_nucleus_mask``): tokens
+are sampled from it, and the env's log-probs, hence the KL penalty, are taken under it (the
+renormalised masked distribution that acted, not the unmasked LM, which would understate the KL by
+``-log Z`` per token). Evaluation plays it, and the final model of a run is saved with its masking
+model so that loading it acts the same. ``rollout/mask_mass`` logs the policy probability the mask
+keeps.
+
 Masks are never stored (a vocabulary-sized float mask per transition would be ~190 KiB for a
 49k vocabulary): during rollouts the masking policy is decoded in lockstep with the policy by the
 env's engine (one KV-cached forward per token), and during training its logits are recomputed with
-one teacher-forced forward per episode, like the policy's own. The KL penalty of the env uses the
-unmasked policy, as in the paper.
+one teacher-forced forward per episode, like the policy's own.
 """
 
 from __future__ import annotations
@@ -20,19 +26,10 @@ import torch
 
 from agents.policy import LMActorCriticPolicy, grouped_forward
 from agents.ppo import PPO
+from textgym.envs.core import NUCLEUS
+from textgym.lm import mask_logits, top_p_mask
 
-MASK_FOLLOWER = "nlpo_mask"
-
-
-def top_p_mask(logits: torch.Tensor, top_p: float, min_tokens_to_keep: int = 1) -> torch.Tensor:
-    """Boolean ``[N, V]``: the smallest set of most likely tokens whose probability reaches ``top_p``
-    (the token that crosses the threshold included), and at least ``min_tokens_to_keep`` tokens."""
-    probs = torch.softmax(logits.float(), dim=-1)
-    sorted_probs, order = probs.sort(dim=-1, descending=True)
-    before = sorted_probs.cumsum(-1) - sorted_probs  # probability mass strictly above each token
-    keep_sorted = before < top_p
-    keep_sorted[:, :min_tokens_to_keep] = True
-    return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+__all__ = ["NLPO", "NLPOPolicy", "top_p_mask"]
 
 
 class NLPOPolicy(LMActorCriticPolicy):
@@ -48,22 +45,21 @@ class NLPOPolicy(LMActorCriticPolicy):
         if min_tokens_to_keep < 1:
             raise ValueError(f"min_tokens_to_keep must be >= 1, got {min_tokens_to_keep!r}")
         self.top_p, self.min_tokens_to_keep = top_p, min_tokens_to_keep
-        self.mask_model: list = []  # [model]: a list so it is neither a submodule nor saved
         super().__init__(*args, **kwargs)
 
     def allowed_tokens(self, ids, mask, cached: bool) -> torch.Tensor:
-        if cached:
-            mask_logits = self._core.followers[MASK_FOLLOWER].logits
-        else:
-            with torch.no_grad():
-                mask_logits, _ = grouped_forward(self.mask_model[0], ids, mask, self.prompt_len)
-        return top_p_mask(mask_logits, self.top_p, self.min_tokens_to_keep)
+        core = self._core
+        if cached:  # the engine decoded the masking model in lockstep
+            return core.allowed_tokens(core.followers[NUCLEUS].logits)
+        with torch.no_grad():
+            logits, _ = grouped_forward(core.nucleus_model, ids, mask, self.prompt_len)
+        return core.allowed_tokens(logits)
 
     def shape_logits(self, logits, ids, mask, cached: bool, actions: torch.Tensor | None) -> torch.Tensor:
         allowed = self.allowed_tokens(ids, mask, cached)
         if actions is not None:  # a token that was sampled stays possible (float noise at the boundary)
             allowed[torch.arange(len(actions), device=allowed.device), actions] = True
-        return logits.masked_fill(~allowed, torch.finfo(logits.dtype).min)
+        return mask_logits(logits, allowed)
 
 
 class NLPO(PPO):
@@ -97,13 +93,13 @@ class NLPO(PPO):
 
     def _setup_model(self) -> None:
         super()._setup_model()
-        mask_model = copy.deepcopy(self.core.model).requires_grad_(False).eval()
-        self.policy.mask_model = [mask_model]
-        self.core.add_follower(MASK_FOLLOWER, mask_model)
+        core = self.core
+        mask_model = copy.deepcopy(core.model).requires_grad_(False).eval()
+        core.set_nucleus_mask(mask_model, self.policy.top_p, self.policy.min_tokens_to_keep)
 
     def _sync_mask_model(self) -> None:
-        self.policy.mask_model[0].load_state_dict(self.core.model.state_dict())
-        self.core.refresh([self.core.followers[MASK_FOLLOWER]])
+        self.core.nucleus_model.load_state_dict(self.core.model.state_dict())
+        self.core.refresh([self.core.followers[NUCLEUS]])
 
     def set_parameters(self, *args: Any, **kwargs: Any) -> None:
         super().set_parameters(*args, **kwargs)

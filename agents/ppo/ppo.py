@@ -1,13 +1,20 @@
-"""PPO (Schulman et al. 2017) over a causal LM, with defaults suited to text."""
+"""PPO (Schulman et al. 2017) over a causal LM, with defaults suited to text.
+
+The update is written out here (SB3's ``PPO.train`` has no place for extra loss terms), in the
+order of the paper: clipped surrogate, value loss, entropy bonus, plus the KL term when the env
+puts it in the loss (``kl_in="loss"``, ``textgym.kl``).
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
 import stable_baselines3 as sb3
+import torch
+from stable_baselines3.common.utils import explained_variance
 
 from agents.buffer import EpisodeRolloutBuffer
-from agents.common import LMAlgorithm
+from agents.common import LMAlgorithm, value_loss
 from agents.policy import LMActorCriticPolicy
 
 
@@ -16,16 +23,22 @@ class PPO(LMAlgorithm, sb3.PPO):
 
     Text defaults (everything overridable; other SB3 PPO arguments pass through):
 
-    :param learning_rate: 1e-5, small as LM fine-tuning needs.
+    :param learning_rate: None: by model size and LoRA (``agents.common.default_learning_rate``:
+        3e-4 with LoRA, 1e-5 for full fine-tuning of a real LM, 3e-3 for ``textgym/tiny``).
     :param n_steps: transitions (tokens) collected per env per rollout: 128.
     :param batch_size: transitions per minibatch, filled with whole episodes: 64.
     :param n_epochs: 4 passes over each rollout.
     :param gamma: 1.0: the reward comes at the end of the text and is not discounted.
     :param gae_lambda: 0.95.
     :param clip_range: 0.2, the PPO ratio clip.
-    :param clip_range_vf: 0.2, value clipping around the rollout's values.
+    :param clip_range_vf: None: no value clipping, so the critic learns any reward scale (the
+        value loss flows into the shared LM trunk). A number clips PPO2-style:
+        ``max(unclipped, clipped)`` squared error, never the clipped term alone.
     :param normalize_advantage: True.
-    :param ent_coef: 0.0, vf_coef: 0.5, max_grad_norm: 1.0.
+    :param ent_coef: 0.0.
+    :param vf_coef: 0.1 (TRL's value): the value loss shares the LM trunk, and a larger weight let
+        the unclipped value loss pull the tiny model's policy off course in our tests.
+    :param max_grad_norm: 1.0.
     :param target_kl: 0.1: stop the epochs of an update early when the approximate KL between the
         old and new policy exceeds 1.5 x this (SB3's rule).
     :param lora: None, True or ``peft.LoraConfig`` options: train LoRA adapters only.
@@ -33,22 +46,23 @@ class PPO(LMAlgorithm, sb3.PPO):
     """
 
     algo_name = "ppo"
+    supports_kl_loss = True
 
     def __init__(
         self,
         policy: type[LMActorCriticPolicy] | str = LMActorCriticPolicy,
         env: Any = None,
-        learning_rate: float = 1e-5,
+        learning_rate: float | None = None,
         n_steps: int = 128,
         batch_size: int = 64,
         n_epochs: int = 4,
         gamma: float = 1.0,
         gae_lambda: float = 0.95,
         clip_range: float = 0.2,
-        clip_range_vf: float | None = 0.2,
+        clip_range_vf: float | None = None,
         normalize_advantage: bool = True,
         ent_coef: float = 0.0,
-        vf_coef: float = 0.5,
+        vf_coef: float = 0.1,
         max_grad_norm: float = 1.0,
         target_kl: float | None = 0.1,
         rollout_buffer_class: type = EpisodeRolloutBuffer,
@@ -60,3 +74,63 @@ class PPO(LMAlgorithm, sb3.PPO):
             normalize_advantage=normalize_advantage, ent_coef=ent_coef, vf_coef=vf_coef, max_grad_norm=max_grad_norm,
             target_kl=target_kl, rollout_buffer_class=rollout_buffer_class, **kwargs,
         )
+
+    def train(self) -> None:
+        """One PPO update: ``n_epochs`` passes over the rollout in minibatches of whole episodes."""
+        self.policy.set_training_mode(True)
+        self._update_learning_rate(self.policy.optimizer)
+        clip_range = self.clip_range(self._current_progress_remaining)
+        clip_range_vf = None if self.clip_range_vf is None else self.clip_range_vf(self._current_progress_remaining)
+        self.prepare_update()
+        self.start_update_logs()
+        continue_training = True
+        for epoch in range(self.n_epochs):
+            for data in self.rollout_buffer.get(self.batch_size):
+                actions = data.actions.long().flatten()
+                values, log_prob, entropy = self.policy.evaluate_actions(data.observations, actions)
+                values = values.flatten()
+                advantages = data.advantages
+                if self.normalize_advantage and len(advantages) > 1:  # SB3 issue #325: not for batch size 1
+                    advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+
+                # Clipped surrogate objective (Schulman et al. 2017, eq. 7).
+                ratio = torch.exp(log_prob - data.old_log_prob)
+                policy_loss = -torch.min(advantages * ratio,
+                                         advantages * torch.clamp(ratio, 1 - clip_range, 1 + clip_range)).mean()
+                v_loss = value_loss(values, data.old_values, data.returns, clip_range_vf)
+                entropy_loss = -entropy.mean()
+                loss = policy_loss + self.ent_coef * entropy_loss + self.vf_coef * v_loss
+                kl_term = self.kl_loss_term(data, log_prob)
+                if kl_term is not None:
+                    loss = loss + kl_term
+
+                with torch.no_grad():
+                    # k3 of the old -> new policy change, SB3's early-stopping statistic (SB3 PR #419).
+                    log_ratio = log_prob - data.old_log_prob
+                    approx_kl = torch.mean(torch.expm1(log_ratio) - log_ratio).item()
+                for name, value in (("train/policy_gradient_loss", policy_loss.item()),
+                                    ("train/value_loss", v_loss.item()), ("train/entropy_loss", entropy_loss.item()),
+                                    ("train/approx_kl", approx_kl), ("train/loss", loss.item()),
+                                    ("train/clip_fraction", torch.mean((torch.abs(ratio - 1) > clip_range).float()).item())):
+                    self.log_update(name, value)
+                if self.target_kl is not None and approx_kl > 1.5 * self.target_kl:
+                    continue_training = False
+                    break
+
+                self.policy.optimizer.zero_grad()
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.max_grad_norm)
+                self.policy.optimizer.step()
+            self._n_updates += 1
+            if not continue_training:
+                break
+
+        self.record_update_logs()
+        buffer = self.rollout_buffer
+        self.logger.record("train/explained_variance",
+                           float(explained_variance(buffer.values.flatten(), buffer.returns.flatten())))
+        self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
+        self.logger.record("train/clip_range", clip_range)
+        if clip_range_vf is not None:
+            self.logger.record("train/clip_range_vf", clip_range_vf)
+        self.after_train()

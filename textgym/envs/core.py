@@ -4,16 +4,24 @@
 ``step`` is one KV-cached forward of the policy model for all live rows (and of the reference
 model in ``kl_mode="per_token"``); rows that finish are scored and, with ``kl_mode="final"``,
 teacher-forced through the reference model, all in one batch.
+
+The *acting distribution* is the policy LM's next-token distribution, restricted to the top-p
+tokens of a masking model when one is set (NLPO, ``set_nucleus_mask``): tokens are sampled from it
+and every log-prob (the KL term included) is taken under it.
+
+``evaluation_copy`` gives an engine over the same models, tokenizer, reward and prompts with rows,
+caches and a frozen KL coefficient of its own: evaluating on it changes nothing in this one.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import inspect
+import json
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,6 +31,9 @@ from textgym import lm, models, rewards
 from textgym.prompts import PromptSet, load_prompts
 
 KL_MODES = ("final", "per_token")
+NUCLEUS = "nucleus_mask"  # the follower that decodes the masking model of the acting distribution
+# Written beside a saved policy whose acting distribution is masked (see set_nucleus_mask).
+ACTING_FILE = "textgym_acting.json"
 
 
 @dataclass
@@ -40,8 +51,10 @@ class TextGenConfig:
     kl_coef: Any = 0.05  # a number, or a textgym.kl.KLController
     kl_target: float | None = None
     kl_horizon: float = 10000
-    kl_estimator: str = "k1"
+    kl_in: str = "reward"  # where the KL term goes: "reward" (k1) or "loss" (k2, added by the agent)
+    kl_estimator: str | None = None  # None: the right one for kl_in (see textgym.kl)
     kl_mode: str = "final"
+    score_scale: float = 1.0  # the reward carries score_scale * score (info["score"] stays unscaled)
     ref_model: Any = None  # None: a frozen copy of model
     stop_on_eos: bool = True
     chat_template: bool = False
@@ -65,20 +78,19 @@ class TextGenConfig:
                 raise ValueError(f"{key} must be an integer >= 1, got {value!r}")
         if self.kl_mode not in KL_MODES:
             raise ValueError(f"unknown kl_mode {self.kl_mode!r}; valid: {', '.join(KL_MODES)}")
-        klmod.check_estimator(self.kl_estimator)
+        self.kl_estimator = klmod.resolve_estimator(self.kl_in, self.kl_estimator)
+        if isinstance(self.score_scale, bool) or not isinstance(self.score_scale, (int, float)) or not (
+                np.isfinite(self.score_scale) and self.score_scale > 0):
+            raise ValueError(f"score_scale must be a finite number > 0, got {self.score_scale!r}")
         if self.render_mode not in (None, "ansi"):
             raise ValueError(f"unknown render_mode {self.render_mode!r}; valid: None, 'ansi'")
-
-
-def valid_keywords(fn: Callable) -> list[str]:
-    return [p for p in inspect.signature(fn).parameters if p != "self"]
 
 
 class TextGenCore:
     """State and logic of ``n`` independent text-generation episodes, computed in batches."""
 
     def __init__(self, cfg: TextGenConfig, n: int = 1):
-        self.cfg, self.n = cfg, n
+        self.cfg = cfg
         self.P, self.T = int(cfg.max_prompt_tokens), int(cfg.max_new_tokens)
         self.model, self.tokenizer = self._load_model(cfg)
         self.device = next(self.model.parameters()).device
@@ -88,11 +100,25 @@ class TextGenCore:
             load_prompts_default() if cfg.prompts is None else cfg.prompts, column=cfg.prompt_column
         )
         self.kl_controller = klmod.make_controller(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
+        # KLs of the episodes finished since the controller's last update (None: not tracked, as in
+        # an evaluation copy). The controller moves once per batch on the batch's mean KL: by
+        # default every n finished episodes; an agent takes over (kl_batch_auto = False) and
+        # updates it once per rollout.
+        self.kl_batch: list[float] | None = []
+        self.kl_batch_auto = True
+        self.nucleus: dict | None = None  # {"top_p", "min_tokens_to_keep"} when the acting distribution is masked
+        self.peft_model = None  # the peft wrapper of model, when LoRA adapters are attached (agents.lora)
         self.vocab = models.logits_width(self.model)
         self.pad_id = int(self.tokenizer.pad_token_id)
         self.eos_ids = _eos_ids(self.model, self.tokenizer)
         self._warned_long_prompt = False
+        self._init_rows(n)
+        if isinstance(cfg.model, (str, Path)) and (Path(cfg.model) / ACTING_FILE).exists():
+            self._load_acting(Path(cfg.model))
 
+    def _init_rows(self, n: int) -> None:
+        """Fresh per-row state and decoders for ``n`` rows."""
+        self.n = n
         L = self.P + self.T
         self.input_ids = np.full((n, L), self.pad_id, dtype=np.int64)
         self.attention_mask = np.zeros((n, L), dtype=np.int64)
@@ -101,14 +127,14 @@ class TextGenCore:
         self.pending = np.zeros(n, dtype=bool)  # reset, prompt not yet encoded (see ensure_started)
         self.prompt_index = np.zeros(n, dtype=np.int64)
         self.prompt_text = [""] * n
-        self.logp = torch.zeros(n, self.T)  # log pi(y_t) at sampling time
-        self.kl_per_token = torch.zeros(n, self.T)  # per_token mode: the penalised terms
+        self.logp = torch.zeros(n, self.T)  # log pi(y_t) under the acting distribution, at sampling time
         self.ref_logp = torch.zeros(n, self.T)  # per_token mode: log pi_ref(y_t) at sampling time
+        self.mask_mass = torch.zeros(n, self.T)  # with a nucleus mask: policy probability the mask kept
         self.policy = lm.IncrementalLM(self.model, n)
         # Models decoded in lockstep with the policy, one KV-cached forward per step each: the
         # reference in per_token mode, and whatever an agent adds (e.g. NLPO's masking policy).
         self.followers: dict[str, lm.IncrementalLM] = {}
-        if cfg.kl_mode == "per_token":
+        if self.cfg.kl_mode == "per_token":
             self.followers["ref"] = lm.IncrementalLM(self.ref_model, n)
 
     @property
@@ -124,6 +150,89 @@ class TextGenCore:
         self.refresh([self.followers[name]])
         return self.followers[name]
 
+    # --- the acting distribution ------------------------------------------------------------------
+
+    def set_nucleus_mask(self, model, top_p: float, min_tokens_to_keep: int = 1) -> None:
+        """Act with the policy restricted to the ``top_p`` most likely tokens of ``model`` (NLPO's
+        masking policy), renormalised; ``model`` is decoded in lockstep with the policy."""
+        if not 0.0 < top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+        if isinstance(min_tokens_to_keep, bool) or not isinstance(min_tokens_to_keep, int) or min_tokens_to_keep < 1:
+            raise ValueError(f"min_tokens_to_keep must be an integer >= 1, got {min_tokens_to_keep!r}")
+        self.nucleus = {"top_p": float(top_p), "min_tokens_to_keep": int(min_tokens_to_keep)}
+        self.add_follower(NUCLEUS, model)
+
+    @property
+    def nucleus_model(self):
+        return self.followers[NUCLEUS].model if self.nucleus else None
+
+    def allowed_tokens(self, mask_logits: torch.Tensor) -> torch.Tensor:
+        """The nucleus mask ``[N, V]`` that the masking model's logits give."""
+        return lm.top_p_mask(mask_logits, self.nucleus["top_p"], self.nucleus["min_tokens_to_keep"])
+
+    def acting_logits(self, rows=slice(None)) -> torch.Tensor:
+        """Logits of the acting distribution for the current observations of ``rows`` (``[k, V]``,
+        fp32): what is sampled from, and what every log-prob is taken under."""
+        self.ensure_started()
+        logits = self.policy.logits[rows]
+        if self.nucleus is None:
+            return logits
+        return lm.mask_logits(logits, self.allowed_tokens(self.followers[NUCLEUS].logits[rows]))
+
+    def save_policy(self, directory: str | Path) -> None:
+        """Save the acting policy as a model directory: the policy LM (LoRA adapters merged into a
+        copy), its tokenizer and, with a nucleus mask, the masking model and its settings, so that
+        an env made with ``model=directory`` acts exactly as this one: what is evaluated is what
+        is saved."""
+        directory = Path(directory)
+        self._plain_copy(self.model).save_pretrained(directory)
+        self.tokenizer.save_pretrained(directory)
+        if self.nucleus is not None:
+            self._plain_copy(self.nucleus_model).save_pretrained(directory / NUCLEUS)
+            (directory / ACTING_FILE).write_text(json.dumps({"nucleus_mask": {**self.nucleus, "model": NUCLEUS}}))
+
+    def _plain_copy(self, model):
+        """``model`` as a plain Hugging Face model: with LoRA attached (``peft_model``), a merged
+        copy carrying ``model``'s weights (``model`` is the policy or a copy of it)."""
+        if self.peft_model is None:
+            return model
+        merged = copy.deepcopy(self.peft_model)
+        if model is not self.model:
+            merged.base_model.model.load_state_dict(model.state_dict())
+        return merged.merge_and_unload()
+
+    def _load_acting(self, directory: Path) -> None:
+        spec = json.loads((directory / ACTING_FILE).read_text())["nucleus_mask"]
+        mask_model, _ = models.load(directory / spec["model"], device=self.device)
+        self.set_nucleus_mask(mask_model, spec["top_p"], spec["min_tokens_to_keep"])
+
+    # --- evaluation -------------------------------------------------------------------------------
+
+    def evaluation_copy(self, n: int | None = None) -> "TextGenCore":
+        """An engine of ``n`` rows (default: as many as this one) sharing this one's models,
+        tokenizer, reward, prompts and acting distribution, with its own rows and KV caches and a
+        frozen copy of the current KL coefficient: playing episodes on it leaves this engine (its
+        running episodes, caches and KL controller) exactly as it was."""
+        other = copy.copy(self)
+        other.kl_controller = klmod.FixedKLController(self.kl_controller.value)
+        other.kl_batch, other.kl_batch_auto = None, False
+        other._init_rows(self.n if n is None else n)
+        if self.nucleus is not None:
+            other.followers[NUCLEUS] = lm.IncrementalLM(self.nucleus_model, other.n)
+        return other
+
+    # --- the KL controller ------------------------------------------------------------------------
+
+    def update_kl_controller(self) -> float | None:
+        """Move the KL coefficient once, on the mean KL of the episodes finished since the last
+        update (Ziegler et al. 2019's rule, n = their number). Returns that mean, or None when no
+        episode finished."""
+        if not self.kl_batch:
+            return None
+        mean = float(np.mean(self.kl_batch))
+        self.kl_controller.update(mean, n_steps=len(self.kl_batch))
+        self.kl_batch = []
+        return mean
     @torch.no_grad()
     def refresh(self, decoders: list[lm.IncrementalLM] | None = None) -> None:
         """Re-encode the live rows from scratch, e.g. after the policy's weights changed, so the
@@ -177,6 +286,11 @@ class TextGenCore:
             ref, _ = models.load(ref, device=self.device)
         elif not isinstance(ref, torch.nn.Module):
             raise ValueError(f"ref_model must be None, a name, a path or a loaded model, got {type(ref).__name__}")
+        if ref is self.model:
+            raise ValueError(
+                "ref_model is the policy model itself: the KL would be 0 whatever the policy does, and freezing "
+                "the reference would freeze the policy. Pass ref_model=None (a frozen copy) or a separate model"
+            )
         models.disable_dropout(ref)
         ref.eval()
         ref.requires_grad_(False)
@@ -235,8 +349,8 @@ class TextGenCore:
         self.length[rows] = 0
         self.live[rows] = True
         self.logp[rows] = 0.0
-        self.kl_per_token[rows] = 0.0
         self.ref_logp[rows] = 0.0
+        self.mask_mass[rows] = 0.0
         self.pending[rows] = True
 
     def stop_all(self) -> None:
@@ -290,14 +404,18 @@ class TextGenCore:
         idx = np.flatnonzero(rows)
         t = self.length[idx]
         acts = torch.as_tensor(actions[idx], device=self.device)
-        logp = _token_logp(self.policy.logits[torch.as_tensor(idx, device=self.device)], acts)
+        idx_t = torch.as_tensor(idx, device=self.device)
+        logp = _token_logp(self.acting_logits(idx_t), acts)  # under the distribution that acts
         self.logp[idx, t] = logp.cpu()
+        if self.nucleus is not None:
+            allowed = self.allowed_tokens(self.followers[NUCLEUS].logits[idx_t])
+            kept = (torch.softmax(self.policy.logits[idx_t], -1) * allowed).sum(-1)
+            self.mask_mass[idx, t] = kept.cpu()
         if self.ref is not None:
-            ref_logp = _token_logp(self.ref.logits[torch.as_tensor(idx, device=self.device)], acts)
-            terms = klmod.kl_terms(logp - ref_logp, self.cfg.kl_estimator).cpu()
-            self.kl_per_token[idx, t] = terms
+            ref_logp = _token_logp(self.ref.logits[idx_t], acts)
             self.ref_logp[idx, t] = ref_logp.cpu()
-            rewards_out[idx] -= self.kl_controller.value * terms.double().numpy()
+            if self.cfg.kl_in == "reward":  # k1 per token (see textgym.kl)
+                rewards_out[idx] -= self.kl_controller.value * (logp - ref_logp).double().cpu().numpy()
 
         self.input_ids[idx, self.P + t] = actions[idx]
         self.attention_mask[idx, self.P + t] = 1
@@ -307,6 +425,8 @@ class TextGenCore:
         if self.cfg.stop_on_eos:
             done[idx] |= np.isin(actions[idx], self.eos_ids)
         infos = self._finish(np.flatnonzero(done), rewards_out) if done.any() else {}
+        if self.kl_batch_auto and self.kl_batch is not None and len(self.kl_batch) >= self.n:
+            self.update_kl_controller()  # after the step: rows finishing together share one coefficient
 
         going = rows & ~done
         if going.any():
@@ -332,23 +452,26 @@ class TextGenCore:
         indices = self.prompt_index[done]
         metadata = {} if (indices < 0).any() else self.prompts.metadata_for(indices.tolist())
         scores = self.reward_fn(prompts, completions, **metadata)
-        if self.cfg.kl_mode == "final":
-            ref_logp = self.ref_logprobs(done)
-            kl_tokens = klmod.kl_terms(self.logp[done] - ref_logp, self.cfg.kl_estimator)
-        else:
-            ref_logp, kl_tokens = self.ref_logp[done], self.kl_per_token[done]
-        kls = kl_tokens.sum(1).double().numpy()
+        ref_logp = self.ref_logprobs(done) if self.cfg.kl_mode == "final" else self.ref_logp[done]
+        log_ratio = self.logp[done] - ref_logp  # 0 past each completion's end
+        kls = klmod.kl_terms(log_ratio, "k1").sum(1).double().numpy()
+        k3s = klmod.kl_terms(log_ratio, "k3").sum(1).double().numpy()  # diagnostic: >= 0, unbiased
         ref_sums = ref_logp.sum(1).double().numpy()
+        coef = self.kl_controller.value  # one coefficient for every row finishing now
+        penalise = self.cfg.kl_in == "reward" and self.cfg.kl_mode == "final"
         infos = {}
         for j, row in enumerate(done_list):
-            coef = self.kl_controller.value
-            rewards_out[row] += scores[j] - (coef * kls[j] if self.cfg.kl_mode == "final" else 0.0)
+            rewards_out[row] += self.cfg.score_scale * scores[j] - (coef * kls[j] if penalise else 0.0)
+            n_tokens = int(self.length[row])
             infos[row] = {
-                "score": float(scores[j]), "kl": float(kls[j]), "kl_coef": coef, "prompt": prompts[j],
-                "completion": completions[j], "length": int(self.length[row]),
+                "score": float(scores[j]), "kl": float(kls[j]), "kl_k3": float(k3s[j]), "kl_coef": coef,
+                "prompt": prompts[j], "completion": completions[j], "length": n_tokens,
                 "ref_logprob": float(ref_sums[j]),  # log pi_ref(completion): perplexity under the reference
             }
-            self.kl_controller.update(float(kls[j]), n_steps=1)
+            if self.nucleus is not None:
+                infos[row]["mask_mass"] = float(self.mask_mass[row, :n_tokens].mean())
+        if self.kl_batch is not None:
+            self.kl_batch.extend(float(k) for k in kls)
         self.live[done] = False
         for dec in self.decoders():
             dec.stop(done_list)

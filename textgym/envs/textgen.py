@@ -65,12 +65,20 @@ class TextGenEnv(_CoreViews, gym.Env):
     max_new_tokens``. The prompt is left-padded into the first ``max_prompt_tokens`` entries; the
     generated tokens follow, right-padded with the pad token (mask 0).
 
-    ## Reward
-    0 on intermediate steps; on the last step ``score - kl_coef * KL``, where ``KL`` sums the
-    per-token estimator (``k1``: ``log pi(y_t) - log pi_ref(y_t)``; ``k2``; ``k3``) over the generated
-    tokens. With ``kl_mode="per_token"`` each step instead gets ``-kl_coef * term_t`` and the last
-    step adds ``score``. The last step's ``info`` holds ``score``, ``kl``, ``kl_coef``, ``prompt``,
-    ``completion`` and ``length``.
+    ## Rewards
+    0 on intermediate steps; on the last step ``score - kl_coef * KL``, where ``KL`` sums
+    ``k1 = log pi(y_t) - log pi_ref(y_t)`` over the generated tokens, ``pi`` being the distribution
+    that sampled them. With ``kl_mode="per_token"`` each step instead gets ``-kl_coef * k1_t`` and the
+    last step adds ``score``. With ``kl_in="loss"`` the reward is the score alone and the agent adds
+    ``kl_coef * k2`` to its loss (only these two placements have the gradient of KL(pi || pi_ref):
+    see ``textgym.kl``). ``score_scale`` multiplies the score in the reward. The last step's
+    ``info`` holds ``score`` (unscaled), ``kl`` (k1 sum), ``kl_k3`` (a diagnostic, >= 0),
+    ``kl_coef``, ``prompt``, ``completion``, ``length``, ``ref_logprob`` and, with a nucleus mask,
+    ``mask_mass`` (mean policy probability the mask kept).
+
+    ## Starting State
+    A prompt drawn from ``prompts`` with the env's RNG, encoded (left-padded) into the observation;
+    no token generated yet.
 
     ## Episode End
     ``terminated=True`` when the token is EOS (with ``stop_on_eos``) or ``max_new_tokens`` tokens have
@@ -87,9 +95,11 @@ class TextGenEnv(_CoreViews, gym.Env):
       shipped movie-review openings. ``prompt_column`` picks the column of tabular prompts.
     - ``max_new_tokens`` (32), ``max_prompt_tokens`` (64): longer prompts are cut from the left, with a warning.
     - ``kl_coef`` (0.05, or a ``textgym.kl.KLController``); ``kl_target`` makes it adaptive
-      (Ziegler et al. 2019) with ``kl_horizon`` episodes; ``kl_estimator`` in k1, k2, k3;
-      ``kl_mode`` in final, per_token.
-    - ``ref_model``: the reference (default: a frozen copy of ``model``).
+      (Ziegler et al. 2019) with ``kl_horizon`` episodes, moved once per batch of ``num_envs``
+      episodes (once per rollout under an agent) on their mean KL; ``kl_in`` in reward (default),
+      loss; ``kl_estimator`` (None: k1 in the reward, k2 in the loss; other pairs are refused);
+      ``kl_mode`` in final, per_token; ``score_scale`` (1.0).
+    - ``ref_model``: the reference (default: a frozen copy of ``model``; never ``model`` itself).
     - ``stop_on_eos`` (True), ``chat_template`` (False: wrap prompts with the tokenizer's chat
       template as a user turn), ``render_mode`` (None or "ansi"), ``device`` (default: the model's,
       else CUDA when available).
@@ -97,7 +107,8 @@ class TextGenEnv(_CoreViews, gym.Env):
     ``reset(options={"prompt": text})`` or ``options={"prompt_index": i}`` picks the prompt.
 
     ## Version History
-    - v0: initial version.
+    - v0: initial version; KL placement (``kl_in``), batch-level KL controller, acting
+      distribution with a nucleus mask.
     """
 
     metadata = {"render_modes": ["ansi"], "render_fps": 4}
@@ -111,9 +122,9 @@ class TextGenEnv(_CoreViews, gym.Env):
     env_id = "textgym/TextGen-v0"
 
     def next_token_logits(self):
-        """The policy's next-token logits for the current observation, ``[V]`` (fp32)."""
-        self.core.ensure_started()
-        return self.core.policy.logits[0]
+        """The acting distribution's next-token logits for the current observation, ``[V]`` (fp32):
+        the policy LM's, masked when a nucleus mask is set (NLPO)."""
+        return self.core.acting_logits(0)
 
     def reset(self, *, seed: int | None = None, options: dict | None = None):
         super().reset(seed=seed)
@@ -155,9 +166,8 @@ class TextGenVectorEnv(_CoreViews, gym.vector.VectorEnv):
         self._autoreset = np.zeros(self.num_envs, dtype=bool)
 
     def next_token_logits(self):
-        """The policy's next-token logits for the current observations, ``[num_envs, V]`` (fp32)."""
-        self.core.ensure_started()
-        return self.core.policy.logits
+        """The acting distribution's next-token logits for the current observations, ``[num_envs, V]`` (fp32)."""
+        return self.core.acting_logits()
 
     def reset(self, *, seed: int | list[int | None] | None = None, options: dict | None = None):
         if seed is not None:

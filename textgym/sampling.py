@@ -1,0 +1,95 @@
+"""Playing fresh episodes with an engine's acting distribution, without touching its training state.
+
+Every consumer that wants "completions of these prompts" or "n episodes of this policy" comes
+here: held-out evaluation, the benchmarks and ``agents.evaluate``. Episodes are played on an
+``evaluation_copy`` of the engine (own rows, KV caches and frozen KL coefficient) with a
+``torch.Generator`` of their own, so the running episodes, caches, KL controller and global RNGs of
+the engine being evaluated stay exactly as they were: measuring does not change what is measured.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from textgym.envs.core import TextGenCore
+from textgym.prompts import PromptSet
+
+
+@torch.no_grad()
+def play(core: TextGenCore, next_prompt: Callable[[int], int | None], *, prompts: PromptSet | None = None,
+         seed: int = 0, greedy: bool = False, n_rows: int | None = None) -> list[tuple[int, dict]]:
+    """Play episodes on an evaluation copy of ``core`` with ``n_rows`` rows (default ``core.n``).
+
+    ``next_prompt(row)`` gives the index (into ``prompts``, default ``core.prompts``) of the next
+    episode's prompt for that row, or None when the row is done. Tokens are sampled from the acting
+    distribution (``greedy``: its argmax). Returns ``(row, final info)`` in the order episodes ended.
+    """
+    engine = core.evaluation_copy(n_rows)
+    if prompts is not None:
+        engine.prompts = prompts
+    gen = torch.Generator(device=core.device).manual_seed(seed)
+    finished: list[tuple[int, dict]] = []
+
+    def start(rows: list[int]) -> None:
+        for row in rows:
+            index = next_prompt(row)
+            if index is not None:
+                engine.reset_rows([row], [None], {"prompt_index": index})
+
+    start(list(range(engine.n)))
+    while engine.live.any():
+        logits = engine.acting_logits()
+        if greedy:
+            actions = logits.argmax(-1)
+        else:
+            actions = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=gen).squeeze(1)
+        _, _, infos = engine.step(actions.cpu().numpy(), engine.live.copy())
+        finished.extend(sorted(infos.items()))
+        start(sorted(infos))
+    return finished
+
+
+def complete_prompts(core: TextGenCore, prompts: PromptSet, *, seed: int = 0, greedy: bool = False) -> list[dict]:
+    """One completion per prompt of ``prompts`` (played ``core.n`` at a time, each row taking the
+    next prompt as it finishes); the final infos in prompt order."""
+    queue = iter(range(len(prompts)))
+    order: dict[int, list[int]] = {}
+
+    def next_prompt(row: int) -> int | None:
+        index = next(queue, None)
+        if index is not None:
+            order.setdefault(row, []).append(index)
+        return index
+
+    played = play(core, next_prompt, prompts=prompts, seed=seed, greedy=greedy, n_rows=min(core.n, max(len(prompts), 1)))
+    results: list[dict | None] = [None] * len(prompts)
+    taken = {row: iter(indices) for row, indices in order.items()}
+    for row, info in played:
+        results[next(taken[row])] = info
+    return results  # type: ignore[return-value]
+
+
+def episodes_per_row(core: TextGenCore, n_episodes: int, *, seed: int = 0, greedy: bool = False) -> list[dict]:
+    """``n_episodes`` episodes on prompts drawn at random from ``core.prompts``, spread over the
+    rows as stable-baselines3's ``evaluate_policy`` does: row ``i`` plays ``(n_episodes + i) //
+    n`` of them, so short episodes are not over-represented (the first episodes to finish are the
+    short ones). Row ``i`` draws its prompts with its own RNG, seeded by ``(seed, i)``."""
+    if isinstance(n_episodes, bool) or not isinstance(n_episodes, (int, np.integer)) or n_episodes < 1:
+        raise ValueError(f"n_episodes must be an integer >= 1, got {n_episodes!r}")
+    n = core.n
+    targets = [(n_episodes + i) // n for i in range(n)]
+    rngs = [np.random.default_rng([seed, i]) for i in range(n)]
+    counts = [0] * n
+
+    def next_prompt(row: int) -> int | None:
+        if counts[row] >= targets[row]:
+            return None
+        counts[row] += 1
+        return int(rngs[row].integers(len(core.prompts)))
+
+    played = play(core, next_prompt, seed=seed, greedy=greedy)
+    return [info for _, info in sorted(played, key=lambda item: item[0])]
+
