@@ -189,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--env", default=None, help="env id (default: the run's, else textgym/Sentiment-v0)")
     ev.add_argument("--n", type=int, default=None, help="number of held-out prompts (default: the run's eval_n, else 50)")
     ev.add_argument("--ref", default=None, help="reference model (default: the run's base model, else the model itself)")
-    ev.add_argument("--n-envs", type=int, default=16, help="prompts generated together")
+    ev.add_argument("--n-envs", type=int, default=None, help="prompts generated together (default: the run's, else 16)")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--json", default=None, help="where to write the JSON (default: RUN_DIR/eval.json or ./eval.json)")
     ev.set_defaults(func=cmd_eval)

@@ -71,9 +71,12 @@ def held_out_prompts(env_id: str, env_prompts: PromptSet, source: Any = None, n:
 
 
 def evaluate_target(target: str, *, env_id: str | None = None, n: int | None = None, ref: str | None = None,
-                    seed: int = 0, n_envs: int = 16, out: str | None = None) -> dict:
+                    seed: int = 0, n_envs: int | None = None, out: str | None = None) -> dict:
     """``textgym eval``: evaluate a run directory's final model against its base model, or any
-    model (against ``ref``, default itself). Writes JSON with the metrics and every episode."""
+    model (against ``ref``, default itself). Writes JSON with the metrics and every episode.
+
+    A run directory is evaluated as the run's own final evaluation was (its env, prompts, seed and
+    ``n_envs``, default the run's), so the figures reproduce the run's ``summary.json``."""
     import json
     from pathlib import Path
 
@@ -92,12 +95,14 @@ def evaluate_target(target: str, *, env_id: str | None = None, n: int | None = N
         env_id = env_id or cfg.env.id
         kwargs = {**cfg.env_kwargs(), "model": str(path / "final_model"), "ref_model": ref or cfg.model.name}
         n = n or cfg.training.eval_n
+        n_envs = n_envs or cfg.env.n_envs
         source, extra = cfg.training.eval_prompts, cfg.reward.eval
         out = out or str(path / "eval.json")
     else:
         env_id = env_id or "textgym/Sentiment-v0"
         kwargs = {"model": target, "ref_model": ref}
         out = out or "eval.json"
+        n_envs = n_envs or 16
     vec = gym.make_vec(env_id, num_envs=n_envs, vectorization_mode="vector_entry_point", **kwargs)
     core = vec.unwrapped.core
     prompts = held_out_prompts(env_id, core.prompts, source, n)

@@ -189,6 +189,7 @@ class TextGenCore:
         self.tokenizer.save_pretrained(directory)
         if self.nucleus is not None:
             self._plain_copy(self.nucleus_model).save_pretrained(directory / NUCLEUS)
+            self.tokenizer.save_pretrained(directory / NUCLEUS)  # a loadable model directory of its own
             (directory / ACTING_FILE).write_text(json.dumps({"nucleus_mask": {**self.nucleus, "model": NUCLEUS}}))
 
     def _plain_copy(self, model):
