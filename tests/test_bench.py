@@ -34,7 +34,7 @@ def test_bench_rewards_end_to_end(tmp_path):
     assert "scorer crashed" in results["rewards"]["test_broken"]["error"]
     agreement = results["speed_agreement"]
     assert agreement["spearman"]["keyword"]["gold"] == pytest.approx(1.0)
-    assert agreement["completions_per_second"]["length"] > 0
+    assert agreement["n"] == 8 and set(agreement["completions_per_second"]) == {"keyword", "length", "gold"}
     assert "test_broken" in agreement["errors"]
     table = (tmp_path / "results.md").read_text()
     assert "| keyword |" in table and "test_broken | failed: RuntimeError: scorer crashed" in table

@@ -62,6 +62,20 @@ def test_train_writes_the_run_directory(tmp_path):
         Run(tiny_config(tmp_path))
 
 
+def test_evaluating_every_iteration_changes_no_training_figure(tmp_path):
+    def training_records(out, every):
+        train(tiny_config(out, "training.iterations=3", f"training.eval_every={every}",
+                          "env.kwargs.kl_target=1.0", "env.kwargs.kl_horizon=50"), progress=False)
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in r.items() if k != "seconds" and not k.startswith("eval/")} for r in rows], rows
+
+    never, _ = training_records(tmp_path / "never", 0)
+    always, rows = training_records(tmp_path / "always", 1)
+    assert all("eval/score" in r for r in rows)
+    assert always == never
+    assert len({r["kl_coef"] for r in never}) == 3  # the adaptive coefficient moved every iteration
+
+
 @pytest.mark.parametrize("lora", ["model.lora=null", "model.lora={r: 4}"])
 def test_killed_run_resumes_with_the_same_iterations(tmp_path, monkeypatch, lora):
     full = tmp_path / "full"
@@ -126,7 +140,13 @@ def test_default_config_runs_on_smollm2(tmp_path):
     cfg = load_config(TrainConfig, overrides=[f"training.output_dir={tmp_path}", "training.iterations=2",
                                               "env.n_envs=4", "training.eval_n=4", "training.eval_every=0"])
     result = train(cfg, progress=False)
-    assert result["iterations"] == 2 and -1 <= result["after"]["score"] <= 1
+    assert result["iterations"] == 2
+    samples = [json.loads(line) for line in (tmp_path / "samples_after.jsonl").read_text().splitlines()]
+    from textgym import rewards
+
+    vader = rewards.make("vader")
+    assert [s["score"] for s in samples] == pytest.approx(vader([s["prompt"] for s in samples],
+                                                                [s["completion"] for s in samples]))
     assert (tmp_path / "final_model" / "config.json").exists()
 
 

@@ -185,6 +185,10 @@ def _check_trained(out: Path, metrics: dict) -> None:
     assert metrics["eval_accuracy"] > metrics["eval_accuracy_before"]
     assert json.loads((out / "metrics.json").read_text()) == metrics
     reward = rewards.make("reward_model", model=out)
+    # It scores with the max_length it was trained with (remembered in its config), not 512.
+    assert reward.max_length == json.loads((out / "config.json").read_text())["textgym_max_length"]
+    assert reward.max_length < 512
+    assert rewards.make("reward_model", model=out, max_length=20).max_length == 20
     new = _separable_pairs(3, seed=99)
     chosen = reward([r["prompt"] for r in new], [r["chosen"] for r in new])
     rejected = reward([r["prompt"] for r in new], [r["rejected"] for r in new])
@@ -291,6 +295,7 @@ def test_train_classifier_feeds_the_classifier_reward(tmp_path):
                                output_dir=tmp_path / "clf", epochs=4, learning_rate=1e-3, progress=False)
     assert metrics["eval_accuracy"] >= 0.8
     reward = rewards.make("classifier", model=str(tmp_path / "clf"), label="positive")
+    assert reward.max_length == 128  # train_classifier's max_length, remembered
     good, bad = reward(["", ""], ["a lovely happy film", "an awful sad film"])
     assert good > bad
     with pytest.raises(ValueError, match="as many labels as texts"):
