@@ -66,8 +66,8 @@ def main() -> None:
     t_floor, t_ppo = min(t[0] for t in times), min(t[1] for t in times)
     print(f"model {args.model}, {args.n_envs} sequences of {P} + {args.new_tokens} tokens, "
           f"minibatch {batch_size} transitions, {torch.get_num_threads()} threads")
-    print(f"forward+backward floor : {t_floor:7.3f} s")
-    print(f"one PPO epoch          : {t_ppo:7.3f} s")
+    print(f"forward+backward floor : {t_floor * 1000:9.3f} ms")
+    print(f"one PPO epoch          : {t_ppo * 1000:9.3f} ms")
     print(f"ratio PPO epoch / floor = {t_ppo / t_floor:.2f}  (target <= 1.5)")
 
 
