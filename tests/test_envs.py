@@ -394,3 +394,11 @@ def test_episodes_per_row_spreads_episodes_like_sb3():
     assert [e["completion"] for e in a] == [e["completion"] for e in b]  # seeded
     with pytest.raises(ValueError, match="n_episodes must be an integer >= 1, got 0"):
         sampling.episodes_per_row(core, 0)
+
+
+def test_score_scale_scales_the_reward_not_the_reported_score():
+    env = make(reward=lambda p, c: [2.0] * len(c), score_scale=0.25, kl_coef=0.0, max_new_tokens=2, stop_on_eos=False)
+    _, rewards, *_, info = run_episode(env, [40, 41])
+    assert info["score"] == 2.0 and rewards[-1] == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="score_scale must be a finite number > 0, got 0"):
+        make(score_scale=0)
