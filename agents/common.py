@@ -148,11 +148,11 @@ class LMAlgorithm:
         if self.kl_in_loss:
             self.rollout_buffer.ref_log_probs = self.policy.reference_log_probs(self.rollout_buffer)
 
-    def kl_loss_term(self, data, log_prob: torch.Tensor) -> torch.Tensor | None:
+    def kl_loss_term(self, data, log_prob: torch.Tensor) -> torch.Tensor | float:
         """``kl_coef * mean k2`` over the minibatch's tokens, differentiable through ``log_prob``
-        (the acting distribution's); None when the KL sits in the reward."""
+        (the acting distribution's); 0 when the KL sits in the reward."""
         if not self.kl_in_loss:
-            return None
+            return 0.0
         kl = klmod.kl_loss(log_prob, data.ref_log_prob).mean()
         self._update_logs.setdefault("train/kl_loss", []).append(kl.item())
         return self.kl_coef_used * kl

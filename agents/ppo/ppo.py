@@ -99,10 +99,7 @@ class PPO(LMAlgorithm, sb3.PPO):
                                          advantages * torch.clamp(ratio, 1 - clip_range, 1 + clip_range)).mean()
                 v_loss = value_loss(values, data.old_values, data.returns, clip_range_vf)
                 entropy_loss = -entropy.mean()
-                loss = policy_loss + self.ent_coef * entropy_loss + self.vf_coef * v_loss
-                kl_term = self.kl_loss_term(data, log_prob)
-                if kl_term is not None:
-                    loss = loss + kl_term
+                loss = policy_loss + self.ent_coef * entropy_loss + self.vf_coef * v_loss + self.kl_loss_term(data, log_prob)
 
                 with torch.no_grad():
                     # k3 of the old -> new policy change, SB3's early-stopping statistic (SB3 PR #419).
