@@ -32,13 +32,10 @@ from textgym import lm as lmmod
 
 
 @torch.no_grad()
-def collect_rollout(core, value_head, n_steps: int, seed: int) -> dict:
-    """Play ``n_steps`` steps in every row of ``core`` from fresh episodes; arrays ``[n_steps, n_envs]``."""
+def collect_rollout(core, value_head, n_steps: int, rngs: list) -> dict:
+    """Play ``n_steps`` steps in every row of ``core``, whose episodes are running (a finished one
+    restarts with a prompt drawn by its row's generator in ``rngs``); arrays ``[n_steps, n_envs]``."""
     n = core.n
-    # SB3 seeds env i of a vector env with seed + i (VecEnv.seed), used at its next reset; each row
-    # keeps its generator for the prompts of the episodes that follow (as LMVecEnv.reset does).
-    rngs = [seeding.np_random(seed + i)[0] for i in range(n)]
-    core.reset_rows(list(range(n)), rngs)
     obs_ids = np.zeros((n_steps, n, core.input_ids.shape[1]), dtype=np.int64)
     obs_mask = np.zeros_like(obs_ids)
     actions = np.zeros((n_steps, n), dtype=np.int64)
@@ -163,17 +160,29 @@ def reference_log_probs(ref_model, roll: dict, P: int) -> torch.Tensor:
     return out
 
 
-def ppo_iteration(core, model, value_head, optimizer, *, seed: int, n_steps: int, batch_size: int, n_epochs: int,
-                  gamma: float, gae_lambda: float, clip_range: float, clip_range_vf: float | None,
-                  normalize_advantage: bool, ent_coef: float, vf_coef: float, max_grad_norm: float,
-                  target_kl: float | None) -> dict:
+def ppo_iteration(core, model, value_head, optimizer, *, n_steps: int, batch_size: int, n_epochs: int, gamma: float,
+                  gae_lambda: float, clip_range: float, clip_range_vf: float | None, normalize_advantage: bool,
+                  ent_coef: float, vf_coef: float, max_grad_norm: float, target_kl: float | None,
+                  seed: int | None = None, rngs: list | None = None) -> dict:
     """One PPO iteration (rollout, GAE, ``n_epochs`` passes of minibatch updates) on ``model`` and
     ``value_head`` through ``optimizer``, which must cover exactly their trainable parameters.
-    Returns the rollout, advantages, returns and per-minibatch statistics."""
+
+    The first iteration starts fresh episodes in every row, row ``i``'s prompts drawn by a generator
+    seeded with ``seed + i``; a later one continues the episodes running in ``core``, with the
+    rows' generators ``rngs`` that the previous iteration returned. Returns the rollout,
+    advantages, returns, per-minibatch statistics and ``rngs``."""
+    if rngs is None:
+        # SB3 seeds env i of a vector env with seed + i (VecEnv.seed), used at its next reset; each
+        # row keeps its generator for the prompts of the episodes that follow (as LMVecEnv.reset).
+        rngs = [seeding.np_random(seed + i)[0] for i in range(core.n)]
+        core.reset_rows(list(range(core.n)), rngs)
     kl_in_loss = core.cfg.kl_in == "loss"
     kl_coef = float(core.kl_controller.value)  # one coefficient for the whole iteration
     model.eval()
-    roll = collect_rollout(core, value_head, n_steps, seed)
+    roll = collect_rollout(core, value_head, n_steps, rngs)
+    # An adaptive KL coefficient (Ziegler et al. 2019) moves once per rollout, on the mean KL of the
+    # episodes that ended in it (what agents do; the engine keeps those KLs).
+    core.update_kl_controller()
     adv, returns = gae(roll["rewards"], roll["values"], roll["dones"], roll["last_values"], gamma, gae_lambda)
     # Flat [n_steps * n_envs] tensors, index step * n_envs + row.
     adv, returns, old_logp, old_values = (torch.as_tensor(x, device=core.device).flatten()
@@ -227,4 +236,7 @@ def ppo_iteration(core, model, value_head, optimizer, *, seed: int, n_steps: int
             optimizer.step()
         if stop:
             break
-    return {"rollout": roll, "advantages": adv, "returns": returns, "updates": stats}
+    # The engine's cached logits and hidden states of the running episodes are the old weights':
+    # re-encode them, so the next rollout samples from the updated policy.
+    core.refresh([core.policy])
+    return {"rollout": roll, "advantages": adv, "returns": returns, "updates": stats, "rngs": rngs}

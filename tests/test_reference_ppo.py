@@ -38,6 +38,11 @@ CASES = {
     "eos-minibatches": {"env": {"stop_on_eos": True}, "hp": {"batch_size": 16, "gamma": 0.99, "ent_coef": 0.01}},
     # approx_kl is ~0 before the first step and above 1.5 * target_kl after it: one step, then stop.
     "early-stop": {"hp": {"target_kl": 0.1, "n_epochs": 3}},
+    # Across iterations: the second rollout continues episodes begun in the first (its segments
+    # start mid-episode), with the cache re-encoded under the new weights and the adaptive KL
+    # coefficient moved once on the first rollout's mean KL.
+    "two-iterations-adaptive-kl": {"iterations": 2, "env": {"kl_in": "loss", "kl_target": 1.0, "kl_horizon": 20},
+                                   "hp": {"batch_size": 16}},
 }
 
 
@@ -82,26 +87,33 @@ def test_one_ppo_iteration_equals_the_reference(name):
     agent = build(case)
     states = rng_states()
     before = {k: p.detach().clone() for k, p in agent.policy.named_parameters()}
-    agent.learn(N_STEPS * N_ENVS)
+    iterations = case.get("iterations", 1)
+    agent.learn(iterations * N_STEPS * N_ENVS)
 
     other = build(case)  # seeds the global RNGs and initialises the value head as for `agent`
     # Premise of the comparison: learn() starts from these RNG states (its env reset uses the
     # rows' own generators, seeded from SB3's env seeds, not the global ones).
     assert all(np.array_equal(a, b) for a, b in zip(states, rng_states()))
-    policy = other.policy
-    out = ppo_iteration(
-        other.env.core, policy.lm, policy.value_head, policy.optimizer, seed=SEED, n_steps=N_STEPS,
-        batch_size=other.batch_size, n_epochs=other.n_epochs, gamma=other.gamma, gae_lambda=other.gae_lambda,
-        clip_range=other.clip_range(1.0), clip_range_vf=other.clip_range_vf and other.clip_range_vf(1.0),
-        normalize_advantage=other.normalize_advantage, ent_coef=other.ent_coef, vf_coef=other.vf_coef,
-        max_grad_norm=other.max_grad_norm, target_kl=other.target_kl,
-    )
-    roll, buf = out["rollout"], agent.rollout_buffer
+    policy, core = other.policy, other.env.core
+    rngs = None
+    for _ in range(iterations):
+        out = ppo_iteration(
+            core, policy.lm, policy.value_head, policy.optimizer, seed=SEED, rngs=rngs, n_steps=N_STEPS,
+            batch_size=other.batch_size, n_epochs=other.n_epochs, gamma=other.gamma, gae_lambda=other.gae_lambda,
+            clip_range=other.clip_range(1.0), clip_range_vf=other.clip_range_vf and other.clip_range_vf(1.0),
+            normalize_advantage=other.normalize_advantage, ent_coef=other.ent_coef, vf_coef=other.vf_coef,
+            max_grad_norm=other.max_grad_norm, target_kl=other.target_kl,
+        )
+        rngs = out["rngs"]
+    roll, buf = out["rollout"], agent.rollout_buffer  # the last iteration's
+    assert core.kl_controller.value == agent.env.core.kl_controller.value
+    assert (core.kl_controller.value != ENV["kl_coef"]) == ("kl_target" in case.get("env", {}))
 
     # The case exercises what it says: episodes end inside the rollout and run past its end (the
     # bootstrap), EOS ends some early, value clipping and early stopping take effect.
     assert roll["dones"].any() and not roll["dones"][-1].all() and np.abs(roll["last_values"]).max() > 0
     lengths = roll["obs_mask"][..., ENV["max_prompt_tokens"]:].sum(-1) + 1  # tokens once the step is taken
+    assert (lengths[0] > 1).any() == (iterations > 1)  # episodes carried over from the previous rollout
     assert (lengths[roll["dones"]] < ENV["max_new_tokens"]).any() == bool(case.get("env", {}).get("stop_on_eos"))
     updates = out["updates"]
     if case.get("hp", {}).get("clip_range_vf"):
