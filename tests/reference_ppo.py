@@ -1,4 +1,4 @@
-"""One PPO iteration over textgym's engine, written out top to bottom (in the spirit of CleanRL's
+"""A PPO iteration over textgym's engine, written out top to bottom (in the spirit of CleanRL's
 single-file agents): the oracle that ``tests/test_reference_ppo.py`` holds ``agents.PPO`` to.
 
 It uses none of the agents' algorithm code (no SB3 buffer, no ``agents.PPO`` method, no
@@ -14,12 +14,15 @@ The algorithm:
    computed. A finished episode restarts at once in its row, as SB3's vector envs do.
 2. GAE(lambda) (Schulman et al. 2016, eq. 16) backwards over the rollout, with episode ends
    cutting the recursion and unfinished episodes bootstrapped with the value of their last state.
-3. ``n_epochs`` passes of the clipped surrogate (Schulman et al. 2017, eq. 7) plus a value loss,
-   an entropy bonus and, with ``kl_in="loss"``, the KL penalty to the reference model.
+3. ``n_epochs`` passes over the rollout in minibatches, each one gradient step on the clipped
+   surrogate (Schulman et al. 2017, eq. 7) plus a value loss, an entropy bonus and, with
+   ``kl_in="loss"``, the KL penalty to the reference model.
 
 Where a choice is not in the papers it follows stable-baselines3 (the library ``agents`` builds
-on), and says so. Each epoch is one minibatch of the whole rollout: with several minibatches the
-result would depend on how the transitions are shuffled, which is not part of the algorithm.
+on), and says so. Two choices are textgym's: minibatches hold whole episode segments (so each
+costs one teacher-forced forward), and PPO2's pessimistic value clipping replaces SB3's. With
+several minibatches the result depends on their random order, which the reference draws as the
+agents do (numpy's global RNG); a single minibatch (``batch_size`` = the rollout) avoids that.
 """
 
 from __future__ import annotations
@@ -62,7 +65,8 @@ def collect_rollout(core, value_head, n_steps: int, rngs: list) -> dict:
     last_values = np.zeros(n, dtype=np.float32)
     going = ~dones[-1]
     if going.any():
-        last_values[going] = value_head(core.policy.states[torch.as_tensor(going, device=core.device)].float()).squeeze(-1).cpu().numpy()
+        states = core.policy.states[torch.as_tensor(going, device=core.device)]
+        last_values[going] = value_head(states.float()).squeeze(-1).cpu().numpy()
     return {"obs_ids": obs_ids, "obs_mask": obs_mask, "actions": actions, "rewards": rewards, "values": values,
             "logps": logps, "dones": dones, "last_values": last_values}
 
@@ -82,8 +86,8 @@ def gae(rewards, values, dones, last_values, gamma: float, lam: float) -> tuple[
     for t in reversed(range(len(rewards))):
         not_done = 1.0 - dones[t].astype(np.float32)
         delta = rewards[t] + gamma * next_values * not_done - values[t]
-        next_adv = advantages[t] = delta + gamma * lam * not_done * next_adv
-        next_values = values[t]
+        next_adv = delta + gamma * lam * not_done * next_adv
+        advantages[t], next_values = next_adv, values[t]
     return advantages, advantages + values
 
 
@@ -199,8 +203,8 @@ def ppo_iteration(core, model, value_head, optimizer, *, n_steps: int, batch_siz
             logp, entropy, values, idx = teacher_forced(model, value_head, roll, batch, core.P)
             a = adv[idx]
             if normalize_advantage and len(a) > 1:
-                # Per minibatch, with std + 1e-8, as SB3 (and the PPO baselines); not for a single
-                # transition, whose std is undefined (SB3 issue #325).
+                # Per minibatch, with std + 1e-8, as SB3 (and OpenAI's PPO baselines); not for a
+                # single transition, whose std is undefined (SB3 skips it too).
                 a = (a - a.mean()) / (a.std() + 1e-8)
             # Clipped surrogate (Schulman et al. 2017, eq. 7): the pessimistic bound of the ratio's gain.
             ratio = torch.exp(logp - old_logp[idx])
@@ -219,14 +223,15 @@ def ppo_iteration(core, model, value_head, optimizer, *, n_steps: int, batch_siz
                 # gradient on-policy is that of KL(pi || pi_ref) (textgym.kl explains the choice).
                 loss = loss + kl_coef * (0.5 * (logp - ref_logp[idx]).square()).mean()
             with torch.no_grad():
-                # SB3's early stop (its PR #419): k3 estimate of KL(old || new), checked before the
+                # SB3's early stop (PPO.train): the k3 estimate of KL(old || new), checked before the
                 # step; above 1.5 * target_kl the update ends without applying this minibatch.
                 log_ratio = logp - old_logp[idx]
                 approx_kl = float(torch.mean(torch.expm1(log_ratio) - log_ratio))
+                moved = (values - old_values[idx]).abs()
                 stats.append({"approx_kl": approx_kl, "policy_loss": policy_loss.item(), "value_loss": v_loss.item(),
                               "clip_fraction": ((ratio - 1).abs() > clip_range).float().mean().item(),
-                              "vf_clip_fraction": (float("nan") if clip_range_vf is None else
-                                                   ((values - old_values[idx]).abs() > clip_range_vf).float().mean().item())})
+                              "vf_clip_fraction": (float("nan") if clip_range_vf is None
+                                                   else (moved > clip_range_vf).float().mean().item())})
             if target_kl is not None and approx_kl > 1.5 * target_kl:
                 stats[-1]["stopped"] = stop = True
                 break

@@ -69,7 +69,8 @@ def ref_model():
 
 def build(case):
     env_kwargs = {**ENV, **case.get("env", {}), "ref_model": ref_model()}
-    return agents.make("ppo", "textgym/TextGen-v0", n_envs=N_ENVS, env_kwargs=env_kwargs, **{**HP, **case.get("hp", {})})
+    hp = {**HP, **case.get("hp", {})}
+    return agents.make("ppo", "textgym/TextGen-v0", n_envs=N_ENVS, env_kwargs=env_kwargs, **hp)
 
 
 def rng_states():
@@ -126,7 +127,7 @@ def test_one_ppo_iteration_equals_the_reference(name):
 
     # The same rollout, advantages and returns...
     np.testing.assert_array_equal(by_step(buf.actions), roll["actions"])
-    np.testing.assert_array_equal(buf.rewards, roll["rewards"])  # the one array the agent's buffer leaves [n_steps, n_envs]
+    np.testing.assert_array_equal(buf.rewards, roll["rewards"])  # left [n_steps, n_envs] by the agent's buffer
     np.testing.assert_allclose(by_step(buf.values), roll["values"], atol=1e-6)
     np.testing.assert_allclose(by_step(buf.log_probs), roll["logps"], atol=1e-5)
     np.testing.assert_allclose(by_step(buf.advantages).flatten(), out["advantages"].numpy(), atol=1e-6)
