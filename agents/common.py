@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from agents import serialization
 from agents.lora import apply_lora, lora_config
 from agents.ptx import PtxOptimizer, ptx_batches
 from agents.vec_env import LMVecEnv, as_vec_env
@@ -34,6 +35,10 @@ class LMAlgorithm:
         self.ptx_batch_size, self.ptx_max_length = ptx_batch_size, ptx_max_length
         self.lora = lora_config(lora)
         self.textgym_algo = self.algo_name
+        # Saved instead of pickled objects: load() rebuilds the agent from these (agents.serialization).
+        self.textgym_hyperparameters = serialization.constructor_arguments(
+            {**kwargs, "lora": lora, "ptx_coef": ptx_coef, "ptx_data": ptx_data, "ptx_batch_size": ptx_batch_size,
+             "ptx_max_length": ptx_max_length})
         self._episode_stats: list[dict] = []
         super().__init__(policy, as_vec_env(env) if env is not None else None, *args, **kwargs)
 
@@ -61,6 +66,20 @@ class LMAlgorithm:
             batches = ptx_batches(core.tokenizer, self.ptx_data, self.ptx_batch_size, self.ptx_max_length,
                                   seed=self.seed or 0)
             self.policy.optimizer = PtxOptimizer(self.policy.optimizer, core.model, batches, self.ptx_coef)
+
+    def save(self, path, exclude=None, include=None) -> None:
+        """Save to a zip in SB3's layout, without pickle: JSON data and tensors (``agents.serialization``)."""
+        serialization.save_agent(self, path, exclude=exclude, include=include)
+
+    @classmethod
+    def load(cls, path, env=None, device="auto", custom_objects=None, print_system_info=False, force_reset=True,
+             **kwargs):
+        """Rebuild an agent saved with ``save`` on ``env``; nothing in the file is unpickled."""
+        if env is None:
+            raise ValueError("textgym agents are loaded onto an env (it holds the LM): pass env=")
+        if custom_objects:
+            raise ValueError("custom_objects is not supported: textgym agent files hold no pickled objects")
+        return serialization.load_agent(cls, path, as_vec_env(env), device=device, **kwargs)
 
     def _excluded_save_params(self) -> list[str]:
         return [*super()._excluded_save_params(), "_episode_stats"]

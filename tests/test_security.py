@@ -1,0 +1,150 @@
+"""Files from strangers: agent zips and run directories are data, never code."""
+
+import base64
+import json
+import zipfile
+from collections import deque
+
+import cloudpickle
+import pytest
+import torch
+
+import agents
+from agents.serialization import UnsafeAgentFileError
+
+TOY = dict(model="textgym/tiny", reward="keyword", reward_kwargs={"keywords": ["the"]}, max_new_tokens=6,
+           max_prompt_tokens=16, prompts=["The film", "I saw a movie and", "Today"])
+
+
+def payload_entry(marker) -> dict:
+    code = f"open({str(marker)!r}, 'w').write('pwned')"
+    blob = cloudpickle.dumps(_Exec(code))
+    return {":type:": "<class 'object'>", ":serialized:": base64.b64encode(blob).decode()}
+
+
+class _Exec:
+    def __init__(self, code):
+        self.code = code
+
+    def __reduce__(self):
+        return (exec, (self.code,))
+
+
+def crafted_zip(path, marker, base: dict | None = None, only_data=False):
+    """An agent zip whose data holds a cloudpickled payload (as SB3 writes non-JSON attributes)."""
+    data = dict(base or {"textgym_algo": "ppo"})
+    data["policy_class"] = payload_entry(marker)
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("data", json.dumps(data))
+        if not only_data:
+            zf.writestr("_stable_baselines3_version", "2.9.2")
+    return path
+
+
+def toy_agent(**hp):
+    return agents.make("ppo", "textgym/TextGen-v0", n_envs=2, env_kwargs=TOY, seed=0, n_steps=6, batch_size=12, **hp)
+
+
+def test_the_payload_really_runs_when_unpickled(tmp_path):
+    """The crafted entry is a real payload: SB3's unpickling would run it."""
+    marker = tmp_path / "marker"
+    cloudpickle.loads(base64.b64decode(payload_entry(marker)[":serialized:"]))
+    assert marker.read_text() == "pwned"
+
+
+@pytest.mark.parametrize("only_data", [True, False])
+def test_crafted_agent_zip_is_refused_and_never_runs(tmp_path, only_data):
+    marker = tmp_path / "marker"
+    path = crafted_zip(tmp_path / "agent.zip", marker, only_data=only_data)
+    with pytest.raises(UnsafeAgentFileError, match=r"pickled .*policy_class"):
+        agents.load(path, env="textgym/TextGen-v0", n_envs=2, env_kwargs=TOY)
+    with pytest.raises(UnsafeAgentFileError, match="policy_class"):
+        agents.PPO.load(path, env=agents.as_vec_env("textgym/TextGen-v0", 2, TOY))
+    assert not marker.exists()
+
+
+def test_agent_saved_by_sb3_itself_is_refused(tmp_path):
+    """SB3's own save pickles spaces and schedules: such a file is refused, not unpickled."""
+    from stable_baselines3.common.base_class import BaseAlgorithm
+
+    agent = toy_agent()
+    BaseAlgorithm.save(agent, tmp_path / "sb3.zip")
+    with pytest.raises(UnsafeAgentFileError, match=r"pickled \(code-carrying\) entries: .*observation_space"):
+        agents.load(tmp_path / "sb3.zip", env="textgym/TextGen-v0", n_envs=2, env_kwargs=TOY)
+
+
+def test_saved_agent_holds_json_and_weights_only(tmp_path):
+    agent = toy_agent(learning_rate=1e-3, clip_range=0.3)
+    agent.learn(12)
+    agent.kl_controller_state = {"value": 0.07, "error": 0.5}  # JSON state an agent may add: kept
+    agent.ep_info_buffer.append({"r": 1.5, "l": 3, "t": 0.1})
+    agent.save(tmp_path / "agent")
+    with zipfile.ZipFile(tmp_path / "agent.zip") as zf:
+        raw = zf.read("data").decode()
+        for name in ("policy.pth", "policy.optimizer.pth", "pytorch_variables.pth"):
+            with zf.open(name) as f:
+                torch.load(f, weights_only=True)
+    assert ":serialized:" not in raw
+    data = json.loads(raw)
+    assert data["textgym_hyperparameters"]["clip_range"] == 0.3
+    loaded = agents.load(tmp_path / "agent.zip", env="textgym/TextGen-v0", n_envs=2, env_kwargs=TOY)
+    assert loaded.kl_controller_state == {"value": 0.07, "error": 0.5}
+    assert loaded.num_timesteps == agent.num_timesteps and loaded._n_updates == agent._n_updates
+    assert isinstance(loaded.ep_info_buffer, deque) and loaded.ep_info_buffer[-1] == {"r": 1.5, "l": 3, "t": 0.1}
+    assert loaded.ep_info_buffer.maxlen == agent.ep_info_buffer.maxlen
+    assert loaded.clip_range(1.0) == 0.3 and loaded.learning_rate == 1e-3
+    state, saved = loaded.policy.optimizer.state_dict(), agent.policy.optimizer.state_dict()
+    assert state["param_groups"][0]["lr"] == saved["param_groups"][0]["lr"]
+    for key, value in saved["state"].items():
+        torch.testing.assert_close(state["state"][key]["exp_avg"], value["exp_avg"])
+
+
+def rewrite_data(path, change):
+    with zipfile.ZipFile(path) as zf:
+        entries = {name: zf.read(name) for name in zf.namelist()}
+    data = json.loads(entries["data"])
+    change(data)
+    entries["data"] = json.dumps(data).encode()
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, raw in entries.items():
+            zf.writestr(name, raw)
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda d: d.update(train=1), r"'train' would replace a method"),
+    (lambda d: d.update(num_timesteps="many"), r"'num_timesteps' must be a int, got 'many'"),
+    (lambda d: d.update(lr_schedule=0.5), r"'lr_schedule' cannot replace the agent's"),
+    (lambda d: d["textgym_hyperparameters"].update(evil=1), r"hyperparameters evil are not arguments of PPO"),
+    (lambda d: d.update(textgym_policy="os.system"), r"saved with policy os.system"),
+    (lambda d: d.update(textgym_format=None), r"not saved by this textgym version"),
+])
+def test_tampered_data_is_refused_by_name(tmp_path, change, match):
+    toy_agent().save(tmp_path / "agent.zip")
+    rewrite_data(tmp_path / "agent.zip", change)
+    with pytest.raises(UnsafeAgentFileError, match=match):
+        agents.load(tmp_path / "agent.zip", env="textgym/TextGen-v0", n_envs=2, env_kwargs=TOY)
+
+
+def test_pickled_tensor_file_is_refused(tmp_path):
+    marker = tmp_path / "marker"
+    toy_agent().save(tmp_path / "agent.zip")
+    with zipfile.ZipFile(tmp_path / "agent.zip") as zf:
+        entries = {name: zf.read(name) for name in zf.namelist()}
+    import io
+    import pickle
+
+    buf = io.BytesIO()
+    torch.save({"x": _Exec(f"open({str(marker)!r}, 'w').write('pwned')")}, buf, pickle_module=pickle)
+    entries["policy.optimizer.pth"] = buf.getvalue()
+    with zipfile.ZipFile(tmp_path / "agent.zip", "w") as zf:
+        for name, raw in entries.items():
+            zf.writestr(name, raw)
+    with pytest.raises(UnsafeAgentFileError, match=r"'policy.optimizer.pth' is not plain tensor data"):
+        agents.load(tmp_path / "agent.zip", env="textgym/TextGen-v0", n_envs=2, env_kwargs=TOY)
+    assert not marker.exists()
+
+
+def test_not_an_agent_file(tmp_path):
+    (tmp_path / "x.zip").write_text("hello")
+    with pytest.raises(UnsafeAgentFileError, match="not a zip file"):
+        agents.load(tmp_path / "x.zip", env="textgym/TextGen-v0", n_envs=2, env_kwargs=TOY)
