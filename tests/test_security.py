@@ -148,3 +148,141 @@ def test_not_an_agent_file(tmp_path):
     (tmp_path / "x.zip").write_text("hello")
     with pytest.raises(UnsafeAgentFileError, match="not a zip file"):
         agents.load(tmp_path / "x.zip", env="textgym/TextGen-v0", n_envs=2, env_kwargs=TOY)
+
+
+# --- run directories ---------------------------------------------------------------------------------
+
+TINY_RUN = [
+    "model.name=textgym/tiny", "model.lora=null", "env.id=textgym/TextGen-v0", "env.n_envs=2", "env.kwargs.max_new_tokens=4",
+    "env.kwargs.max_prompt_tokens=16", "reward.name=keyword", "reward.kwargs.keywords=[the]", "reward.eval=[length]",
+    "agent.hyperparameters.n_steps=4", "agent.hyperparameters.batch_size=8", "training.eval_n=2",
+    "training.eval_every=0", "training.samples=2", "training.iterations=1",
+]
+
+
+def tiny_config(out, *extra):
+    from textgym.config import load_config
+    from textgym.train import TrainConfig
+
+    return load_config(TrainConfig, overrides=[*TINY_RUN, f"training.output_dir={out}", *extra])
+
+
+def listing(path):
+    return sorted((str(p.relative_to(path)), p.stat().st_mtime_ns, p.stat().st_size) for p in path.rglob("*"))
+
+
+def test_trust_remote_code_is_refused_in_configs(tmp_path):
+    from textgym.config import ConfigError, load_config
+    from textgym.train import Run, TrainConfig
+
+    with pytest.raises(ConfigError, match=r"override key 'reward.kwargs.model_kwargs.trust_remote_code' is refused"):
+        load_config(TrainConfig, overrides=["reward.kwargs.model_kwargs.trust_remote_code=true"])
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg_file.write_text("reward:\n  name: classifier\n  eval:\n    - name: classifier\n      kwargs:\n"
+                        "        model_kwargs: {trust_remote_code: true}\n")
+    with pytest.raises(ConfigError, match=r"'reward.eval\[0\].kwargs.model_kwargs.trust_remote_code' is refused"):
+        load_config(TrainConfig, cfg_file)
+    # a config built in Python is refused by the run too (its config.yaml could not be resumed or evaluated)
+    cfg = tiny_config(tmp_path / "run")
+    cfg.env.kwargs["prompts"] = {"dataset": "x", "trust_remote_code": True}
+    with pytest.raises(ConfigError, match=r"'env.kwargs.prompts.trust_remote_code' is refused"):
+        Run(cfg)
+    assert not (tmp_path / "run").exists()
+
+
+def test_trust_remote_code_in_a_received_run_directory_is_refused_by_train_and_eval(tmp_path, capsys):
+    from textgym.cli import main
+    from textgym.train import train
+
+    run = tmp_path / "run"
+    train(tiny_config(run), progress=False)
+    text = (run / "config.yaml").read_text()
+    (run / "config.yaml").write_text(text.replace("kwargs:\n    keywords:", "kwargs:\n    model_kwargs:\n"
+                                                  "      trust_remote_code: true\n    keywords:"))
+    before = listing(run)
+    assert main(["eval", str(run), "--n", "2"]) == 2
+    assert "'reward.kwargs.model_kwargs.trust_remote_code' is refused" in capsys.readouterr().err
+    assert main(["train", f"training.output_dir={run}", "training.iterations=2", "--resume"]) == 2
+    assert "trust_remote_code' is refused" in capsys.readouterr().err
+    assert listing(run) == before
+
+
+def test_crafted_agent_zip_in_a_run_directory_never_runs_through_resume(tmp_path, capsys):
+    from textgym.cli import main
+    from textgym.train import train
+
+    run = tmp_path / "run"
+    train(tiny_config(run), progress=False)
+    marker = tmp_path / "marker"
+    crafted_zip(run / "checkpoint" / "agent.zip", marker, only_data=True,
+                base=json.loads(zipfile.ZipFile(run / "checkpoint" / "agent.zip").read("data")))
+    assert main(["train", f"training.output_dir={run}", "training.iterations=2", "--resume"]) == 2
+    assert "holds pickled (code-carrying) entries: policy_class" in capsys.readouterr().err
+    assert not marker.exists()
+
+
+def test_a_second_run_into_a_live_run_directory_is_refused_before_writing(tmp_path):
+    from textgym.runlock import RunLockedError
+    from textgym.train import Run
+
+    import os
+
+    first = Run(tiny_config(tmp_path), progress=False)
+    before = listing(tmp_path)
+    with pytest.raises(RunLockedError, match=rf"run directory '{tmp_path}' is in use by process {os.getpid()}"):
+        Run(tiny_config(tmp_path, "training.seed=1"), progress=False)
+    assert listing(tmp_path) == before
+    first.run()
+    # the lock is released when the run ends: a resume may now proceed (and finds nothing left to do)
+    Run(tiny_config(tmp_path), resume=True, progress=False).close()
+
+
+def test_resume_of_a_live_run_is_refused(tmp_path):
+    from textgym.runlock import RunLock, RunLockedError
+    from textgym.train import Run, train
+
+    train(tiny_config(tmp_path), progress=False)
+    (tmp_path / ".checkpoint-half-written").mkdir()
+    with RunLock(tmp_path):  # the run is live (held by this process, as by another)
+        before = listing(tmp_path)
+        with pytest.raises(RunLockedError, match="is in use by process"):
+            Run(tiny_config(tmp_path), resume=True, progress=False)
+        assert listing(tmp_path) == before  # the live run's temporaries are left alone
+
+
+def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
+    from textgym.runlock import holder
+    from textgym.train import train
+
+    (tmp_path / ".lock").write_text(json.dumps({"pid": 999999999, "host": "gone", "started": "yesterday"}))
+    assert holder(tmp_path) is None  # nobody holds the file's lock: the record is stale
+    train(tiny_config(tmp_path), progress=False)
+    assert (tmp_path / "summary.json").exists() and holder(tmp_path) is None
+
+
+def test_two_concurrent_cli_runs_into_one_directory(tmp_path):
+    """Two processes: exactly one runs, the other fails at once naming the holder and writes nothing."""
+    import subprocess
+    import sys
+    import time
+
+    from textgym.runlock import holder
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "textgym.cli", "train", *TINY_RUN, "training.iterations=3", f"training.output_dir={out}"]
+    first = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while holder(out) is None and first.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert holder(out)["pid"] == first.pid
+    second = subprocess.run([*cmd, "training.seed=7"], capture_output=True, text=True, timeout=120)
+    assert first.poll() is None, "the first run should still be going"
+    assert second.returncode == 2
+    assert f"is in use by process {first.pid}" in second.stderr and "Traceback" not in second.stderr
+    assert first.wait(timeout=300) == 0
+    from textgym.config import load_config
+    from textgym.train import TrainConfig
+
+    assert load_config(TrainConfig, out / "config.yaml").training.seed == 0  # the first run's config
+    assert len(list((out / "tb").rglob("events.out.tfevents*"))) == 1
+    assert not list(out.glob(".metrics.jsonl-*"))
