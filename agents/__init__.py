@@ -67,6 +67,10 @@ def make(algo: str, env: Any, *, n_envs: int | None = None, env_kwargs: dict | N
     vector env of ``n_envs`` rows with ``env_kwargs``), a textgym env, or a textgym vector env.
     ``hyperparameters`` go to the algorithm's constructor (``lora=``, ``policy_kwargs=``, ``seed=``...)."""
     cls = get_class(algo)
+    unknown = sorted(set(hyperparameters) - accepted_hyperparameters(algo))
+    if unknown:
+        raise ValueError(f"{', '.join(unknown)}: not hyperparameter(s) of {algo}; valid: "
+                         f"{', '.join(sorted(accepted_hyperparameters(algo) - {'env'}))}")
     vec = as_vec_env(env, n_envs, env_kwargs)
     hyperparameters.setdefault("device", vec.core.device)
     if not issubclass(cls, (PPO, A2C)):  # a user's class keeps its own defaults but needs our policy

@@ -102,6 +102,9 @@ def evaluate_target(target: str, *, env_id: str | None = None, n: int | None = N
 
     from textgym.config import load_config
 
+    for key, value in (("n", n), ("n_envs", n_envs)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{key} must be an integer >= 1, got {value!r}")
     path = Path(target)
     source, extra = None, []
     if (path / "config.yaml").exists():
@@ -112,7 +115,7 @@ def evaluate_target(target: str, *, env_id: str | None = None, n: int | None = N
             raise FileNotFoundError(f"run {target!r} has no final_model/ yet: finish or resume it first")
         env_id = env_id or cfg.env.id
         kwargs = {**cfg.env_kwargs(), "model": str(path / "final_model"), "ref_model": ref or cfg.model.name}
-        n = n or cfg.training.eval_n
+        n = cfg.training.eval_n if n is None else n
         source, extra = cfg.training.eval_prompts, cfg.reward.eval
         out = out or str(path / "eval.json")
     else:
