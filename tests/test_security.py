@@ -177,6 +177,10 @@ def test_trust_remote_code_is_refused_in_configs(tmp_path):
 
     with pytest.raises(ConfigError, match=r"override key 'reward.kwargs.model_kwargs.trust_remote_code' is refused"):
         load_config(TrainConfig, overrides=["reward.kwargs.model_kwargs.trust_remote_code=true"])
+    with pytest.raises(ConfigError, match=r"'reward.kwargs.model_kwargs.weights_only' is refused: .* to False"):
+        load_config(TrainConfig, overrides=["reward.kwargs.model_kwargs.weights_only=false"])
+    for harmless in ("trust_remote_code=false", "weights_only=true"):
+        load_config(TrainConfig, overrides=[f"reward.kwargs.model_kwargs.{harmless}"])
     cfg_file = tmp_path / "cfg.yaml"
     cfg_file.write_text("reward:\n  name: classifier\n  eval:\n    - name: classifier\n      kwargs:\n"
                         "        model_kwargs: {trust_remote_code: true}\n")

@@ -55,9 +55,10 @@ def yaml_load_file(path: str | Path) -> Any:
 # Loader options that run code shipped with a model, dataset or file. A config may come from
 # someone else (``textgym eval RUN_DIR`` and ``--resume`` read the run's own config.yaml), so no
 # config may set them; a Python caller can still pass them explicitly.
-CODE_EXECUTING_OPTIONS = {
-    "trust_remote_code": "it runs Python code shipped with a model or dataset",
-    "custom_objects": "it replaces objects when unpickling",
+CODE_EXECUTING_OPTIONS = {  # name -> (why it is refused, the values that are harmless)
+    "trust_remote_code": ("it runs Python code shipped with a model or dataset", (None, False)),
+    "custom_objects": ("it replaces objects when unpickling", (None, {})),
+    "weights_only": ("weights_only=false unpickles (runs) whatever a .bin file holds", (None, True)),
 }
 
 
@@ -66,10 +67,12 @@ def check_no_code_options(data: Any, key: str = "", where: str = "config") -> No
     if isinstance(data, dict):
         for name, value in data.items():
             path = f"{key}.{name}" if key else str(name)
-            if name in CODE_EXECUTING_OPTIONS and value not in (None, False):
+            if name in CODE_EXECUTING_OPTIONS and not any(
+                    value is safe or (type(value) is type(safe) and value == safe)
+                    for safe in CODE_EXECUTING_OPTIONS[name][1]):
                 raise ConfigError(
-                    f"{where} key {path!r} is refused: {CODE_EXECUTING_OPTIONS[name]}, so configs and run "
-                    f"directories may not set it. Pass {name}= from Python if you trust the source."
+                    f"{where} key {path!r} is refused: {CODE_EXECUTING_OPTIONS[name][0]}, so configs and run "
+                    f"directories may not set it to {value!r}. Pass {name}= from Python if you trust the source."
                 )
             check_no_code_options(value, path, where)
     elif isinstance(data, (list, tuple)):
