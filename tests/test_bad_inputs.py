@@ -49,13 +49,13 @@ def test_reward_raising_mid_rollout_then_reset_and_normal_episodes():
     core = env.unwrapped.core
     assert core.live[0] and core.length[0] == 2  # the failed step's token was taken back
     # the step can be retried ...
-    _, r, term, _, info = env.step(7)
+    _, _, term, _, info = env.step(7)
     assert term and info["length"] == 3
     # ... and after a reset, normal episodes follow
     for seed in (1, 2):
         env.reset(seed=seed)
         for _ in range(3):
-            _, r, term, _, info = env.step(5)
+            _, _, term, _, info = env.step(5)
         assert term and info["length"] == 3 and info["score"] == float(len(info["completion"]))
 
 
@@ -84,7 +84,7 @@ def test_vector_env_survives_a_failing_reward():
     vec.step(np.array([5, 6, 7]))
     with pytest.raises(RewardError, match="Flaky"):
         vec.step(np.array([5, 6, 7]))
-    _, rewards_, done, _, infos = vec.step(np.array([5, 6, 7]))
+    _, _, done, _, infos = vec.step(np.array([5, 6, 7]))
     assert done.all() and len(infos["completion"]) == 3
     vec.reset(seed=1)
     vec.step(np.array([1, 2, 3]))
@@ -296,3 +296,18 @@ def test_resume_overrides_apply_or_are_refused(tmp_path):
     fewer = load_config(TrainConfig, overrides=["training.iterations=1", f"training.output_dir={tmp_path}"])
     with pytest.raises(ConfigError, match=r"training.iterations=1 is fewer than the 2 iterations"):
         resume_config(saved, fewer, done=2)
+
+
+def test_tokenizer_failure_at_the_end_of_an_episode_leaves_the_step_retryable():
+    env = make(max_new_tokens=2, stop_on_eos=False)
+    core = env.unwrapped.core
+    env.reset(seed=0)
+    env.step(5)
+    original = core.tokenizer.decode
+    core.tokenizer.decode = lambda *a, **k: (_ for _ in ()).throw(UnicodeError("cannot decode"))
+    with pytest.raises(UnicodeError, match="cannot decode"):
+        env.step(6)
+    assert core.live[0] and core.length[0] == 1
+    core.tokenizer.decode = original
+    _, _, term, _, info = env.step(6)
+    assert term and info["length"] == 2

@@ -198,14 +198,16 @@ class Run:
         if resume:
             if not (self.checkpoint / "state.json").exists():
                 raise FileNotFoundError(f"nothing to resume in {str(self.dir)!r}: no checkpoint/state.json")
+            # checked before the lock is taken: a refused resume touches nothing
+            state = json.loads((self.checkpoint / "state.json").read_text())
+            cfg = resume_config(load_config(TrainConfig, self.dir / "config.yaml"), cfg, state["iteration"])
         elif (self.checkpoint / "state.json").exists():
             raise FileExistsError(f"{str(self.dir)!r} already holds a run: pass --resume, or another training.output_dir")
         existed = self.dir.exists()
         self.lock = RunLock(self.dir).acquire()  # before anything is written (or removed) in the directory
         try:
             if resume:
-                self.state = json.loads((self.checkpoint / "state.json").read_text())
-                cfg = resume_config(load_config(TrainConfig, self.dir / "config.yaml"), cfg, self.state["iteration"])
+                self.state = json.loads((self.checkpoint / "state.json").read_text())  # final, now that we hold it
                 for stale in [*self.dir.glob(".checkpoint-*"), *self.dir.glob(".final_model-*"),
                               *self.dir.glob(".metrics.jsonl-*")]:
                     if stale.is_dir():  # half-written by a killed process: nobody else holds the lock
