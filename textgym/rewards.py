@@ -131,7 +131,7 @@ class ValidatedReward(Reward):
             if f"reward {self.name!r}" in str(exc):
                 raise
             raise _named_error(self.name, exc) from exc
-        except Exception as exc:  # noqa: BLE001  (any failure of user code: name the reward that failed)
+        except Exception as exc:  # any failure of user code: name the reward that failed
             raise RewardError(f"reward {self.name!r} raised {type(exc).__name__}: {exc}") from exc
         return _check_output(self.name, result, len(completions))
 

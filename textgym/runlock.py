@@ -36,7 +36,7 @@ class RunLock:
     def held(self) -> bool:
         return self._fd is not None
 
-    def acquire(self) -> "RunLock":
+    def acquire(self) -> RunLock:
         if self._fd is not None:
             return self
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -71,7 +71,7 @@ class RunLock:
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
 
-    def __enter__(self) -> "RunLock":
+    def __enter__(self) -> RunLock:  # noqa: PYI034
         return self.acquire()
 
     def __exit__(self, *exc) -> None:
