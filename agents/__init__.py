@@ -10,13 +10,12 @@
 from __future__ import annotations
 
 import inspect
-import json
-import zipfile
 from pathlib import Path
 from typing import Any
 
 from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
 
+from agents import serialization
 from agents.a2c import A2C
 from agents.buffer import EpisodeRolloutBuffer
 from agents.common import LMAlgorithm
@@ -68,6 +67,10 @@ def make(algo: str, env: Any, *, n_envs: int | None = None, env_kwargs: dict | N
     vector env of ``n_envs`` rows with ``env_kwargs``), a textgym env, or a textgym vector env.
     ``hyperparameters`` go to the algorithm's constructor (``lora=``, ``policy_kwargs=``, ``seed=``...)."""
     cls = get_class(algo)
+    unknown = sorted(set(hyperparameters) - accepted_hyperparameters(algo))
+    if unknown:
+        raise ValueError(f"{', '.join(unknown)}: not hyperparameter(s) of {algo}; valid: "
+                         f"{', '.join(sorted(accepted_hyperparameters(algo) - {'env'}))}")
     vec = as_vec_env(env, n_envs, env_kwargs)
     hyperparameters.setdefault("device", vec.core.device)
     if not issubclass(cls, (PPO, A2C)):  # a user's class keeps its own defaults but needs our policy
@@ -83,10 +86,9 @@ def load(path: str | Path, env: Any, *, n_envs: int | None = None, env_kwargs: d
         path = path.with_suffix(".zip")
     if not path.exists():
         raise FileNotFoundError(f"no saved agent at {str(path)!r}")
-    with zipfile.ZipFile(path) as archive:
-        data = json.loads(archive.read("data"))
+    data = serialization.read_data(path)  # JSON only: refuses a file holding pickles before anything else
     algo = data.get("textgym_algo")
-    if algo is None:
+    if not isinstance(algo, str):
         raise ValueError(f"{str(path)!r} was not saved by a textgym agent (no 'textgym_algo' entry)")
     vec = as_vec_env(env, n_envs, env_kwargs)
     kwargs.setdefault("device", vec.core.device)

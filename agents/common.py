@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from agents import serialization
 from agents.lora import apply_lora, lora_config
 from agents.ptx import PtxOptimizer, ptx_batches
 from agents.vec_env import LMVecEnv, as_vec_env
@@ -71,6 +72,10 @@ class LMAlgorithm:
         self.ptx_batch_size, self.ptx_max_length = ptx_batch_size, ptx_max_length
         self.lora = lora_config(lora)
         self.textgym_algo = self.algo_name
+        # Saved instead of pickled objects: load() rebuilds the agent from these (agents.serialization).
+        self.textgym_hyperparameters = serialization.constructor_arguments(
+            {**kwargs, "lora": lora, "ptx_coef": ptx_coef, "ptx_data": ptx_data, "ptx_batch_size": ptx_batch_size,
+             "ptx_max_length": ptx_max_length})
         self._episode_stats: list[dict] = []
         env = as_vec_env(env) if env is not None else None
         if kwargs.get("learning_rate", 0.0) is None:
@@ -91,9 +96,6 @@ class LMAlgorithm:
             raise ValueError(f"algorithm {self.algo_name!r} does not add a KL term to its loss: make the env with "
                              "kl_in='reward' (the default), or use one of ppo, a2c, nlpo")
         core.kl_batch_auto = False  # the coefficient moves once per rollout (collect_rollouts)
-        saved_state = getattr(self, "kl_controller_state", None)
-        if saved_state:  # set by agents.load from the saved data
-            core.kl_controller.load_state_dict(saved_state)
         if self.lora and getattr(core, "peft_model", None) is None:
             self.set_random_seed(self.seed)  # the adapters' initialisation must follow the seed too
             apply_lora(core, self.lora)
@@ -111,12 +113,27 @@ class LMAlgorithm:
                                   seed=self.seed or 0)
             self.policy.optimizer = PtxOptimizer(self.policy.optimizer, core.model, batches, self.ptx_coef)
 
+    def save(self, path, exclude=None, include=None) -> None:
+        """Save to a zip in SB3's layout, without pickle: JSON data and tensors (``agents.serialization``),
+        the KL controller's state included."""
+        self.kl_controller_state = self.core.kl_controller.state_dict()  # a dict of floats, saved as JSON
+        serialization.save_agent(self, path, exclude=exclude, include=include)
+
+    @classmethod
+    def load(cls, path, env=None, device="auto", custom_objects=None, print_system_info=False, force_reset=True,
+             **kwargs):
+        """Rebuild an agent saved with ``save`` on ``env``; nothing in the file is unpickled."""
+        if env is None:
+            raise ValueError("textgym agents are loaded onto an env (it holds the LM): pass env=")
+        if custom_objects:
+            raise ValueError("custom_objects is not supported: textgym agent files hold no pickled objects")
+        model = serialization.load_agent(cls, path, as_vec_env(env), device=device, **kwargs)
+        if getattr(model, "kl_controller_state", None):  # the coefficient carries on where it was saved
+            model.core.kl_controller.load_state_dict(model.kl_controller_state)
+        return model
+
     def _excluded_save_params(self) -> list[str]:
         return [*super()._excluded_save_params(), "_episode_stats", "_update_logs", "kl_coef_used"]
-
-    def save(self, *args: Any, **kwargs: Any) -> None:
-        self.kl_controller_state = self.core.kl_controller.state_dict()  # a dict of floats, saved as JSON
-        super().save(*args, **kwargs)
 
     def collect_rollouts(self, env, callback, rollout_buffer, n_rollout_steps: int) -> bool:
         self._episode_stats = []

@@ -94,6 +94,10 @@ class LMVecEnv(VecEnv):
 def as_vec_env(env: Any, n_envs: int | None = None, env_kwargs: dict | None = None) -> LMVecEnv:
     """``env`` as an ``LMVecEnv``: an env id (made with ``n_envs`` batched rows and ``env_kwargs``),
     a textgym env from ``gym.make``, a textgym vector env, or an ``LMVecEnv``."""
+    if n_envs is not None and (isinstance(n_envs, bool) or not isinstance(n_envs, (int, np.integer)) or n_envs < 1):
+        raise ValueError(f"n_envs must be an integer >= 1 (or None for the env's own), got {n_envs!r}")
+    if env_kwargs is not None and not isinstance(env_kwargs, dict):
+        raise ValueError(f"env_kwargs must be a dict of the env's keyword arguments, got {env_kwargs!r}")
     env_kwargs = env_kwargs or {}
     if isinstance(env, str):
         if env not in gym.registry:

@@ -37,7 +37,7 @@ def test_bench_rewards_end_to_end(tmp_path):
     assert agreement["n"] == 8 and set(agreement["completions_per_second"]) == {"keyword", "length", "gold"}
     assert "test_broken" in agreement["errors"]
     table = (tmp_path / "results.md").read_text()
-    assert "| keyword |" in table and "test_broken | failed: RuntimeError: scorer crashed" in table
+    assert "| keyword |" in table and "test_broken | failed: RewardError: reward 'test_broken' raised RuntimeError: scorer crashed" in table
     assert (tmp_path / "overoptimization.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads((tmp_path / "results.json").read_text())["seeds"] == [0]
 

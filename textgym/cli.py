@@ -87,8 +87,9 @@ def cmd_train(args) -> int:
     from textgym.train import config_from_cli, train
 
     config, overrides = _config_and_overrides(args)
-    # With --resume only training.output_dir is read from these: the run continues with its saved config.
-    cfg = config_from_cli(config, overrides, args.algo)
+    # With --resume the run continues with its saved config: training.iterations may be changed, any
+    # other change is refused with the reason.
+    cfg = config_from_cli(config, overrides, args.algo, resume=args.resume)
     result = train(cfg, resume=args.resume)
     _print_comparison(result, cfg.training.output_dir)
     return 0
@@ -163,14 +164,26 @@ def cmd_bench_elo(args) -> int:
     return 0
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (``--n -3`` or ``--n 0`` is an error, not a silent default)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="textgym", description="Text generation as a Gymnasium environment, for RLHF.")
+    parser.add_argument("--debug", action="store_true", help="print the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="play a few episodes with a random, greedy or sampling agent")
     demo.add_argument("--env", default="textgym/Sentiment-v0")
     demo.add_argument("--model", default=None, help="model name or path (default: the env's)")
     demo.add_argument("--agent", choices=["random", "greedy", "sample"], default="sample")
-    demo.add_argument("--episodes", type=int, default=8)
+    demo.add_argument("--episodes", type=positive_int, default=8)
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--json", default=None, help="also write the episodes to this JSON file")
     demo.set_defaults(func=cmd_demo)
@@ -187,9 +200,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="evaluate a run directory or a model on held-out prompts")
     ev.add_argument("target", help="a run directory (from textgym train) or a model name/path")
     ev.add_argument("--env", default=None, help="env id (default: the run's, else textgym/Sentiment-v0)")
-    ev.add_argument("--n", type=int, default=None, help="number of held-out prompts (default: the run's eval_n, else 50)")
+    ev.add_argument("--n", type=positive_int, default=None, help="number of held-out prompts (default: the run's eval_n, else 50)")
     ev.add_argument("--ref", default=None, help="reference model (default: the run's base model, else the model itself)")
-    ev.add_argument("--n-envs", type=int, default=None, help="prompts generated together (default: the run's, else 16)")
+    ev.add_argument("--n-envs", type=positive_int, default=None,
+                    help="prompts generated together (default: the run's, else 16)")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--json", default=None, help="where to write the JSON (default: RUN_DIR/eval.json or ./eval.json)")
     ev.set_defaults(func=cmd_eval)
@@ -204,10 +218,10 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("policies", nargs="+", help="run directories or model names/paths")
     be.add_argument("--judge", default="vader", help="registered reward that judges each pair of completions")
     be.add_argument("--env", default="textgym/Sentiment-v0", help="env whose held-out prompts are completed")
-    be.add_argument("--n", type=int, default=32, help="prompts")
-    be.add_argument("--n-envs", type=int, default=16)
+    be.add_argument("--n", type=positive_int, default=32, help="prompts")
+    be.add_argument("--n-envs", type=positive_int, default=16)
     be.add_argument("--seed", type=int, default=0)
-    be.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for the intervals")
+    be.add_argument("--bootstrap", type=positive_int, default=200, help="bootstrap resamples for the intervals")
     be.add_argument("--output-dir", default="runs/bench_elo")
     be.set_defaults(func=cmd_bench_elo)
 
@@ -220,9 +234,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Options and ``key=value`` overrides in any order: ``textgym train CONFIG --algo a2c k=v`` (argparse
+    alone stops collecting positionals at the first option)."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if hasattr(args, "overrides") and not any(e.startswith("-") for e in extra):
+            args.overrides = [*args.overrides, *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Errors caused by the command's input (a bad value, a missing file, a locked run directory):
+    printed as one line. Anything else is a bug and keeps its traceback."""
+    from textgym.runlock import RunLockedError
+
+    return (ValueError, TypeError, OSError, RunLockedError)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv
+    args = parse_args([a for a in argv if a != "--debug"])
+    try:
+        return args.func(args)
+    except user_errors() as err:
+        if debug:
+            raise
+        message = " ".join(str(err).split()) or type(err).__name__
+        kind = "" if isinstance(err, ValueError) else f"{type(err).__name__}: "
+        print(f"textgym {args.command}: error: {kind}{message} (--debug for the traceback)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -41,6 +41,45 @@ def yaml_load(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)
 
 
+def yaml_load_file(path: str | Path) -> Any:
+    """The YAML file at ``path``; any error is a ``ConfigError`` naming the file (and line)."""
+    try:
+        with open(path, encoding="utf-8") as f:  # a named stream: YAML errors cite the file, not <unicode string>
+            return yaml.load(f, Loader=_Loader)
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config file {str(path)!r} is not UTF-8 text (byte {err.start}: {err.reason})") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from None
+
+
+# Loader options that run code shipped with a model, dataset or file. A config may come from
+# someone else (``textgym eval RUN_DIR`` and ``--resume`` read the run's own config.yaml), so no
+# config may set them; a Python caller can still pass them explicitly.
+CODE_EXECUTING_OPTIONS = {  # name -> (why it is refused, the values that are harmless)
+    "trust_remote_code": ("it runs Python code shipped with a model or dataset", (None, False)),
+    "custom_objects": ("it replaces objects when unpickling", (None, {})),
+    "weights_only": ("weights_only=false unpickles (runs) whatever a .bin file holds", (None, True)),
+}
+
+
+def check_no_code_options(data: Any, key: str = "", where: str = "config") -> None:
+    """Refuse any code-executing loader option (``CODE_EXECUTING_OPTIONS``) anywhere in ``data``."""
+    if isinstance(data, dict):
+        for name, value in data.items():
+            path = f"{key}.{name}" if key else str(name)
+            if name in CODE_EXECUTING_OPTIONS and not any(
+                    value is safe or (type(value) is type(safe) and value == safe)
+                    for safe in CODE_EXECUTING_OPTIONS[name][1]):
+                raise ConfigError(
+                    f"{where} key {path!r} is refused: {CODE_EXECUTING_OPTIONS[name][0]}, so configs and run "
+                    f"directories may not set it to {value!r}. Pass {name}= from Python if you trust the source."
+                )
+            check_no_code_options(value, path, where)
+    elif isinstance(data, (list, tuple)):
+        for i, value in enumerate(data):
+            check_no_code_options(value, f"{key}[{i}]", where)
+
+
 def from_dict(cls: type, data: dict | None, prefix: str = "") -> Any:
     """Build dataclass ``cls`` from a (nested) dict, checking keys and types."""
     data = {} if data is None else data
@@ -124,7 +163,10 @@ def parse_overrides(overrides: list[str]) -> dict:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value (e.g. agent.algo=a2c)")
         key, raw = item.split("=", 1)
-        value = yaml_load(raw) if raw.strip() else ""
+        try:
+            value = yaml_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({str(err).splitlines()[0]})") from None
         node = result
         parts = key.strip().split(".")
         for part in parts[:-1]:
@@ -168,11 +210,15 @@ def load_config(cls: type, path: str | Path | None = None, overrides: list[str] 
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"config file {str(path)!r} not found")
-        loaded = yaml_load(path.read_text()) or {}
+        loaded = yaml_load_file(path) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
+        check_no_code_options(loaded, where=f"config file {str(path)!r}:")
         data = merge(data, loaded)
-    data = merge(data, parse_overrides(overrides or []))
+    parsed = parse_overrides(overrides or [])
+    check_no_code_options(parsed, where="override")
+    data = merge(data, parsed)
+    check_no_code_options(data)
     return from_dict(cls, data)
 
 

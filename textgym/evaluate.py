@@ -84,6 +84,9 @@ def evaluate_target(target: str, *, env_id: str | None = None, n: int | None = N
 
     from textgym.config import load_config
 
+    for key, value in (("n", n), ("n_envs", n_envs)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{key} must be an integer >= 1, got {value!r}")
     path = Path(target)
     source, extra = None, []
     if (path / "config.yaml").exists():
@@ -94,15 +97,15 @@ def evaluate_target(target: str, *, env_id: str | None = None, n: int | None = N
             raise FileNotFoundError(f"run {target!r} has no final_model/ yet: finish or resume it first")
         env_id = env_id or cfg.env.id
         kwargs = {**cfg.env_kwargs(), "model": str(path / "final_model"), "ref_model": ref or cfg.model.name}
-        n = n or cfg.training.eval_n
-        n_envs = n_envs or cfg.env.n_envs
+        n = cfg.training.eval_n if n is None else n
+        n_envs = cfg.env.n_envs if n_envs is None else n_envs
         source, extra = cfg.training.eval_prompts, cfg.reward.eval
         out = out or str(path / "eval.json")
     else:
         env_id = env_id or "textgym/Sentiment-v0"
         kwargs = {"model": target, "ref_model": ref}
         out = out or "eval.json"
-        n_envs = n_envs or 16
+        n_envs = 16 if n_envs is None else n_envs
     vec = gym.make_vec(env_id, num_envs=n_envs, vectorization_mode="vector_entry_point", **kwargs)
     core = vec.unwrapped.core
     prompts = held_out_prompts(env_id, core.prompts, source, n)

@@ -143,6 +143,34 @@ def _from_dataframe(df: Any, column: str | None, where: str) -> PromptSet:
     return _from_columns({str(c): df[c].tolist() for c in df.columns}, column, where)
 
 
+def _read_text(path: Path) -> str:
+    """The file's text; a file that is not UTF-8 is a ``ValueError`` naming the file and line."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise ValueError(
+            f"file {str(path)!r} is not UTF-8 text: line {line} (byte {err.start}) holds "
+            f"{raw[err.start:err.end]!r} ({err.reason}); save it as UTF-8"
+        ) from None
+
+
+def _json_lines(path: Path) -> list[Any]:
+    """The records of a JSON Lines file; a malformed line is a ``ValueError`` naming file and line."""
+    rows = []
+    for number, line in enumerate(_read_text(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            raise ValueError(
+                f"file {str(path)!r}, line {number}: not valid JSON ({err.msg} at column {err.colno})"
+            ) from None
+    return rows
+
+
 def _from_file(path: Path, column: str | None) -> PromptSet:
     """Load a .txt, .jsonl, .json, .csv or .parquet file."""
     suffix = path.suffix.lower()
@@ -155,16 +183,19 @@ def _from_file(path: Path, column: str | None) -> PromptSet:
     if suffix == ".txt":
         if column is not None:
             raise ValueError(f"column={column!r} given, but .txt files have no columns")
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = _read_text(path).splitlines()
         prompts = [line.strip() for line in lines if line.strip()]
         if not prompts:
             raise ValueError(f"empty prompt set: {where} has no non-empty lines")
         return PromptSet(prompts)
     if suffix == ".jsonl":
-        lines = path.read_text(encoding="utf-8").splitlines()
-        return _from_records([json.loads(s) for s in lines if s.strip()], column, where)
+        return _from_records(_json_lines(path), column, where)
     if suffix == ".json":
-        data = json.loads(path.read_text(encoding="utf-8"))
+        try:
+            data = json.loads(_read_text(path))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"prompt file {str(path)!r}, line {err.lineno}: not valid JSON ({err.msg} at column "
+                             f"{err.colno})") from None
         if isinstance(data, Mapping):  # {column: [values, ...], ...}
             return _from_columns({k: list(v) for k, v in data.items()}, column, where)
         return _from_records(data, column, where)
@@ -172,6 +203,7 @@ def _from_file(path: Path, column: str | None) -> PromptSet:
     import pandas as pd
 
     if suffix == ".csv":
+        _read_text(path)  # a file that is not UTF-8 is refused by name and line
         try:
             header = [str(c) for c in pd.read_csv(path, nrows=0).columns]
         except pd.errors.EmptyDataError:

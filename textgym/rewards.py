@@ -52,6 +52,7 @@ if TYPE_CHECKING:  # heavy imports are deferred until a reward needs them
 
 __all__ = [
     "Reward",
+    "RewardError",
     "ValidatedReward",
     "register",
     "make",
@@ -95,6 +96,10 @@ class Reward:
 # ---------------------------------------------------------------------------
 
 
+class RewardError(RuntimeError):
+    """A reward function failed (raised an exception other than a bad-value error): names the reward."""
+
+
 class ValidatedReward(Reward):
     """Wraps a reward (or a plain reward function) and checks its inputs and output.
 
@@ -120,7 +125,14 @@ class ValidatedReward(Reward):
 
     def __call__(self, prompts: Sequence[str], completions: Sequence[str], **metadata: Any) -> list[float]:
         prompts, completions = _check_batch(self.name, prompts, completions, metadata)
-        result = self.reward(prompts, completions, **metadata)
+        try:
+            result = self.reward(prompts, completions, **metadata)
+        except (ValueError, TypeError) as exc:
+            if f"reward {self.name!r}" in str(exc):
+                raise
+            raise _named_error(self.name, exc) from exc
+        except Exception as exc:  # any failure of user code: name the reward that failed
+            raise RewardError(f"reward {self.name!r} raised {type(exc).__name__}: {exc}") from exc
         return _check_output(self.name, result, len(completions))
 
 
@@ -156,13 +168,22 @@ def _check_output(name: str, result: Any, n: int) -> list[float]:
             raise ValueError(
                 f"reward {name!r} returned non-numeric value {value!r} ({type(value).__name__}) at index {i}"
             )
-        value = float(value)
+        try:
+            value = float(value)
+        except (OverflowError, ValueError, TypeError):
+            raise ValueError(f"reward {name!r} returned {_short(value)} at index {i}: not representable as a "
+                             "float") from None
         if math.isnan(value):
             raise ValueError(f"reward {name!r} returned NaN at index {i}")
         if math.isinf(value):
             raise ValueError(f"reward {name!r} returned {value} at index {i}")
         values.append(value)
     return values
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:20]}...{text[-10:]} ({len(text)} characters)"
 
 
 def _callable_name(obj: Any) -> str:

@@ -226,11 +226,15 @@ def read_records(source: Any, split: str | None = None) -> list[dict]:
         path = Path(source)
         suffix = path.suffix.lower()
         if path.is_file():
+            from textgym.prompts import _json_lines, _read_text
+
             if suffix == ".jsonl":
-                lines = path.read_text(encoding="utf-8").splitlines()
-                return [json.loads(line) for line in lines if line.strip()]
+                return _json_lines(path)  # errors name the file and line
             if suffix == ".json":
-                data = json.loads(path.read_text(encoding="utf-8"))
+                try:
+                    data = json.loads(_read_text(path))
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"file {str(path)!r}, line {err.lineno}: not valid JSON ({err.msg})") from None
                 if isinstance(data, Mapping):  # {column: [values]}
                     keys = list(data)
                     return [dict(zip(keys, row)) for row in zip(*data.values())]

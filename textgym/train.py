@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -82,6 +83,13 @@ class TrainingSection:
                 raise ConfigError(f"training.{key} must be >= 1, got {getattr(self, key)!r}")
 
 
+# Constructor arguments of the algorithms that textgym train sets itself.
+NOT_HYPERPARAMETERS = {"policy": "the algorithm's LM policy", "env": "the env section", "device": "the env's model",
+                       "seed": "training.seed", "lora": "model.lora", "tensorboard_log": "training.output_dir",
+                       **dict.fromkeys(("_init_setup_model", "monitor_wrapper", "support_multi_env",
+                                        "supported_action_spaces", "rollout_buffer_class"), "stable-baselines3")}
+
+
 @dataclass
 class TrainConfig:
     """``textgym train``'s config: sections model, env, reward, agent, training."""
@@ -100,48 +108,134 @@ class TrainConfig:
         reserved = sorted({"model", "reward", "reward_kwargs"} & set(self.env.kwargs))
         if reserved:
             raise ConfigError(f"env.kwargs.{reserved[0]} is set by the {reserved[0].split('_')[0]} section, not env.kwargs")
+        if isinstance(self.env.n_envs, bool) or not isinstance(self.env.n_envs, int) or self.env.n_envs < 1:
+            raise ConfigError(f"env.n_envs must be an integer >= 1, got {self.env.n_envs!r}")
+        set_elsewhere = sorted(set(self.agent.hyperparameters) & set(NOT_HYPERPARAMETERS))
+        if set_elsewhere:
+            raise ConfigError(f"agent.hyperparameters.{set_elsewhere[0]} is set by textgym train "
+                              f"({NOT_HYPERPARAMETERS[set_elsewhere[0]]}), not by the config")
+        # A misspelt hyperparameter is an error; one that only another algorithm takes (PPO's
+        # batch_size under --algo a2c) is set aside with a warning when the run starts.
+        known = set().union(*(agents.accepted_hyperparameters(a) for a in agents.names())) - set(NOT_HYPERPARAMETERS)
+        unknown = sorted(set(self.agent.hyperparameters) - known)
+        if unknown:
+            valid = sorted(agents.accepted_hyperparameters(self.agent.algo) - set(NOT_HYPERPARAMETERS))
+            raise ConfigError(f"agent.hyperparameters.{unknown[0]} is not a hyperparameter of any algorithm; "
+                              f"valid for {self.agent.algo}: {', '.join(valid)}")
 
     def env_kwargs(self) -> dict:
         return {**self.env.kwargs, "model": self.model.name, "reward": self.reward.name,
                 "reward_kwargs": dict(self.reward.kwargs)}
 
 
-def config_from_cli(path: str | None, overrides: list[str], algo: str | None = None) -> TrainConfig:
+def config_from_cli(path: str | None, overrides: list[str], algo: str | None = None,
+                    resume: bool = False) -> TrainConfig:
+    """The config of ``textgym train [CONFIG] [--algo A] [key=value ...]``. With ``resume``, the
+    file and overrides apply on top of the run's saved config.yaml (``Run`` then refuses any change
+    but ``RESUMABLE_KEYS``)."""
     overrides = list(overrides) + ([f"agent.algo={algo}"] if algo else [])
-    return load_config(TrainConfig, path, overrides)
+    cfg = load_config(TrainConfig, path, overrides)
+    saved = Path(cfg.training.output_dir) / "config.yaml"
+    if resume and saved.exists():
+        from textgym.config import yaml_load_file
+
+        cfg = load_config(TrainConfig, path, overrides, base=yaml_load_file(saved))
+    return cfg
 
 
 # --- the run ---------------------------------------------------------------------------------------
 
 
+# What ``--resume`` may change in a run's saved config: the rest would make the resumed run another run.
+RESUMABLE_KEYS = ("training.iterations", "training.output_dir")
+
+
+def _leaves(data: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(data, dict) and data:
+        out: dict[str, Any] = {}
+        for key, value in data.items():
+            out.update(_leaves(value, f"{prefix}{key}."))
+        return out
+    return {prefix.rstrip("."): data}
+
+
+def resume_config(saved: TrainConfig, requested: TrainConfig, done: int) -> TrainConfig:
+    """The config a resumed run continues with: the saved one, with the changes ``--resume`` allows
+    (``RESUMABLE_KEYS``) taken from ``requested``; any other change is refused by name."""
+    old, new = _leaves(to_dict(saved)), _leaves(to_dict(requested))
+    changed = sorted(k for k in set(old) | set(new) if old.get(k, "<unset>") != new.get(k, "<unset>")
+                     and k not in RESUMABLE_KEYS)
+    if changed:
+        shown = "; ".join(f"{k}: {old.get(k, '<unset>')!r} -> {new.get(k, '<unset>')!r}" for k in changed[:5])
+        raise ConfigError(
+            f"--resume continues the run with its saved config.yaml, so it cannot change {', '.join(changed)} "
+            f"({shown}); only {', '.join(RESUMABLE_KEYS)} may be given. Start a new run (another "
+            "training.output_dir) to change them"
+        )
+    cfg = copy.deepcopy(saved)
+    cfg.training.output_dir = requested.training.output_dir  # the directory may have moved
+    if requested.training.iterations < done:
+        raise ConfigError(f"training.iterations={requested.training.iterations} is fewer than the {done} "
+                          "iterations the run has already done")
+    cfg.training.iterations = requested.training.iterations
+    return cfg
+
+
 class Run:
-    """One training run in ``cfg.training.output_dir``."""
+    """One training run in ``cfg.training.output_dir``, which it locks for its whole life (a second
+    run or resume there is refused, see ``textgym.runlock``). ``resume=True`` continues the run saved
+    there; ``cfg`` may then differ from the saved config only in ``RESUMABLE_KEYS``."""
 
     def __init__(self, cfg: TrainConfig, resume: bool = False, progress: bool = True):
         import agents
+        from textgym.config import check_no_code_options
+        from textgym.runlock import RunLock
 
+        check_no_code_options(to_dict(cfg))
         self.dir = Path(cfg.training.output_dir)
         self.checkpoint = self.dir / "checkpoint"
         if resume:
             if not (self.checkpoint / "state.json").exists():
                 raise FileNotFoundError(f"nothing to resume in {str(self.dir)!r}: no checkpoint/state.json")
-            cfg = load_config(TrainConfig, self.dir / "config.yaml")
-            self.state = json.loads((self.checkpoint / "state.json").read_text())
-            for stale in [*self.dir.glob(".checkpoint-*"), *self.dir.glob(".final_model-*")]:
-                shutil.rmtree(stale, ignore_errors=True)  # half-written by the killed process
-        else:
-            if (self.checkpoint / "state.json").exists():
-                raise FileExistsError(f"{str(self.dir)!r} already holds a run: pass --resume, or another training.output_dir")
-            self.dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.dir / "config.yaml")
-            self.state = {"iteration": 0, "history": [], "before": None}
+            # checked before the lock is taken: a refused resume touches nothing
+            state = json.loads((self.checkpoint / "state.json").read_text())
+            cfg = resume_config(load_config(TrainConfig, self.dir / "config.yaml"), cfg, state["iteration"])
+        elif (self.checkpoint / "state.json").exists():
+            raise FileExistsError(f"{str(self.dir)!r} already holds a run: pass --resume, or another training.output_dir")
+        existed = self.dir.exists()
+        self.lock = RunLock(self.dir).acquire()  # before anything is written (or removed) in the directory
+        try:
+            if resume:
+                self.state = json.loads((self.checkpoint / "state.json").read_text())  # final, now that we hold it
+                for stale in [*self.dir.glob(".checkpoint-*"), *self.dir.glob(".final_model-*"),
+                              *self.dir.glob(".metrics.jsonl-*")]:
+                    if stale.is_dir():  # half-written by a killed process: nobody else holds the lock
+                        shutil.rmtree(stale, ignore_errors=True)
+                    else:
+                        stale.unlink(missing_ok=True)
+            else:
+                if (self.checkpoint / "state.json").exists():  # finished while we waited for the lock
+                    raise FileExistsError(f"{str(self.dir)!r} already holds a run: pass --resume, or another "
+                                          "training.output_dir")
+                self.state = {"iteration": 0, "history": [], "before": None}
+            self._setup(cfg, resume, progress, agents)
+            if not resume:
+                save_config(cfg, self.dir / "config.yaml")
+        except BaseException:
+            if not existed:  # a run refused before it started leaves nothing behind
+                shutil.rmtree(self.dir, ignore_errors=True)
+            self.lock.release()
+            raise
+
+    def _setup(self, cfg: TrainConfig, resume: bool, progress: bool, agents) -> None:
         self.cfg, self.progress = cfg, progress
         hp = {**cfg.agent.hyperparameters, "seed": cfg.training.seed}
         # Switching algorithms is one word: hyperparameters of another algorithm (PPO's batch_size
         # under A2C, say) are set aside with a warning instead of failing.
         foreign = sorted(set(hp) - agents.accepted_hyperparameters(cfg.agent.algo))
         if foreign:
-            warnings.warn(f"agent.hyperparameters {', '.join(foreign)} do not apply to {cfg.agent.algo}: ignored")
+            warnings.warn(f"agent.hyperparameters {', '.join(foreign)} do not apply to {cfg.agent.algo}: ignored",
+                          stacklevel=3)
             hp = {k: v for k, v in hp.items() if k not in foreign}
         if cfg.model.lora is not None:
             hp["lora"] = cfg.model.lora
@@ -159,6 +253,10 @@ class Run:
         from textgym.evaluate import make_rewards
 
         self.eval_rewards = make_rewards(cfg.reward.eval)
+
+    def close(self) -> None:
+        """Release the run directory (``run`` does it when it ends, however it ends)."""
+        self.lock.release()
 
     def _eval_prompts(self):
         from textgym.evaluate import held_out_prompts
@@ -208,11 +306,22 @@ class Run:
             self.agent.save(tmp / "agent.zip")
             (tmp / "state.json").write_text(json.dumps(self.state))
         # metrics.jsonl mirrors the checkpoint's history, so a kill between the two writes loses nothing.
-        tmp_metrics = self.dir / "metrics.jsonl.tmp"
-        tmp_metrics.write_text("".join(json.dumps(r) + "\n" for r in self.state["history"]))
-        os.replace(tmp_metrics, self.dir / "metrics.jsonl")
+        fd, tmp_metrics = tempfile.mkstemp(prefix=".metrics.jsonl-", suffix=".tmp", dir=self.dir)
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write("".join(json.dumps(r) + "\n" for r in self.state["history"]))
+            os.replace(tmp_metrics, self.dir / "metrics.jsonl")
+        except BaseException:
+            Path(tmp_metrics).unlink(missing_ok=True)
+            raise
 
     def run(self) -> dict:
+        try:
+            return self._run()
+        finally:
+            self.close()
+
+    def _run(self) -> dict:
         from tqdm.auto import tqdm
 
         t = self.cfg.training

@@ -84,6 +84,11 @@ class TextGenConfig:
             raise ValueError(f"score_scale must be a finite number > 0, got {self.score_scale!r}")
         if self.render_mode not in (None, "ansi"):
             raise ValueError(f"unknown render_mode {self.render_mode!r}; valid: None, 'ansi'")
+        for key in ("stop_on_eos", "chat_template"):  # "false" would be True
+            if not isinstance(getattr(self, key), (bool, np.bool_)):
+                raise ValueError(f"{key} must be True or False, got {getattr(self, key)!r}")
+        if not isinstance(self.reward_kwargs, dict):
+            raise ValueError(f"reward_kwargs must be a dict of the reward's options (or {{}}), got {self.reward_kwargs!r}")
 
 
 class TextGenCore:
@@ -93,6 +98,7 @@ class TextGenCore:
         self.cfg = cfg
         self.P, self.T = int(cfg.max_prompt_tokens), int(cfg.max_new_tokens)
         self.model, self.tokenizer = self._load_model(cfg)
+        check_position_limit(self.model, self.P, self.T)
         self.device = next(self.model.parameters()).device
         self.ref_model = self._load_ref(cfg)
         self.reward_fn = rewards.as_reward(cfg.reward, **cfg.reward_kwargs)
@@ -119,6 +125,7 @@ class TextGenCore:
     def _init_rows(self, n: int) -> None:
         """Fresh per-row state and decoders for ``n`` rows."""
         self.n = n
+        self._stale_cache = False  # set when a step failed after appending tokens (see _advance)
         L = self.P + self.T
         self.input_ids = np.full((n, L), self.pad_id, dtype=np.int64)
         self.attention_mask = np.zeros((n, L), dtype=np.int64)
@@ -327,18 +334,16 @@ class TextGenCore:
         """Start new episodes in ``rows``: sample a prompt with each row's RNG (or take the one in
         ``options``: ``prompt`` text or ``prompt_index``). Their prompts are encoded, all in one
         forward, when their logits are first needed (``ensure_started``)."""
+        options = check_reset_options(options, len(self.prompts))
         if not rows:
             return
-        options = options or {}
         ids = np.full((len(rows), self.P), self.pad_id, dtype=np.int64)
         mask = np.zeros((len(rows), self.P), dtype=np.int64)
         for j, (row, rng) in enumerate(zip(rows, rngs)):
             if "prompt" in options:
-                index, text = -1, str(options["prompt"])
+                index, text = -1, options["prompt"]
             else:
-                index = int(options["prompt_index"]) if "prompt_index" in options else int(rng.integers(len(self.prompts)))
-                if not 0 <= index < len(self.prompts):
-                    raise ValueError(f"prompt_index {index} out of range [0, {len(self.prompts)})")
+                index = options["prompt_index"] if "prompt_index" in options else int(rng.integers(len(self.prompts)))
                 text = self.prompts.prompts[index]
             tokens = self.encode_prompt(text)
             ids[j, self.P - len(tokens) :] = tokens
@@ -366,6 +371,9 @@ class TextGenCore:
         """Encode the prompts of newly reset rows, in one forward per decoder. Deferred from
         ``reset_rows`` so that a reset whose logits are never used (a reset before a policy update,
         or reset after reset) costs no forward."""
+        if self._stale_cache:  # a step failed while advancing the decoders: re-encode the live rows
+            self.refresh()
+            self._stale_cache = False
         rows = np.flatnonzero(self.pending).tolist()
         if not rows:
             return
@@ -425,17 +433,35 @@ class TextGenCore:
         done[idx] = self.length[idx] >= self.T
         if self.cfg.stop_on_eos:
             done[idx] |= np.isin(actions[idx], self.eos_ids)
-        infos = self._finish(np.flatnonzero(done), rewards_out) if done.any() else {}
+        infos = self._finish_or_undo(np.flatnonzero(done), rewards_out, idx, t) if done.any() else {}
         if self.kl_batch_auto and self.kl_batch is not None and len(self.kl_batch) >= self.n:
             self.update_kl_controller()  # after the step: rows finishing together share one coefficient
 
         going = rows & ~done
         if going.any():
-            acts_all = torch.as_tensor(actions, device=self.device)
-            going_t = torch.as_tensor(going, device=self.device)
-            for dec in self.decoders():
-                dec.advance(acts_all, going_t)
+            self._advance(torch.as_tensor(actions, device=self.device), torch.as_tensor(going, device=self.device))
         return rewards_out, done, infos
+
+    def _finish_or_undo(self, done: np.ndarray, rewards_out: np.ndarray, idx: np.ndarray, t: np.ndarray) -> dict:
+        """``_finish``; if it raises (a reward, the tokenizer or the reference model failed), the
+        step's tokens are taken back, so the step can be retried or the episodes reset."""
+        try:
+            return self._finish(done, rewards_out)
+        except BaseException:
+            self.input_ids[idx, self.P + t] = self.pad_id
+            self.attention_mask[idx, self.P + t] = 0
+            self.length[idx] = t
+            raise
+
+    def _advance(self, actions: torch.Tensor, going: torch.Tensor) -> None:
+        """Feed the new tokens to every decoder; if a forward fails, the caches are rebuilt from the
+        tokens before the next step's logits are used."""
+        try:
+            for dec in self.decoders():
+                dec.advance(actions, going)
+        except BaseException:
+            self._stale_cache = True
+            raise
 
     def completion_text(self, row: int) -> str:
         tokens = self.input_ids[row, self.P : self.P + self.length[row]].tolist()
@@ -497,6 +523,45 @@ class TextGenCore:
 
     def render_text(self, row: int) -> str:
         return f"prompt: {self.prompt_text[row]}\ncompletion: {self.completion_text(row)}"
+
+
+RESET_OPTIONS = ("prompt", "prompt_index")
+
+
+def check_reset_options(options: Any, n_prompts: int) -> dict:
+    """``reset(options=...)``: None or a dict with ``prompt`` (a string) or ``prompt_index`` (an
+    integer in range); anything else is refused by name."""
+    if options is None:
+        return {}
+    if not isinstance(options, dict):
+        raise TypeError(f"reset options must be a dict (keys {', '.join(RESET_OPTIONS)}) or None, "
+                        f"got {type(options).__name__} {options!r}")
+    unknown = sorted(set(options) - set(RESET_OPTIONS), key=str)
+    if unknown:
+        raise ValueError(f"unknown reset option {unknown[0]!r}; valid: {', '.join(RESET_OPTIONS)}")
+    if len(options) > 1:
+        raise ValueError("reset options 'prompt' and 'prompt_index' exclude each other: give one")
+    if "prompt" in options and not isinstance(options["prompt"], str):
+        raise TypeError(f"reset option 'prompt' must be a string, got {type(options['prompt']).__name__} "
+                        f"{options['prompt']!r}")
+    if "prompt_index" in options:
+        index = options["prompt_index"]
+        if isinstance(index, (bool, np.bool_)) or not isinstance(index, (int, np.integer)):
+            raise TypeError(f"reset option 'prompt_index' must be an integer, got {type(index).__name__} {index!r}")
+        if not 0 <= index < n_prompts:
+            raise ValueError(f"reset option 'prompt_index' {index} out of range [0, {n_prompts})")
+        return {"prompt_index": int(index)}
+    return dict(options)
+
+
+def check_position_limit(model, max_prompt_tokens: int, max_new_tokens: int) -> None:
+    """Prompt plus completion must fit the model's positions (``max_position_embeddings``)."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(limit, int) and max_prompt_tokens + max_new_tokens > limit:
+        raise ValueError(
+            f"max_prompt_tokens + max_new_tokens = {max_prompt_tokens} + {max_new_tokens} = "
+            f"{max_prompt_tokens + max_new_tokens} exceeds the model's {limit} positions (max_position_embeddings)"
+        )
 
 
 def load_prompts_default() -> PromptSet:

@@ -1,0 +1,313 @@
+"""Every bad input refused by name, and an env that survives a failing reward."""
+
+
+import gymnasium as gym
+import numpy as np
+import pytest
+
+import agents
+from textgym import rewards
+from textgym.cli import main, parse_args
+from textgym.config import ConfigError, load_config
+from textgym.evaluate import evaluate_target
+from textgym.rewards import RewardError
+from textgym.train import TrainConfig
+
+PROMPTS = ["The film", "I loved the music in this", "Bad"]
+
+
+def make(**kwargs):
+    return gym.make("textgym/TextGen-v0", **{"model": "textgym/tiny", "prompts": PROMPTS, **kwargs})
+
+
+# --- the env survives a failing reward -----------------------------------------------------------
+
+
+class Flaky:
+    """A reward that raises on the calls listed in ``fail_on``."""
+
+    name = "flaky"
+
+    def __init__(self, fail_on):
+        self.fail_on, self.calls = set(fail_on), 0
+
+    def __call__(self, prompts, completions, **metadata):
+        self.calls += 1
+        if self.calls in self.fail_on:
+            raise ZeroDivisionError("flaky reward failed")
+        return [float(len(c)) for c in completions]
+
+
+def test_reward_raising_mid_rollout_then_reset_and_normal_episodes():
+    reward = Flaky(fail_on={1})
+    env = make(reward=reward, max_new_tokens=3, stop_on_eos=False)
+    env.reset(seed=0)
+    env.step(5)
+    env.step(6)
+    with pytest.raises(RewardError, match=r"reward 'Flaky' raised ZeroDivisionError: flaky reward failed"):
+        env.step(7)
+    core = env.unwrapped.core
+    assert core.live[0] and core.length[0] == 2  # the failed step's token was taken back
+    # the step can be retried ...
+    _, _, term, _, info = env.step(7)
+    assert term and info["length"] == 3
+    # ... and after a reset, normal episodes follow
+    for seed in (1, 2):
+        env.reset(seed=seed)
+        for _ in range(3):
+            _, _, term, _, info = env.step(5)
+        assert term and info["length"] == 3 and info["score"] == float(len(info["completion"]))
+
+
+def test_failing_reward_then_reset_gives_the_same_episode_as_a_fresh_env():
+    failing = make(reward=Flaky(fail_on={1}), max_new_tokens=2, stop_on_eos=False)
+    fresh = make(reward=Flaky(fail_on=set()), max_new_tokens=2, stop_on_eos=False)
+    failing.reset(seed=0)
+    failing.step(5)
+    with pytest.raises(RewardError):
+        failing.step(5)
+    results = []
+    for env in (failing, fresh):
+        env.reset(seed=3)
+        env.step(9)
+        results.append(env.step(11))
+    assert results[0][1] == results[1][1] and results[0][4]["completion"] == results[1][4]["completion"]
+    np.testing.assert_array_equal(results[0][0]["input_ids"], results[1][0]["input_ids"])
+    np.testing.assert_allclose(failing.unwrapped.next_token_logits().numpy(), fresh.unwrapped.next_token_logits().numpy(),
+                               atol=1e-5)
+
+
+def test_vector_env_survives_a_failing_reward():
+    vec = gym.make_vec("textgym/TextGen-v0", num_envs=3, vectorization_mode="vector_entry_point", model="textgym/tiny",
+                       prompts=PROMPTS, reward=Flaky(fail_on={1}), max_new_tokens=2, stop_on_eos=False)
+    vec.reset(seed=0)
+    vec.step(np.array([5, 6, 7]))
+    with pytest.raises(RewardError, match="Flaky"):
+        vec.step(np.array([5, 6, 7]))
+    _, _, done, _, infos = vec.step(np.array([5, 6, 7]))
+    assert done.all() and len(infos["completion"]) == 3
+    vec.reset(seed=1)
+    vec.step(np.array([1, 2, 3]))
+    assert vec.step(np.array([1, 2, 3]))[2].all()
+
+
+def test_model_failure_while_advancing_rebuilds_the_cache():
+    env = make(max_new_tokens=4, stop_on_eos=False)
+    reference = make(max_new_tokens=4, stop_on_eos=False)
+    core = env.unwrapped.core
+    for e in (env, reference):
+        e.reset(seed=0)
+        e.step(5)
+    original = core.policy.advance
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    core.policy.advance = broken
+    with pytest.raises(RuntimeError, match="out of memory"):
+        env.step(6)
+    core.policy.advance = original
+    reference.step(6)
+    np.testing.assert_allclose(env.unwrapped.next_token_logits().numpy(),
+                               reference.unwrapped.next_token_logits().numpy(), atol=1e-4)
+
+
+def test_reward_output_overflow_names_the_reward():
+    reward = rewards.as_reward(lambda p, c: [10**400] * len(c))
+    with pytest.raises(ValueError, match=r"reward '<lambda>' returned 1000.* at index 0: not representable"):
+        reward(["a"], ["b"])
+
+
+def test_reward_exceptions_name_the_reward():
+    def picky(prompts, completions):
+        raise KeyError("label")
+
+    with pytest.raises(RewardError, match=r"reward 'picky' raised KeyError: 'label'"):
+        rewards.as_reward(picky)(["a"], ["b"])
+
+    def wrong(prompts, completions):
+        raise ValueError("bad input")
+
+    with pytest.raises(ValueError, match=r"reward 'wrong': bad input"):
+        rewards.as_reward(wrong)(["a"], ["b"])
+
+
+# --- env arguments and reset options ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("options, error, match", [
+    ({"prompt_index": 1.7}, TypeError, r"'prompt_index' must be an integer, got float 1.7"),
+    ({"prompt_index": True}, TypeError, r"'prompt_index' must be an integer, got bool True"),
+    ({"prompt_index": 3}, ValueError, r"'prompt_index' 3 out of range \[0, 3\)"),
+    ({"prompt_index": -1}, ValueError, r"'prompt_index' -1 out of range"),
+    ({"prompt": None}, TypeError, r"'prompt' must be a string, got NoneType None"),
+    ({"prompt": 3}, TypeError, r"'prompt' must be a string"),
+    ({"promt": "x"}, ValueError, r"unknown reset option 'promt'; valid: prompt, prompt_index"),
+    ({"prompt": "x", "prompt_index": 0}, ValueError, r"exclude each other"),
+    (["prompt"], TypeError, r"reset options must be a dict .* got list"),
+    ("prompt", TypeError, r"reset options must be a dict"),
+])
+def test_bad_reset_options_are_refused_by_name(options, error, match):
+    env = make(max_new_tokens=2)
+    with pytest.raises(error, match=match):
+        env.reset(options=options)
+    vec = gym.make_vec("textgym/TextGen-v0", num_envs=2, vectorization_mode="vector_entry_point", model="textgym/tiny",
+                       prompts=PROMPTS, max_new_tokens=2)
+    with pytest.raises(error, match=match):
+        vec.reset(options=options)
+
+
+def test_good_reset_options_still_work():
+    env = make(max_new_tokens=2)
+    assert env.reset(options={"prompt_index": np.int64(2)})[1]["prompt"] == "Bad"
+    assert env.reset(options={"prompt": ""})[1]["prompt"] == ""
+    assert env.reset(options={})[1]["prompt"] in PROMPTS
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"stop_on_eos": "false"}, r"stop_on_eos must be True or False, got 'false'"),
+    ({"chat_template": 1}, r"chat_template must be True or False, got 1"),
+    ({"reward_kwargs": None}, r"reward_kwargs must be a dict .* got None"),
+    ({"max_new_tokens": 500, "max_prompt_tokens": 64},
+     r"max_prompt_tokens \+ max_new_tokens = 64 \+ 500 = 564 exceeds the model's 512 positions"),
+])
+def test_bad_env_arguments_are_refused_by_name(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        make(**kwargs)
+
+
+@pytest.mark.parametrize("n_envs", [0, -2, 1.5, True])
+def test_bad_n_envs_is_refused(n_envs):
+    with pytest.raises(ValueError, match=rf"n_envs must be an integer >= 1 .*got {n_envs!r}"):
+        agents.make("ppo", "textgym/TextGen-v0", n_envs=n_envs, env_kwargs={"model": "textgym/tiny"})
+
+
+def test_misspelt_hyperparameter_is_refused_by_agents_make():
+    with pytest.raises(ValueError, match=r"lernrate: not hyperparameter\(s\) of ppo; valid: .*learning_rate"):
+        agents.make("ppo", "textgym/TextGen-v0", n_envs=1, env_kwargs={"model": "textgym/tiny"}, lernrate=1e-3)
+
+
+# --- files ------------------------------------------------------------------------------------------
+
+
+def test_non_utf8_prompt_file_names_file_and_line(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_bytes(b"hello\nw\xe9rld\n")
+    with pytest.raises(ValueError, match=rf"file '{path}' is not UTF-8 text: line 2 \(byte 7\)"):
+        make(prompts=str(path))
+
+
+def test_malformed_json_line_names_file_and_line(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text('{"prompt": "a"}\n\n{"prompt": "b"}\n{"prompt": oops}\n')
+    with pytest.raises(ValueError, match=rf"file '{path}', line 4: not valid JSON"):
+        make(prompts=str(path))
+    bad_json = tmp_path / "prompts.json"
+    bad_json.write_text('[\n"a",\n"b"\n"c"]')
+    with pytest.raises(ValueError, match=rf"file '{bad_json}', line 4: not valid JSON"):
+        make(prompts=str(bad_json))
+
+
+def test_yaml_error_names_the_file(tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_text("training:\n  iterations: [1\n")
+    with pytest.raises(ConfigError, match=rf"(?s)config file '{path}' is not valid YAML: .*in \"{path}\", line"):
+        load_config(TrainConfig, path)
+    path.write_bytes(b"training:\n  output_dir: \xff\n")
+    with pytest.raises(ConfigError, match=rf"config file '{path}' is not UTF-8"):
+        load_config(TrainConfig, path)
+
+
+# --- configs and the command line --------------------------------------------------------------------
+
+
+def test_misspelt_hyperparameter_is_an_error_listing_valid_names():
+    with pytest.raises(ConfigError, match=r"agent.hyperparameters.lernrate is not a hyperparameter of any algorithm; "
+                                          r"valid for ppo: batch_size, clip_range, .*learning_rate"):
+        load_config(TrainConfig, overrides=["agent.hyperparameters.lernrate=1e-3"])
+    # a hyperparameter of another algorithm is still accepted (Run warns and sets it aside)
+    cfg = load_config(TrainConfig, overrides=["agent.algo=a2c", "agent.hyperparameters.batch_size=8"])
+    assert cfg.agent.hyperparameters["batch_size"] == 8
+    with pytest.raises(ConfigError, match=r"agent.hyperparameters.seed is set by textgym train \(training.seed\)"):
+        load_config(TrainConfig, overrides=["agent.hyperparameters.seed=3"])
+
+
+@pytest.mark.parametrize("value", ["0", "-1"])
+def test_n_envs_zero_is_refused_in_configs(value):
+    with pytest.raises(ConfigError, match=rf"env.n_envs must be an integer >= 1, got {value}"):
+        load_config(TrainConfig, overrides=[f"env.n_envs={value}"])
+
+
+@pytest.mark.parametrize("value", ["-3", "0", "two"])
+def test_eval_n_must_be_positive(value, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["eval", "textgym/tiny", "--n", value])
+    assert info.value.code == 2
+    assert f"argument --n: must be an integer >= 1, got '{value}'" in capsys.readouterr().err
+
+
+def test_evaluate_target_refuses_bad_n():
+    with pytest.raises(ValueError, match=r"n must be an integer >= 1, got 0"):
+        evaluate_target("textgym/tiny", n=0)
+
+
+def test_options_and_overrides_in_any_order(tmp_path):
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("training:\n  iterations: 3\n")
+    args = parse_args(["train", str(cfg), "--algo", "a2c", "training.seed=4", "--resume", "env.n_envs=2"])
+    assert (args.config, args.algo, args.resume) == (str(cfg), "a2c", True)
+    assert args.overrides == ["training.seed=4", "env.n_envs=2"]
+    args = parse_args(["train", "--algo", "a2c", "training.seed=4"])
+    assert args.config == "training.seed=4" and args.overrides == []  # moved to the overrides by cmd_train
+    with pytest.raises(SystemExit):
+        parse_args(["train", str(cfg), "--algo", "a2c", "--nonsense"])
+
+
+def test_cli_user_error_is_one_line_and_debug_gives_the_traceback(capsys):
+    assert main(["train", "agent.hyperparameters.lernrate=1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith("textgym train: error: agent.hyperparameters.lernrate is not a hyperparameter")
+    with pytest.raises(ConfigError, match="lernrate"):
+        main(["--debug", "train", "agent.hyperparameters.lernrate=1"])
+    with pytest.raises(ConfigError, match="lernrate"):
+        main(["train", "agent.hyperparameters.lernrate=1", "--debug"])
+    assert main(["eval", "no/such-model-dir", "--n", "2"]) == 2
+    assert "could not load model 'no/such-model-dir'" in capsys.readouterr().err
+
+
+def test_cli_override_yaml_error_names_the_override(capsys):
+    assert main(["train", "training.iterations=[1"]) == 2
+    assert "override 'training.iterations=[1': the value is not valid YAML" in capsys.readouterr().err
+
+
+def test_resume_overrides_apply_or_are_refused(tmp_path):
+    """--resume with overrides: training.iterations is applied, anything else is refused with the reason."""
+    from textgym.train import resume_config
+
+    saved = load_config(TrainConfig, overrides=["training.iterations=4", f"training.output_dir={tmp_path}"])
+    more = load_config(TrainConfig, overrides=["training.iterations=6", f"training.output_dir={tmp_path}"])
+    assert resume_config(saved, more, done=2).training.iterations == 6
+    changed = load_config(TrainConfig, overrides=["training.iterations=4", f"training.output_dir={tmp_path}",
+                                                  "agent.hyperparameters.learning_rate=0.1", "env.n_envs=2"])
+    with pytest.raises(ConfigError, match=r"cannot change agent.hyperparameters.learning_rate, env.n_envs "
+                                          r"\(agent.hyperparameters.learning_rate: 0.0003 -> 0.1"):
+        resume_config(saved, changed, done=2)
+    fewer = load_config(TrainConfig, overrides=["training.iterations=1", f"training.output_dir={tmp_path}"])
+    with pytest.raises(ConfigError, match=r"training.iterations=1 is fewer than the 2 iterations"):
+        resume_config(saved, fewer, done=2)
+
+
+def test_tokenizer_failure_at_the_end_of_an_episode_leaves_the_step_retryable():
+    env = make(max_new_tokens=2, stop_on_eos=False)
+    core = env.unwrapped.core
+    env.reset(seed=0)
+    env.step(5)
+    original = core.tokenizer.decode
+    core.tokenizer.decode = lambda *a, **k: (_ for _ in ()).throw(UnicodeError("cannot decode"))
+    with pytest.raises(UnicodeError, match="cannot decode"):
+        env.step(6)
+    assert core.live[0] and core.length[0] == 1
+    core.tokenizer.decode = original
+    _, _, term, _, info = env.step(6)
+    assert term and info["length"] == 2
