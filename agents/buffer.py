@@ -50,7 +50,7 @@ class EpisodeRolloutBuffer(DictRolloutBuffer):
         bounds = np.append(np.flatnonzero(starts), starts.size)
         return [np.arange(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
 
-    def get(self, batch_size: int | None = None) -> Generator[DictRolloutBufferSamples, None, None]:
+    def get(self, batch_size: int | None = None) -> Generator[LMRolloutSamples, None, None]:
         assert self.full, "the rollout buffer is not full"
         segments = self.segments()
         total = self.buffer_size * self.n_envs

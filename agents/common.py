@@ -22,7 +22,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from agents import serialization
 from agents.lora import apply_lora, lora_config

@@ -1,7 +1,6 @@
 """The RL maths of the agents, checked against hand computations: KL placement, the KL controller,
 evaluation that changes nothing, NLPO's acting distribution, LoRA's reference, GAE."""
 
-import copy
 import json
 import warnings
 

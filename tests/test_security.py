@@ -77,7 +77,7 @@ def test_agent_saved_by_sb3_itself_is_refused(tmp_path):
 def test_saved_agent_holds_json_and_weights_only(tmp_path):
     agent = toy_agent(learning_rate=1e-3, clip_range=0.3)
     agent.learn(12)
-    agent.kl_controller_state = {"value": 0.07, "error": 0.5}  # JSON state an agent may add: kept
+    agent.user_state = {"value": 0.07, "error": 0.5}  # JSON state an agent may add: kept
     agent.ep_info_buffer.append({"r": 1.5, "l": 3, "t": 0.1})
     agent.save(tmp_path / "agent")
     with zipfile.ZipFile(tmp_path / "agent.zip") as zf:
@@ -89,7 +89,8 @@ def test_saved_agent_holds_json_and_weights_only(tmp_path):
     data = json.loads(raw)
     assert data["textgym_hyperparameters"]["clip_range"] == 0.3
     loaded = agents.load(tmp_path / "agent.zip", env="textgym/TextGen-v0", n_envs=2, env_kwargs=TOY)
-    assert loaded.kl_controller_state == {"value": 0.07, "error": 0.5}
+    assert loaded.user_state == {"value": 0.07, "error": 0.5}
+    assert loaded.kl_controller_state == {"value": agent.env.core.kl_controller.value}
     assert loaded.num_timesteps == agent.num_timesteps and loaded._n_updates == agent._n_updates
     assert isinstance(loaded.ep_info_buffer, deque) and loaded.ep_info_buffer[-1] == {"r": 1.5, "l": 3, "t": 0.1}
     assert loaded.ep_info_buffer.maxlen == agent.ep_info_buffer.maxlen

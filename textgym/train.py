@@ -11,6 +11,7 @@ Every iteration (one rollout and one update) starts from fresh episodes with the
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
