@@ -20,8 +20,6 @@ def evaluate(model, n_episodes: int = 32, deterministic: bool = False, seed: int
     core = model.env.core
     episodes = sampling.episodes_per_row(core, n_episodes, seed=seed, greedy=deterministic)
     summary = {key: float(np.mean([e[key] for e in episodes])) for key in ("score", "kl", "length")}
-    coef = core.kl_controller.value if core.cfg.kl_in == "reward" else 0.0
-    # The episode's return as training sees it (final-mode rewards; per-token mode sums to the same).
-    summary["reward"] = float(np.mean([core.cfg.score_scale * e["score"] - coef * e["kl"] for e in episodes]))
+    summary["reward"] = float(np.mean([sampling.episode_return(core, e) for e in episodes]))
     summary["episodes"] = episodes
     return summary

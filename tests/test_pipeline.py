@@ -184,3 +184,35 @@ def test_sigkilled_cli_run_resumes_to_the_same_result(tmp_path):
 
     assert records(killed) == records(full)
     assert not list(tmp_path.rglob(".checkpoint-*"))  # no half-written checkpoint left behind
+
+
+@pytest.mark.parametrize("agent", ["sample", "greedy", "random"])
+def test_demo_plays_the_envs_held_out_prompts(tmp_path, capsys, agent):
+    out = tmp_path / "demo.json"
+    args = ["demo", "--env", "textgym/TextGen-v0", "--model", "textgym/tiny", "--agent", agent, "--episodes", "5",
+            "--seed", "3", "--json", str(out)]
+    assert main(args) == 0
+    episodes = json.loads(out.read_text())
+    assert len(episodes) == 5
+    from textgym.prompts import sentiment_prompts
+
+    held_out = set(sentiment_prompts("test").prompts)  # TextGen's default held-out split
+    assert all(e["prompt"] in held_out for e in episodes)
+    for e in episodes:
+        assert e["reward"] == pytest.approx(e["score"] - e["kl_coef"] * e["kl"])
+    assert "mean score" in capsys.readouterr().out
+    assert main(args[:-2] + ["--json", str(tmp_path / "again.json")]) == 0  # seeded: the same episodes
+    assert json.loads((tmp_path / "again.json").read_text()) == episodes
+
+
+def test_envs_own_their_held_out_split():
+    import gymnasium as gym
+
+    from textgym.prompts import sentiment_prompts
+
+    env = gym.make("textgym/Sentiment-v0", model="textgym/tiny", split="train")
+    assert env.unwrapped.core.test_prompts.prompts == sentiment_prompts("test").prompts
+    env = gym.make("textgym/TextGen-v0", prompts=["a", "b"])
+    assert env.unwrapped.core.test_prompts.prompts == ["a", "b"]  # no split given: its own prompts
+    env = gym.make("textgym/TextGen-v0", prompts=["a", "b"], test_prompts=["c"])
+    assert env.unwrapped.core.test_prompts.prompts == ["c"]

@@ -132,7 +132,7 @@ def speed_and_agreement(cfg: BenchRewardsConfig) -> dict:
     vec = gym.make_vec(train_cfg.env.id, num_envs=train_cfg.env.n_envs, vectorization_mode="vector_entry_point",
                        **kwargs)
     core = vec.unwrapped.core
-    prompts = held_out_prompts(train_cfg.env.id, core.prompts, train_cfg.training.eval_prompts, cfg.agreement_n)
+    prompts = held_out_prompts(core, train_cfg.training.eval_prompts, cfg.agreement_n)
     episodes = generate(core, prompts, seed=cfg.seeds[0])
     texts = ([e["prompt"] for e in episodes], [e["completion"] for e in episodes])
     meta = prompts.metadata_for(list(range(len(episodes))))
@@ -218,7 +218,7 @@ def bench_elo(targets: list[str], *, judge: Any = "vader", env_id: str = "textgy
         vec = gym.make_vec(env_id, num_envs=n_envs, vectorization_mode="vector_entry_point", model=str(model_path),
                            **(env_kwargs or {}))
         core = vec.unwrapped.core
-        prompts = prompts or held_out_prompts(env_id, core.prompts, None, n)
+        prompts = prompts or held_out_prompts(core, None, n)
         episodes = generate(core, prompts, seed=seed)
         completions[name] = [e["completion"] for e in episodes]
         names.append(name)

@@ -9,40 +9,26 @@ from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
-import torch
-from tqdm.auto import tqdm
+
+from textgym import sampling
 
 
 def run_episodes(env, agent: str, episodes: int, seed: int = 0, progress: bool = True) -> list[dict]:
-    """Play ``episodes`` episodes; ``agent`` is "random", "greedy" (argmax of the env's own LM) or
-    "sample" (sampling from the full LM distribution). Returns the final-step infos."""
-    env.action_space.seed(seed)
-    generator = torch.Generator().manual_seed(seed)
-    results = []
-    obs, _ = env.reset(seed=seed)
-    for _ in tqdm(range(episodes), desc=f"{agent} agent", disable=not progress, unit="episode"):
-        done = False
-        while not done:
-            if agent == "random":
-                action = env.action_space.sample()
-            else:
-                logits = env.unwrapped.next_token_logits().cpu()
-                if agent == "greedy":
-                    action = int(logits.argmax())
-                else:
-                    action = int(torch.multinomial(torch.softmax(logits, -1), 1, generator=generator))
-            obs, reward, done, truncated, info = env.step(action)
-            done = done or truncated
-        results.append({**info, "reward": reward})
-        obs, _ = env.reset()
-    return results
+    """Play ``episodes`` episodes on the env's held-out prompts (textgym's one sampling path,
+    ``textgym.sampling``); ``agent`` is "random" (uniform token ids), "greedy" (argmax of the env's
+    acting distribution) or "sample" (sampling from it). Returns the final-step infos, each with
+    the episode's ``reward`` (its return)."""
+    core = env.unwrapped.core
+    infos = sampling.episodes_per_row(core, episodes, seed=seed, prompts=core.test_prompts, mode=agent,
+                                      progress=progress)
+    return [{**info, "reward": sampling.episode_return(core, info)} for info in infos]
 
 
 def cmd_demo(args) -> int:
     import textgym  # noqa: F401  (registers the envs)
 
     kwargs = {"model": args.model} if args.model else {}
-    env = gym.make(args.env, **kwargs, split="test") if args.env.endswith("Sentiment-v0") else gym.make(args.env, **kwargs)
+    env = gym.make(args.env, **kwargs)
     results = run_episodes(env, args.agent, args.episodes, seed=args.seed)
     from rich.console import Console
     from rich.table import Table

@@ -9,7 +9,7 @@ import numpy as np
 
 from textgym import metrics, rewards, sampling
 from textgym.envs.core import TextGenCore
-from textgym.prompts import PromptSet
+from textgym.prompts import PromptSet, load_prompts
 
 
 def generate(core: TextGenCore, prompts: PromptSet, seed: int = 0) -> list[dict]:
@@ -56,17 +56,10 @@ def make_rewards(specs: list) -> dict[str, Any]:
     return out
 
 
-def held_out_prompts(env_id: str, env_prompts: PromptSet, source: Any = None, n: int | None = None) -> PromptSet:
-    """The evaluation prompts: ``source`` if given, else the sentiment task's test split, else the
-    env's own prompts; the first ``n`` of them."""
-    from textgym.prompts import load_prompts, sentiment_prompts
-
-    if source is not None:
-        prompts = load_prompts(source)
-    elif env_id == "textgym/Sentiment-v0":
-        prompts = sentiment_prompts("test")
-    else:
-        prompts = env_prompts
+def held_out_prompts(core: TextGenCore, source: Any = None, n: int | None = None) -> PromptSet:
+    """The evaluation prompts: ``source`` if given, else the env's own held-out split
+    (``core.test_prompts``); the first ``n`` of them."""
+    prompts = load_prompts(source) if source is not None else core.test_prompts
     return prompts if n is None else prompts.head(n)
 
 
@@ -108,7 +101,7 @@ def evaluate_target(target: str, *, env_id: str | None = None, n: int | None = N
         n_envs = 16 if n_envs is None else n_envs
     vec = gym.make_vec(env_id, num_envs=n_envs, vectorization_mode="vector_entry_point", **kwargs)
     core = vec.unwrapped.core
-    prompts = held_out_prompts(env_id, core.prompts, source, n)
+    prompts = held_out_prompts(core, source, n)
     episodes = generate(core, prompts, seed=seed)
     summary = summarise(episodes, make_rewards(extra), prompts)
     Path(out).write_text(json.dumps({"target": target, "env": env_id, "metrics": summary, "episodes": episodes}, indent=1))

@@ -1,7 +1,7 @@
 """Playing fresh episodes with an engine's acting distribution, without touching its training state.
 
 Every consumer that wants "completions of these prompts" or "n episodes of this policy" comes
-here: held-out evaluation, the benchmarks and ``agents.evaluate``. Episodes are played on an
+here: held-out evaluation, the benchmarks, ``textgym demo`` and ``agents.evaluate``. Episodes are played on an
 ``evaluation_copy`` of the engine (own rows, KV caches and frozen KL coefficient) with a
 ``torch.Generator`` of their own, so the running episodes, caches, KL controller and global RNGs of
 the engine being evaluated stay exactly as they were: measuring does not change what is measured.
@@ -13,25 +13,36 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from textgym.envs.core import TextGenCore
 from textgym.prompts import PromptSet
 
 
+MODES = ("sample", "greedy", "random")
+
+
 @torch.no_grad()
 def play(core: TextGenCore, next_prompt: Callable[[int], int | None], *, prompts: PromptSet | None = None,
-         seed: int = 0, greedy: bool = False, n_rows: int | None = None) -> list[tuple[int, dict]]:
+         seed: int = 0, greedy: bool = False, n_rows: int | None = None, mode: str | None = None,
+         progress: int | None = None) -> list[tuple[int, dict]]:
     """Play episodes on an evaluation copy of ``core`` with ``n_rows`` rows (default ``core.n``).
 
     ``next_prompt(row)`` gives the index (into ``prompts``, default ``core.prompts``) of the next
-    episode's prompt for that row, or None when the row is done. Tokens are sampled from the acting
-    distribution (``greedy``: its argmax). Returns ``(row, final info)`` in the order episodes ended.
+    episode's prompt for that row, or None when the row is done. ``mode``: ``"sample"`` (default)
+    from the acting distribution, ``"greedy"`` its argmax (also ``greedy=True``), ``"random"``
+    uniform token ids (a baseline). ``progress``: show a progress bar over that many episodes.
+    Returns ``(row, final info)`` in the order episodes ended.
     """
+    mode = mode or ("greedy" if greedy else "sample")
+    if mode not in MODES:
+        raise ValueError(f"unknown sampling mode {mode!r}; valid: {', '.join(MODES)}")
     engine = core.evaluation_copy(n_rows)
     if prompts is not None:
         engine.prompts = prompts
     gen = torch.Generator(device=core.device).manual_seed(seed)
     finished: list[tuple[int, dict]] = []
+    bar = tqdm(total=progress, unit="episode", disable=not progress, desc=f"{mode} episodes")
 
     def start(rows: list[int]) -> None:
         for row in rows:
@@ -41,15 +52,29 @@ def play(core: TextGenCore, next_prompt: Callable[[int], int | None], *, prompts
 
     start(list(range(engine.n)))
     while engine.live.any():
-        logits = engine.acting_logits()
-        if greedy:
-            actions = logits.argmax(-1)
+        if mode == "random":
+            engine.ensure_started()
+            actions = torch.randint(engine.vocab, (engine.n,), generator=gen, device=core.device)
         else:
-            actions = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=gen).squeeze(1)
+            logits = engine.acting_logits()
+            if mode == "greedy":
+                actions = logits.argmax(-1)
+            else:
+                actions = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=gen).squeeze(1)
         _, _, infos = engine.step(actions.cpu().numpy(), engine.live.copy())
         finished.extend(sorted(infos.items()))
+        bar.update(len(infos))
         start(sorted(infos))
+    bar.close()
     return finished
+
+
+def episode_return(core: TextGenCore, info: dict) -> float:
+    """The undiscounted return of a finished episode as training sees it, from its final info:
+    ``score_scale * score - kl_coef * KL`` with the KL in the reward (per-token mode pays the same
+    sum over the steps), the scaled score alone with the KL in the loss."""
+    coef = info["kl_coef"] if core.cfg.kl_in == "reward" else 0.0
+    return core.cfg.score_scale * info["score"] - coef * info["kl"]
 
 
 def complete_prompts(core: TextGenCore, prompts: PromptSet, *, seed: int = 0, greedy: bool = False) -> list[dict]:
@@ -72,11 +97,14 @@ def complete_prompts(core: TextGenCore, prompts: PromptSet, *, seed: int = 0, gr
     return results  # type: ignore[return-value]
 
 
-def episodes_per_row(core: TextGenCore, n_episodes: int, *, seed: int = 0, greedy: bool = False) -> list[dict]:
-    """``n_episodes`` episodes on prompts drawn at random from ``core.prompts``, spread over the
-    rows as stable-baselines3's ``evaluate_policy`` does: row ``i`` plays ``(n_episodes + i) //
-    n`` of them, so short episodes are not over-represented (the first episodes to finish are the
-    short ones). Row ``i`` draws its prompts with its own RNG, seeded by ``(seed, i)``."""
+def episodes_per_row(core: TextGenCore, n_episodes: int, *, seed: int = 0, greedy: bool = False,
+                     prompts: PromptSet | None = None, mode: str | None = None,
+                     progress: bool = False) -> list[dict]:
+    """``n_episodes`` episodes on prompts drawn at random from ``prompts`` (default
+    ``core.prompts``), spread over the rows as stable-baselines3's ``evaluate_policy`` does: row
+    ``i`` plays ``(n_episodes + i) // n`` of them, so short episodes are not over-represented (the
+    first episodes to finish are the short ones). Row ``i`` draws its prompts with its own RNG,
+    seeded by ``(seed, i)``. ``mode`` as in ``play``."""
     if isinstance(n_episodes, bool) or not isinstance(n_episodes, (int, np.integer)) or n_episodes < 1:
         raise ValueError(f"n_episodes must be an integer >= 1, got {n_episodes!r}")
     n = core.n
@@ -88,8 +116,10 @@ def episodes_per_row(core: TextGenCore, n_episodes: int, *, seed: int = 0, greed
         if counts[row] >= targets[row]:
             return None
         counts[row] += 1
-        return int(rngs[row].integers(len(core.prompts)))
+        return int(rngs[row].integers(len(pool)))
 
-    played = play(core, next_prompt, seed=seed, greedy=greedy)
+    pool = core.prompts if prompts is None else prompts
+    played = play(core, next_prompt, prompts=prompts, seed=seed, greedy=greedy, mode=mode,
+                  progress=n_episodes if progress else None)
     return [info for _, info in sorted(played, key=lambda item: item[0])]
 

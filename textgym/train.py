@@ -263,7 +263,7 @@ class Run:
         from textgym.evaluate import held_out_prompts
 
         t = self.cfg.training
-        return held_out_prompts(self.cfg.env.id, self.core.prompts, t.eval_prompts, t.eval_n)
+        return held_out_prompts(self.core, t.eval_prompts, t.eval_n)
 
     def evaluate(self) -> tuple[dict, list[dict]]:
         from textgym.evaluate import generate, summarise

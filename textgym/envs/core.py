@@ -28,7 +28,7 @@ import torch
 
 from textgym import kl as klmod
 from textgym import lm, models, rewards
-from textgym.prompts import PromptSet, load_prompts
+from textgym.prompts import PromptSet, load_prompts, sentiment_prompts
 
 KL_MODES = ("final", "per_token")
 NUCLEUS = "nucleus_mask"  # the follower that decodes the masking model of the acting distribution
@@ -45,6 +45,7 @@ class TextGenConfig:
     reward: Any = "length"
     reward_kwargs: dict = field(default_factory=dict)
     prompts: Any = None  # None: the shipped movie-review openings (train split)
+    test_prompts: Any = None  # held-out prompts; None: the shipped test openings, or prompts when given
     prompt_column: str | None = None
     max_new_tokens: int = 32
     max_prompt_tokens: int = 64
@@ -105,6 +106,7 @@ class TextGenCore:
         self.prompts: PromptSet = load_prompts(
             load_prompts_default() if cfg.prompts is None else cfg.prompts, column=cfg.prompt_column
         )
+        self._test_prompts: PromptSet | None = None
         self.kl_controller = klmod.make_controller(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
         # KLs of the episodes finished since the controller's last update (None: not tracked, as in
         # an evaluation copy). The controller moves once per batch on the batch's mean KL: by
@@ -156,6 +158,17 @@ class TextGenCore:
         self.followers[name] = lm.IncrementalLM(model, self.n)
         self.refresh([self.followers[name]])
         return self.followers[name]
+
+    @property
+    def test_prompts(self) -> PromptSet:
+        """The env's held-out prompts (``test_prompts``; by default the shipped test openings when
+        the env uses the shipped prompts, else its own prompts), loaded when first asked for."""
+        if self._test_prompts is None:
+            source = self.cfg.test_prompts
+            if source is None:
+                source = sentiment_prompts("test") if self.cfg.prompts is None else self.prompts
+            self._test_prompts = load_prompts(source, column=self.cfg.prompt_column)
+        return self._test_prompts
 
     # --- the acting distribution ------------------------------------------------------------------
 
@@ -565,8 +578,6 @@ def check_position_limit(model, max_prompt_tokens: int, max_new_tokens: int) -> 
 
 
 def load_prompts_default() -> PromptSet:
-    from textgym.prompts import sentiment_prompts
-
     return sentiment_prompts("train")
 
 

@@ -14,9 +14,11 @@ DEFAULTS: dict[str, Any] = dict(
 
 
 def sentiment_kwargs(split: str = "train", **kwargs: Any) -> dict[str, Any]:
-    """TextGen keyword arguments of the sentiment task; ``kwargs`` override the defaults."""
+    """TextGen keyword arguments of the sentiment task; ``kwargs`` override the defaults. The
+    held-out prompts are the test split whatever ``split`` the episodes draw from."""
     merged = {**DEFAULTS, **kwargs}
     merged.setdefault("prompts", sentiment_prompts(split))
+    merged.setdefault("test_prompts", sentiment_prompts("test"))
     return merged
 
 

@@ -93,6 +93,8 @@ class TextGenEnv(_CoreViews, gym.Env):
     - ``prompts``: list of strings, a ``.txt``/``.jsonl``/``.json``/``.csv``/``.parquet`` file, a
       ``datasets`` dataset or spec ``{"dataset": ..., "split": ..., "column": ...}``; default: the
       shipped movie-review openings. ``prompt_column`` picks the column of tabular prompts.
+    - ``test_prompts``: the held-out prompts that evaluations complete (``env.unwrapped.core.test_prompts``);
+      default: the shipped test openings with the shipped prompts, else ``prompts`` themselves.
     - ``max_new_tokens`` (32), ``max_prompt_tokens`` (64): longer prompts are cut from the left, with a warning.
     - ``kl_coef`` (0.05, or a ``textgym.kl.KLController``); ``kl_target`` makes it adaptive
       (Ziegler et al. 2019) with ``kl_horizon`` episodes, moved once per batch of ``num_envs``
