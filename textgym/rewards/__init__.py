@@ -15,17 +15,15 @@ Registry
 :func:`register` maps a name to one of
 
 * a **class** (normally a :class:`Reward` subclass): ``make(name, **kw)`` returns
-  ``cls(**kw)``;
-* a **reward function** ``fn(prompts, completions, **metadata) -> list[float]``:
-  ``make(name, **kw)`` returns ``functools.partial(fn, **kw)``, i.e. the keyword
-  arguments are bound as options of the function;
-* a **factory function** ``factory(**kw) -> Reward`` (or any callable reward):
-  ``make(name, **kw)`` returns ``factory(**kw)``.
+  ``cls(**kw)``; an option the class does not take raises :class:`UnknownOptionError`
+  (a ``ValueError`` and a ``TypeError``) naming the reward, the option and the valid ones;
+* a **reward function** ``fn(prompts, completions, **metadata) -> list[float]``
+  (any callable that is not a class): ``make(name, **kw)`` returns
+  ``functools.partial(fn, **kw)``, i.e. the keyword arguments are bound as options
+  of the function.
 
-Functions are told apart by their signature: a function that the ``make``
-keyword arguments alone can call is a factory, one that still needs
-``(prompts, completions)`` is a reward function.  Pass ``factory=True`` or
-``factory=False`` to :func:`register` to decide explicitly.
+That is the whole contract: nothing is guessed from a signature, so a function
+that returns a reward is not a factory but a reward function (register the class).
 
 Everything returned by :func:`make` and :func:`as_reward` is wrapped so that its
 output is checked: it must be one finite number per completion, otherwise a
@@ -45,42 +43,51 @@ importable from ``textgym.rewards`` itself.
 
 from __future__ import annotations
 
+# Besides __all__, importable from here as from the old module: _texts (textgym.rm scores
+# texts the way the classifiers do), ROUGE_TYPES and RewardFn.
 from textgym.rewards.classifiers import ClassifierReward, RewardModelReward, VaderReward
-from textgym.rewards.options import _texts as _texts  # textgym.rm scores texts the way the classifiers do
+from textgym.rewards.options import _texts as _texts
 from textgym.rewards.reference import ROUGE_TYPES as ROUGE_TYPES
-from textgym.rewards.reference import BleuReward, ChrfReward, RougeReward, SacrebleuReward
-from textgym.rewards.registry import RewardFn as RewardFn
+from textgym.rewards.reference import (
+    BleuReward,
+    ChrfReward,
+    RougeReward,
+    SacrebleuReward,
+)
 from textgym.rewards.registry import (
     Reward,
     RewardError,
+    UnknownOptionError,
     ValidatedReward,
     as_reward,
     make,
     names,
     register,
 )
+from textgym.rewards.registry import RewardFn as RewardFn
 from textgym.rewards.surface import KeywordReward, LengthReward, RegexReward
 from textgym.rewards.weighted import WeightedReward
 
 __all__ = [
-    "Reward",
-    "RewardError",
-    "ValidatedReward",
-    "register",
-    "make",
-    "names",
-    "as_reward",
-    "VaderReward",
-    "ClassifierReward",
-    "RewardModelReward",
     "BleuReward",
     "ChrfReward",
-    "SacrebleuReward",
-    "RougeReward",
-    "LengthReward",
+    "ClassifierReward",
     "KeywordReward",
+    "LengthReward",
     "RegexReward",
+    "Reward",
+    "RewardError",
+    "RewardModelReward",
+    "RougeReward",
+    "SacrebleuReward",
+    "UnknownOptionError",
+    "VaderReward",
+    "ValidatedReward",
     "WeightedReward",
+    "as_reward",
+    "make",
+    "names",
+    "register",
 ]
 
 for _name, _cls in (

@@ -150,32 +150,35 @@ def _wrap(reward: Any, name: str) -> ValidatedReward:
 # ---------------------------------------------------------------------------
 # Registry
 # ---------------------------------------------------------------------------
+#
+# The contract, with no guessing from signatures: a registered class is built with
+# the options given to make(), anything else registered is a reward function and
+# the options are bound to it.
 
-# name -> (class or function, is_factory); is_factory is None for classes and for
-# functions whose kind is guessed at make() time.
-_REGISTRY: dict[str, tuple[Callable[..., Any], bool | None]] = {}
+_REGISTRY: dict[str, Callable[..., Any]] = {}
 
 
-def register(
-    name: str,
-    fn_or_class: Callable[..., Any],
-    *,
-    overwrite: bool = False,
-    factory: bool | None = None,
-) -> None:
+class UnknownOptionError(ValueError, TypeError):
+    """An option that a reward class does not take: names the reward, the option and the valid ones.
+
+    A ``ValueError`` (a bad option value for the reward) and a ``TypeError`` (what
+    Python raises for an unexpected keyword argument, so existing handlers keep working).
+    """
+
+
+def register(name: str, fn_or_class: Callable[..., Any], *, overwrite: bool = False) -> None:
     """Register a reward under ``name``.
 
-    ``fn_or_class`` may be
+    What :func:`make` does with its options depends only on what ``fn_or_class`` is:
 
-    * a class, typically a :class:`Reward` subclass: ``make(name, **kw)`` calls ``cls(**kw)``;
-    * a reward function ``fn(prompts, completions, **metadata) -> list[float]``:
-      ``make(name, **kw)`` binds ``kw`` with ``functools.partial(fn, **kw)``;
-    * a factory ``factory(**kw)`` returning a :class:`Reward` (or a reward function):
-      ``make(name, **kw)`` returns ``factory(**kw)``.
+    * a **class** (normally a :class:`Reward` subclass) is built with them:
+      ``make(name, **kw)`` returns ``cls(**kw)``;
+    * any other callable is a **reward function**
+      ``fn(prompts, completions, **metadata) -> list[float]`` and they are bound to it:
+      ``make(name, **kw)`` returns ``functools.partial(fn, **kw)``.
 
-    With ``factory=None`` a function is treated as a factory when the keyword
-    arguments given to :func:`make` are enough to call it, and as a reward
-    function otherwise; ``factory=True``/``False`` overrides that guess.
+    A function that *returns* a reward (a factory) is not called to build one: it is
+    a reward function like any other, and fails as one.  Register the class instead.
 
     Raises ``ValueError`` if ``name`` is taken (unless ``overwrite=True``) and
     ``TypeError`` if ``fn_or_class`` is not callable or ``name`` is not a string.
@@ -186,7 +189,7 @@ def register(
         raise TypeError(f"cannot register reward {name!r}: {fn_or_class!r} is not callable")
     if name in _REGISTRY and not overwrite:
         raise ValueError(f"reward {name!r} is already registered; pass overwrite=True to replace it")
-    _REGISTRY[name] = (fn_or_class, None if isinstance(fn_or_class, type) else factory)
+    _REGISTRY[name] = fn_or_class
 
 
 def names() -> list[str]:
@@ -195,41 +198,62 @@ def names() -> list[str]:
 
 
 def make(name: str, **kwargs: Any) -> ValidatedReward:
-    """Build the reward registered as ``name`` with options ``kwargs``.
+    """Build the reward registered as ``name`` with options ``kwargs`` (see :func:`register`).
 
-    Raises ``ValueError`` for an unknown name (listing the known ones) and
-    ``TypeError``/``ValueError`` naming the reward for invalid options.
+    Raises ``ValueError`` for an unknown name (listing the known ones),
+    :class:`UnknownOptionError` for an option a registered class does not take, and
+    ``TypeError``/``ValueError`` naming the reward for other invalid options.
     """
     if name not in _REGISTRY:
         raise ValueError(f"unknown reward {name!r}; registered rewards: {', '.join(names())}")
-    obj, is_factory = _REGISTRY[name]
+    obj = _REGISTRY[name]
+    if isinstance(obj, type):
+        return _wrap(_build(name, obj, kwargs), name)
     try:
-        if isinstance(obj, type):
-            reward = obj(**kwargs)
-        else:
-            if is_factory is None:
-                is_factory = _is_factory_call(obj, kwargs)
-            reward = obj(**kwargs) if is_factory else _bind_reward_fn(obj, kwargs)
-    except (TypeError, ValueError) as exc:
+        fn = _bind_reward_fn(obj, kwargs)
+    except TypeError as exc:
         raise _named_error(name, exc) from exc
-    if not callable(reward):
-        raise TypeError(f"reward {name!r}: factory returned {type(reward).__name__}, not a Reward")
-    return _wrap(reward, name)
+    return _wrap(fn, name)
 
 
 def _named_error(name: str, exc: Exception) -> Exception:
-    """A TypeError/ValueError like ``exc`` whose message names the reward."""
-    error = TypeError if isinstance(exc, TypeError) else ValueError
+    """A TypeError/ValueError like ``exc`` (an UnknownOptionError stays one) whose message names the reward."""
+    error: type[Exception]
+    if isinstance(exc, UnknownOptionError):
+        error = UnknownOptionError
+    else:
+        error = TypeError if isinstance(exc, TypeError) else ValueError
     return error(f"reward {name!r}: {exc}")
 
 
-def _is_factory_call(fn: Callable[..., Any], kwargs: Mapping[str, Any]) -> bool:
-    """Guess whether ``fn(**kwargs)`` is a factory call (True) or ``fn`` is a reward function."""
+def _build(name: str, cls: type, kwargs: Mapping[str, Any]) -> Any:
+    """``cls(**kwargs)``, with errors naming the reward.
+
+    If it fails, the signature of ``cls`` is read only to tell which options it
+    does not take, and to list the ones it does.
+    """
     try:
-        inspect.signature(fn).bind(**kwargs)
-    except (TypeError, ValueError):  # needs (prompts, completions), bad kwargs or no signature
-        return False
-    return True
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        unknown, valid = _unknown_options(cls, kwargs) if isinstance(exc, TypeError) else ([], [])
+        if unknown:
+            raise UnknownOptionError(
+                f"reward {name!r} ({cls.__name__}) has no option {', '.join(map(repr, unknown))}; "
+                f"valid options: {', '.join(valid) or 'none'}"
+            ) from exc
+        raise _named_error(name, exc) from exc
+
+
+def _unknown_options(cls: type, kwargs: Mapping[str, Any]) -> tuple[list[str], list[str]]:
+    """The keys of ``kwargs`` that ``cls(...)`` does not take, and the ones it does."""
+    try:
+        parameters = inspect.signature(cls).parameters.values()
+    except (TypeError, ValueError):  # no signature to read (some builtins)
+        return [], []
+    if any(p.kind is p.VAR_KEYWORD for p in parameters):
+        return [], []
+    valid = [p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    return [key for key in kwargs if key not in valid], valid
 
 
 def _bind_reward_fn(fn: Callable[..., Any], kwargs: Mapping[str, Any]) -> Callable[..., Any]:
@@ -251,22 +275,20 @@ def _bind_reward_fn(fn: Callable[..., Any], kwargs: Mapping[str, Any]) -> Callab
 
 
 def as_reward(obj: Any, **kwargs: Any) -> ValidatedReward:
-    """Turn ``obj`` into a validated reward.
+    """Turn ``obj`` into a validated reward, by the same contract as :func:`make`.
 
     * ``str``: ``make(obj, **kwargs)``;
-    * a :class:`Reward` subclass: instantiated with ``kwargs``;
-    * a :class:`Reward` instance or a plain callable ``fn(prompts, completions, **metadata)``:
-      wrapped (``kwargs`` are bound to a plain function with ``functools.partial``);
+    * a class (normally a :class:`Reward` subclass): built with ``kwargs``;
+    * a :class:`Reward` instance: wrapped (``kwargs`` must be empty);
+    * any other callable: a reward function ``fn(prompts, completions, **metadata)``,
+      ``kwargs`` bound to it with ``functools.partial``;
     * anything else: ``TypeError``.
     """
     if isinstance(obj, str):
         return make(obj, **kwargs)
-    if isinstance(obj, type) and issubclass(obj, Reward):
-        try:
-            reward = obj(**kwargs)
-        except (TypeError, ValueError) as exc:
-            raise _named_error(obj.name, exc) from exc
-        return _wrap(reward, obj.name)
+    if isinstance(obj, type):
+        name = obj.name if issubclass(obj, Reward) else obj.__name__
+        return _wrap(_build(name, obj, kwargs), name)
     if isinstance(obj, Reward):
         if kwargs:
             raise TypeError(
