@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from transformers import (
 )
 
 from textgym import rewards
-from textgym.rewards import Reward, as_reward, make, names, register
+from textgym.rewards import Reward, UnknownOptionError, as_reward, make, names, register
 
 BUILTINS = [
     "bleu",
@@ -37,7 +38,7 @@ BUILTINS = [
 @pytest.fixture(autouse=True)
 def isolated_registry(monkeypatch: pytest.MonkeyPatch) -> None:
     """Registrations made by a test are dropped afterwards."""
-    monkeypatch.setattr(rewards, "_REGISTRY", dict(rewards._REGISTRY))
+    monkeypatch.setattr(rewards.registry, "_REGISTRY", dict(rewards.registry._REGISTRY))
 
 
 # ---------------------------------------------------------------------------
@@ -70,30 +71,112 @@ def test_register_function_binds_kwargs() -> None:
         make("strict", nonsense=3)
 
 
-def test_register_class_and_factory() -> None:
-    class Constant(Reward):
-        name = "constant"
+class Constant(Reward):
+    name = "constant"
 
-        def __init__(self, value: float = 0.0) -> None:
-            self.value = value
+    def __init__(self, value: float = 0.0) -> None:
+        self.value = value
 
-        def __call__(self, prompts, completions, **metadata):
-            return [self.value] * len(completions)
+    def __call__(self, prompts, completions, **metadata):
+        return [self.value] * len(completions)
 
+
+def test_register_class() -> None:
     register("constant", Constant)
     assert make("constant", value=2)(["a"], ["b"]) == [2.0]
     with pytest.raises(TypeError, match="constant"):
         make("constant", colour="red")
 
+
+# The registry contract: a registered class is built with the options, anything else
+# registered is a reward function and the options are bound to it; nothing is guessed.
+
+
+def test_contract_class_is_built_with_the_options() -> None:
+    register("constant", Constant)
+    reward = make("constant", value=2.5)
+    assert isinstance(reward.reward, Constant) and reward.value == 2.5
+    assert reward(["a", "b"], ["c", "d"]) == [2.5, 2.5]
+    assert make("constant").value == 0.0
+
+    class Doubler:  # any class, not only a Reward subclass
+        def __init__(self, factor: float = 2.0) -> None:
+            self.factor = factor
+
+        def __call__(self, prompts, completions, **metadata):
+            return [self.factor * len(c) for c in completions]
+
+    register("doubler", Doubler)
+    assert make("doubler", factor=3)(["p"], ["ab"]) == [6.0]
+    assert as_reward(Doubler, factor=0.5)(["p"], ["ab"]) == [1.0]
+    assert as_reward(Doubler).name == "Doubler"
+
+
+def test_contract_function_is_bound_with_the_options() -> None:
+    calls = []
+
+    def scaled(prompts, completions, scale=1.0, **metadata):
+        calls.append((scale, metadata))
+        return [scale * len(c) for c in completions]
+
+    register("scaled", scaled)
+    reward = make("scaled", scale=2)
+    assert isinstance(reward.reward, functools.partial)
+    assert reward.reward.func is scaled and reward.reward.keywords == {"scale": 2}
+    assert reward(["p"], ["abc"], topic=["x"]) == [6.0]
+    assert calls == [(2, {"topic": ["x"]})]
+    assert make("scaled").reward is scaled  # no options: the function itself
+
+
+def test_contract_unknown_option_of_a_class_is_named() -> None:
+    register("constant", Constant)
+    with pytest.raises(UnknownOptionError, match=r"reward 'constant' \(Constant\) has no option 'colour'; "
+                                                  r"valid options: value$") as info:
+        make("constant", colour="red")
+    assert isinstance(info.value, ValueError) and isinstance(info.value, TypeError)
+    with pytest.raises(ValueError, match=r"reward 'length' \(LengthReward\) has no option 'units', 'size'; "
+                                         r"valid options: unit, target, scale$"):
+        make("length", units="chars", size=3)
+    with pytest.raises(ValueError, match=r"reward 'constant' \(Constant\) has no option 'colour'"):
+        as_reward(Constant, colour="red")
+    with pytest.raises(UnknownOptionError, match=r"reward 'weighted': reward 'length' \(LengthReward\) "
+                                                  r"has no option 'units'"):
+        make("weighted", components=[{"name": "length", "kwargs": {"units": "chars"}}])
+    # a missing or bad option is not an unknown one: the class's own error, naming the reward
+    with pytest.raises(TypeError, match="reward 'regex'.*pattern") as info:
+        make("regex")
+    assert not isinstance(info.value, UnknownOptionError)
+    # a class taking **options passes them all on: the error comes from where they go
+    with pytest.raises(TypeError, match="reward 'bleu'.*colour") as info:
+        make("bleu", colour="red")
+    assert not isinstance(info.value, UnknownOptionError)
+
+
+def test_contract_no_guessing_from_signatures() -> None:
+    # The parameter names do not matter: any function is a reward function.
+    def by_position(texts, outputs, scale=1.0):
+        return [scale * len(o) for o in outputs]
+
+    register("by_position", by_position)
+    assert make("by_position", scale=2)(["p"], ["ab"]) == [4.0]
+
+    # A function that returns a reward is not called as a factory: it is a reward
+    # function, refused by make() when it cannot take (prompts, completions) ...
     def constant_factory(value=1.0):
         return Constant(value)
 
     register("constant_factory", constant_factory)
-    assert make("constant_factory")(["a"], ["b"]) == [1.0]
-    assert make("constant_factory", value=3)(["a", "b"], ["c", "d"]) == [3.0, 3.0]
-    # a factory whose options would also fit a reward function's signature: say so
-    register("explicit", lambda a=1.0, b=2.0: Constant(a + b), factory=True)
-    assert make("explicit")(["p"], ["c"]) == [3.0]
+    for options in ({}, {"value": 3}):
+        with pytest.raises(TypeError, match=r"reward 'constant_factory': constant_factory cannot be called "
+                                            r"as fn\(prompts, completions"):
+            make("constant_factory", **options)
+    # ... and failing by name when it can, but returns no list of scores
+    register("all_defaults", lambda a=1.0, b=2.0: Constant(a + b))
+    with pytest.raises(ValueError, match="reward 'all_defaults' returned a Constant, expected a list of 1 floats"):
+        make("all_defaults")(["p"], ["c"])
+    # and there is no switch to make a function a factory
+    with pytest.raises(TypeError, match="factory"):
+        register("explicit", lambda a=1.0, b=2.0: Constant(a + b), factory=True)
 
 
 def test_register_duplicate_overwrite_and_not_callable() -> None:
