@@ -1,4 +1,4 @@
-"""Data sources: textgym's one reader of data, and the prompts an environment starts its episodes from.
+"""Data sources, the prompts an environment starts its episodes from, and how a prompt is encoded.
 
 :func:`load_records` is textgym's one reader of data: the rows of a file, a dataset or a list,
 for prompts (:func:`load_prompts`), SFT demonstrations (``textgym.sft``) and preference data
@@ -19,6 +19,9 @@ the generation with). It takes what :func:`load_records` takes, a :class:`Prompt
 is), and a spec may also name the prompt ``column``. For tabular sources the prompt column is
 ``column`` if given, else the first of ``"prompt"``, ``"text"``, ``"query"``, ``"question"``
 present; every other column becomes metadata.
+
+:func:`encode_prompt` gives the token ids a policy is conditioned on: the environments and SFT
+both encode prompts with it, so a model fine-tuned by one sees prompts as the other shows them.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ __all__ = [
     "PromptSet",
     "load_records",
     "load_prompts",
+    "encode_prompt",
     "sentiment_prompts",
     "corpus_path",
 ]
@@ -373,6 +377,43 @@ def load_prompts(
         text_columns=lambda header: [_pick_column(header, column, where)],
     )
     return _from_records(rows, column, where)
+
+
+def encode_prompt(
+    tokenizer,
+    prompt: str,
+    chat_template: bool = False,
+    max_tokens: int | None = None,
+    *,
+    fallback_id: int | None = None,
+    on_cut: Callable[[int], None] | None = None,
+) -> list[int]:
+    """The token ids a policy is conditioned on for ``prompt``, as the environments and SFT use them.
+
+    With ``chat_template`` the prompt is a user turn through the tokenizer's chat template, with the
+    generation prompt (no further special tokens); else the plain text with the tokenizer's special
+    tokens. An empty prompt still needs a token to condition on: BOS, else ``fallback_id`` (default:
+    EOS). More than ``max_tokens`` ids are cut from the left (a completion continues the prompt's
+    end); ``on_cut(number of ids before the cut)`` is called first, e.g. to warn.
+    """
+    if max_tokens is not None and max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+    if chat_template:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    else:
+        ids = tokenizer(prompt)["input_ids"]
+    if not ids:  # an empty prompt still needs a token to condition on
+        if tokenizer.bos_token_id is not None:
+            ids = [tokenizer.bos_token_id]
+        else:
+            ids = [tokenizer.eos_token_id if fallback_id is None else fallback_id]
+    if max_tokens is not None and len(ids) > max_tokens:
+        if on_cut is not None:
+            on_cut(len(ids))
+        ids = ids[-max_tokens:]
+    return ids
 
 
 def sentiment_prompts(split: str = "train") -> PromptSet:
