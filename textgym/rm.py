@@ -13,7 +13,8 @@ prompts. ::
     metrics = train_reward_model(RMConfig(data="prefs.jsonl", output_dir="runs/rm"))
     reward = textgym.rewards.make("reward_model", model="runs/rm")
 
-or ``python -m textgym.rm --config rm.yaml epochs=2 data=prefs.jsonl``.
+or, from the command line, ``textgym rm rm.yaml epochs=2 data=prefs.jsonl`` (``textgym.cli``). A
+pointwise classifier for the ``classifier`` reward is trained by ``textgym.classifier``.
 
 The model scores the plain concatenation ``prompt + completion`` as one sequence, for encoders and
 causal LMs alike: exactly the text that the ``reward_model`` reward builds (``include_prompt=True``),
@@ -32,12 +33,10 @@ ranks agree with them.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import numbers
 import random
-import sys
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -49,7 +48,7 @@ import torch.nn.functional as F
 
 from textgym import models
 from textgym.assets import atomic_dir, wheel_path
-from textgym.config import ConfigError, load_config, save_config
+from textgym.config import ConfigError, save_config
 from textgym.prompts import load_records
 
 __all__ = [
@@ -67,7 +66,6 @@ __all__ = [
     "load_reward_model",
     "pairwise_accuracy",
     "train_reward_model",
-    "main",
 ]
 
 MINILM = "minilm"
@@ -420,21 +418,3 @@ def train_reward_model(cfg: RMConfig, progress: bool = True) -> dict:
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1))
         save_config(cfg, tmp / "rm_config.yaml")
     return metrics
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m textgym.rm [--config rm.yaml] key=value ...``: train and print the metrics."""
-    parser = argparse.ArgumentParser(prog="python -m textgym.rm", description="Train a reward model.")
-    parser.add_argument("--config", default=None, help="YAML file with RMConfig fields")
-    parser.add_argument("overrides", nargs="*", help="key=value settings, e.g. data=prefs.jsonl epochs=2")
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_config(RMConfig, args.config, args.overrides)
-    except ValueError as err:
-        parser.error(str(err))
-    print(json.dumps(train_reward_model(cfg), indent=1))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
