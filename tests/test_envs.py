@@ -267,6 +267,25 @@ def test_long_prompt_is_cut_from_the_left_with_warning():
     assert obs["input_ids"][:4].tolist() == ids[-4:]
 
 
+def test_long_prompt_warns_once_per_env_and_is_encoded_as_sft_encodes_it():
+    from textgym.sft import build_batch
+
+    env = make(max_prompt_tokens=4)
+    text = "one two three four five six seven eight"
+    with pytest.warns(UserWarning, match="cut from the left") as caught:
+        obs, _ = env.reset(options={"prompt": text})
+    cut = [w for w in caught if "cut from the left" in str(w.message)]
+    assert len(cut) == 1 and cut[0].filename.endswith("core.py")  # at the env's reset
+    with warnings.catch_warnings(record=True) as later:
+        warnings.simplefilter("always")
+        env.reset(options={"prompt": text + " nine"})
+    assert not [w for w in later if "cut from the left" in str(w.message)]  # once per env
+    tok = env.unwrapped.tokenizer
+    c_ids = tok(" x", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    batch = build_batch(tok, [text], [" x"], max_length=len(c_ids) + 4)  # room for 4 prompt tokens
+    assert batch["input_ids"][0, :4].tolist() == obs["input_ids"][:4].tolist()
+
+
 def test_chat_template_wraps_prompt():
     env = make(chat_template=True, max_prompt_tokens=40, render_mode="ansi")
     obs, _ = env.reset(options={"prompt": "Hi"})

@@ -1,3 +1,4 @@
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -46,3 +47,15 @@ def test_make_preferences_script(tmp_path):
                           "--out", str(tmp_path / "p.jsonl"), "--pairs"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert (tmp_path / "p.jsonl").read_text().count("\n") >= 1
+
+
+def test_train_classifier_script(tmp_path):
+    data = tmp_path / "prefs.jsonl"
+    data.write_text("".join(json.dumps({"prompt": "p", "completions": [f"good {i}", f"bad {i}"], "scores": [0.5, -0.5]})
+                            + "\n" for i in range(10)))
+    out = subprocess.run([sys.executable, str(EXAMPLES / "train_classifier.py"), "--data", str(data), "--out",
+                          str(tmp_path / "clf"), "--backbone", "textgym/tiny", "--epochs", "1"],
+                         check=False, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "eval_accuracy" in json.loads(out.stdout.strip().splitlines()[-1])
+    assert (tmp_path / "clf" / "config.json").is_file()

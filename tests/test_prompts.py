@@ -11,6 +11,7 @@ from textgym.prompts import (
     PromptSet,
     corpus_path,
     load_prompts,
+    load_records,
     sentiment_prompts,
 )
 
@@ -223,6 +224,38 @@ def test_hub_name_calls_load_dataset(monkeypatch):
         ("imdb", "plain_text", "test"),
         ("glue", "sst2", "validation"),
     ]
+
+
+# --- load_records: the one reader of prompts, demonstrations and preference data -------------------
+
+
+def test_load_records_reads_every_kind_of_source(tmp_path, dataset_dir):
+    rows = [{"prompt": "p", "chosen": "42", "rejected": ""}]
+    jsonl = tmp_path / "r.jsonl"
+    jsonl.write_text(json.dumps(rows[0]) + "\n")
+    csv = tmp_path / "r.csv"
+    pd.DataFrame(rows).to_csv(csv, index=False)
+    assert load_records(jsonl) == rows
+    assert load_records(csv) == rows  # by default every CSV column is text and an empty cell is ""
+    assert load_records({"dataset": str(csv)}) == rows
+    assert load_records(pd.DataFrame(rows)) == rows
+    assert load_records(datasets.Dataset.from_list(rows)) == rows
+    ranked = [{"prompt": "p", "completions": ["a", "b"], "ranks": [1, 0]}]
+    pd.DataFrame(ranked).to_parquet(tmp_path / "r.parquet")
+    assert load_records(tmp_path / "r.parquet") == ranked  # list columns come back as lists
+    assert load_records(["a", "b"]) == ["a", "b"]
+    saved = tmp_path / "saved"
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)}).save_to_disk(str(saved))
+    assert load_records(saved) == rows
+    assert load_records(dataset_dir, "test") == [{"prompt": "held out", "reference": "r", "label": 2}]
+    with pytest.raises(ValueError, match=r"could not load split 'dev' of dataset .*available splits: \['train'\]"):
+        load_records(saved, "dev")
+    with pytest.raises(FileNotFoundError, match=r"preference file not found: .*nope\.csv"):
+        load_records(tmp_path / "nope.csv", what="preference")
+    columns = tmp_path / "columns.json"
+    columns.write_text('{"prompt": ["a", "b"], "x": ["c"]}')
+    with pytest.raises(ValueError, match=r"columns\.json' holds an object of columns.*one length"):
+        load_records(columns)
 
 
 # --- shipped data ----------------------------------------------------------------

