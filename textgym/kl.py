@@ -31,7 +31,6 @@ Preferences", section 2.2: ``beta <- beta * (1 + clip(KL / target - 1, -0.2, 0.2
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Union
 
 import torch
@@ -139,19 +138,6 @@ class AdaptiveKLController(KLController):
 
     def __repr__(self) -> str:
         return f"AdaptiveKLController(value={self.value}, target={self.target}, horizon={self.horizon})"
-
-
-@dataclass
-class KLConfig:
-    """KL settings as they appear in configs: a fixed ``coef``, or adaptive when ``target`` is set."""
-
-    coef: float = 0.05
-    target: float | None = None
-    horizon: float = 10000
-    estimator: str = "k1"
-
-    def controller(self) -> KLController:
-        return make_controller(self.coef, self.target, self.horizon)
 
 
 def make_controller(

@@ -1,6 +1,6 @@
 """Evaluation metrics of generated text and of rankings: diversity, perplexity, rank correlation,
-summaries, and Elo ratings with bootstrap confidence intervals. Plain Python and numpy (scipy is
-used for Spearman's rho when installed)."""
+and Elo ratings with bootstrap confidence intervals. Plain Python and numpy; Spearman's rho from
+scipy."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["distinct_n", "perplexity", "spearman", "summarise", "elo_ratings", "elo_bootstrap"]
+__all__ = ["distinct_n", "perplexity", "spearman", "elo_ratings", "elo_bootstrap"]
 
 Match = tuple[str, str, float]  # (player a, player b, score of a: 1 win, 0.5 draw, 0 loss)
 
@@ -41,35 +41,15 @@ def perplexity(ref_logprobs_sum: Sequence[float], n_tokens: Sequence[int]) -> fl
     return math.exp(-sum(ref_logprobs_sum) / count)
 
 
-def _ranks(values: Sequence[float]) -> np.ndarray:
-    """1-based ranks, ties getting the average of the ranks they span."""
-    _, inverse, counts = np.unique(np.asarray(values, dtype=float), return_inverse=True, return_counts=True)
-    last = np.cumsum(counts)  # rank of the last member of each group of equal values
-    return (last - (counts - 1) / 2)[inverse]
-
-
 def spearman(x: Sequence[float], y: Sequence[float]) -> float:
     """Spearman's rank correlation (average ranks for ties); NaN when either input is constant."""
     if len(x) != len(y):
         raise ValueError(f"x has {len(x)} values but y has {len(y)}")
     if len(x) < 2:
         return float("nan")
-    try:
-        from scipy.stats import spearmanr
-    except ImportError:
-        rx, ry = _ranks(x), _ranks(y)
-        rx, ry = rx - rx.mean(), ry - ry.mean()
-        denom = math.sqrt(float((rx**2).sum() * (ry**2).sum()))
-        return float((rx * ry).sum() / denom) if denom > 0 else float("nan")
+    from scipy.stats import spearmanr  # imported here: scipy's import is slow and only this needs it
+
     return float(spearmanr(x, y)[0])
-
-
-def summarise(values: Sequence[float]) -> dict[str, float]:
-    """``mean``, ``std`` (population, ddof=0), ``min`` and ``max`` of a non-empty list."""
-    if len(values) == 0:
-        raise ValueError("summarise needs at least one value")
-    a = np.asarray(values, dtype=float)
-    return {"mean": float(a.mean()), "std": float(a.std()), "min": float(a.min()), "max": float(a.max())}
 
 
 def elo_ratings(players: Sequence[str], matches: Sequence[Match], k: float = 16, initial: float = 1000,
