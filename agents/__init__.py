@@ -32,7 +32,9 @@ def register(name: str, algo_class: type, *, overwrite: bool = False) -> type:
     """Register an SB3 on-policy algorithm class under ``name``. A plain SB3 class (say a PPO
     variant of yours) is combined with textgym's ``LMAlgorithm`` mixin; returns the class used."""
     if not isinstance(algo_class, type) or not issubclass(algo_class, OnPolicyAlgorithm):
-        raise ValueError(f"algorithm {name!r} must be a stable-baselines3 OnPolicyAlgorithm subclass, got {algo_class!r}")
+        raise ValueError(
+            f"algorithm {name!r} must be a stable-baselines3 OnPolicyAlgorithm subclass, got {algo_class!r}"
+        )
     if name in _REGISTRY and not overwrite:
         raise ValueError(f"algorithm {name!r} is already registered; pass overwrite=True to replace it")
     if not issubclass(algo_class, LMAlgorithm):

@@ -38,7 +38,8 @@ class _NoFeatures(BaseFeaturesExtractor):
         raise RuntimeError("LMActorCriticPolicy does not use a features extractor")
 
 
-def group_rows(ids: torch.Tensor, mask: torch.Tensor, prompt_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def group_rows(ids: torch.Tensor, mask: torch.Tensor,
+               prompt_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Split rows into runs where each observation is the previous one plus one token.
 
     Returns ``(group index per row, index of each group's last row, tokens generated per row)``.
@@ -207,7 +208,8 @@ class LMActorCriticPolicy(ActorCriticPolicy):
         core = self._core
         if core is None or torch.is_grad_enabled() or ids.shape[0] != core.n or not core.live.all():
             return False
-        return np.array_equal(ids.cpu().numpy(), core.input_ids) and np.array_equal(mask.cpu().numpy(), core.attention_mask)
+        return (np.array_equal(ids.cpu().numpy(), core.input_ids)
+                and np.array_equal(mask.cpu().numpy(), core.attention_mask))
 
     def _cached(self, ids: torch.Tensor, mask: torch.Tensor) -> bool:
         """True when the env engine's KV-cached outputs answer for ``obs``."""
@@ -223,7 +225,8 @@ class LMActorCriticPolicy(ActorCriticPolicy):
         if cached:
             logits, hidden = self._core.policy.logits, self._core.policy.states
         else:
-            logits, hidden = grouped_forward(self.lm, ids, mask, self.prompt_len, logits=need_dist or self.critic is None)
+            logits, hidden = grouped_forward(self.lm, ids, mask, self.prompt_len,
+                                             logits=need_dist or self.critic is None)
         if self.critic is not None:
             hidden = grouped_forward(self.critic, ids, mask, self.prompt_len, logits=False)[1]
         values = self.value_head(hidden.float())

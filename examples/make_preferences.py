@@ -15,7 +15,8 @@ from textgym.preferences import synthesize, to_pairs, write_jsonl
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="textgym/smollm2-135m", help="policy that samples the completions")
-    parser.add_argument("--prompts", default=None, help="prompt file or dataset (default: the shipped movie-review openings)")
+    parser.add_argument("--prompts", default=None,
+                        help="prompt file or dataset (default: the shipped movie-review openings)")
     parser.add_argument("--k", type=int, default=4, help="completions per prompt")
     parser.add_argument("--gold", default="vader", help="registered reward that ranks the completions")
     parser.add_argument("--max-new-tokens", type=int, default=20)

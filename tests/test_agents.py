@@ -16,7 +16,8 @@ from textgym import models
 
 ALGOS = ["ppo", "a2c", "nlpo"]
 TOY = dict(model="textgym/tiny", reward="keyword", reward_kwargs={"keywords": ["the"]}, max_new_tokens=8,
-           max_prompt_tokens=16, kl_coef=0.01, prompts=["The film", "I saw a movie and", "My friend said that", "Today"])
+           max_prompt_tokens=16, kl_coef=0.01,
+           prompts=["The film", "I saw a movie and", "My friend said that", "Today"])
 
 
 def make(algo="ppo", n_envs=4, env_kwargs=None, **hp):

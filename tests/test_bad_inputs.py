@@ -73,8 +73,8 @@ def test_failing_reward_then_reset_gives_the_same_episode_as_a_fresh_env():
         results.append(env.step(11))
     assert results[0][1] == results[1][1] and results[0][4]["completion"] == results[1][4]["completion"]
     np.testing.assert_array_equal(results[0][0]["input_ids"], results[1][0]["input_ids"])
-    np.testing.assert_allclose(failing.unwrapped.next_token_logits().numpy(), fresh.unwrapped.next_token_logits().numpy(),
-                               atol=1e-5)
+    np.testing.assert_allclose(failing.unwrapped.next_token_logits().numpy(),
+                               fresh.unwrapped.next_token_logits().numpy(), atol=1e-5)
 
 
 def test_vector_env_survives_a_failing_reward():

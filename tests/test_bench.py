@@ -37,7 +37,8 @@ def test_bench_rewards_end_to_end(tmp_path):
     assert agreement["n"] == 8 and set(agreement["completions_per_second"]) == {"keyword", "length", "gold"}
     assert "test_broken" in agreement["errors"]
     table = (tmp_path / "results.md").read_text()
-    assert "| keyword |" in table and "test_broken | failed: RewardError: reward 'test_broken' raised RuntimeError: scorer crashed" in table
+    assert "| keyword |" in table
+    assert "test_broken | failed: RewardError: reward 'test_broken' raised RuntimeError: scorer crashed" in table
     assert (tmp_path / "overoptimization.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads((tmp_path / "results.json").read_text())["seeds"] == [0]
 
@@ -58,9 +59,8 @@ def test_judge_matches_by_hand():
 
 
 def test_bench_elo_ranks_a_trained_policy(tmp_path, capsys):
-    from textgym.train import train
     from textgym.config import load_config as load
-    from textgym.train import TrainConfig
+    from textgym.train import TrainConfig, train
 
     run = tmp_path / "run"
     cfg = load(TrainConfig, base={**TRAIN, "reward": {"name": "length", "kwargs": {"unit": "chars"}},

@@ -9,9 +9,10 @@ from textgym.config import ConfigError, load_config
 from textgym.train import Run, TrainConfig, train
 
 TINY_RUN = [
-    "model.name=textgym/tiny", "model.lora=null", "env.id=textgym/TextGen-v0", "env.n_envs=4", "env.kwargs.max_new_tokens=6",
-    "env.kwargs.max_prompt_tokens=16", "reward.name=keyword", "reward.kwargs.keywords=[the]", "reward.eval=[length]",
-    "agent.hyperparameters.n_steps=6", "agent.hyperparameters.batch_size=24", "agent.hyperparameters.learning_rate=3e-3",
+    "model.name=textgym/tiny", "model.lora=null", "env.id=textgym/TextGen-v0", "env.n_envs=4",
+    "env.kwargs.max_new_tokens=6", "env.kwargs.max_prompt_tokens=16", "reward.name=keyword",
+    "reward.kwargs.keywords=[the]", "reward.eval=[length]", "agent.hyperparameters.n_steps=6",
+    "agent.hyperparameters.batch_size=24", "agent.hyperparameters.learning_rate=3e-3",
     "training.eval_n=8", "training.eval_every=2", "training.samples=4",
 ]
 
@@ -21,7 +22,8 @@ def tiny_config(tmp_path, *extra):
 
 
 def test_config_validation_names_the_key():
-    with pytest.raises(ConfigError, match=r"unknown config key 'training.iteratons'; valid keys of training: iterations"):
+    with pytest.raises(ConfigError,
+                       match=r"unknown config key 'training.iteratons'; valid keys of training: iterations"):
         load_config(TrainConfig, overrides=["training.iteratons=3"])
     with pytest.raises(ConfigError, match=r"'training.iterations' must be an integer, got 'many'"):
         load_config(TrainConfig, overrides=["training.iterations=many"])
@@ -111,7 +113,8 @@ def test_killed_run_resumes_with_the_same_iterations(tmp_path, monkeypatch, lora
 
 def test_cli_sft_rm_train_eval_end_to_end(tmp_path, capsys):
     demos = tmp_path / "demos.jsonl"
-    demos.write_text("".join(json.dumps({"prompt": f"Say something about film {i}:", "completion": " the film was good"})
+    demos.write_text("".join(json.dumps({"prompt": f"Say something about film {i}:",
+                                         "completion": " the film was good"})
                              + "\n" for i in range(16)))
     prefs = tmp_path / "prefs.jsonl"
     good, bad = ["good", "great", "lovely", "happy"], ["bad", "awful", "sad", "boring"]

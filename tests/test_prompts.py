@@ -358,7 +358,8 @@ def test_error_non_string_prompts(tmp_path):
 
 
 def test_error_bad_spec_and_type():
-    with pytest.raises(ValueError, match=r"invalid dataset spec.*'dataset' key.*\['dataset', 'split', 'column', 'config'\]"):
+    with pytest.raises(ValueError,
+                       match=r"invalid dataset spec.*'dataset' key.*\['dataset', 'split', 'column', 'config'\]"):
         load_prompts({"name": "imdb"})
     with pytest.raises(ValueError, match="invalid dataset spec"):
         load_prompts({"dataset": "imdb", "splt": "test"})

@@ -155,8 +155,8 @@ def test_nlpo_kl_is_the_masked_policys_kl():
 
 
 def test_nlpo_final_model_acts_as_evaluated(tmp_path):
-    from textgym.train import TrainConfig, train
     from textgym.config import load_config
+    from textgym.train import TrainConfig, train
 
     cfg = load_config(TrainConfig, overrides=[
         "model.name=textgym/tiny", "model.lora=null", "env.id=textgym/TextGen-v0", "env.n_envs=4",

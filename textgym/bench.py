@@ -160,7 +160,8 @@ def markdown_report(results: dict) -> str:
             rows.append(f"| {label} | failed: {r['error']} | | | | | | | |")
             continue
         rows.append(f"| {label} | {r['proxy']:.3f} | {r['gold']:.3f} | {r['kl']:.2f} | {r['perplexity_ref']:.1f} | "
-                    f"{r['distinct_1']:.3f} | {r['distinct_2']:.3f} | {r['seconds']:.0f} | {speed.get(label, float('nan')):.0f} |")
+                    f"{r['distinct_1']:.3f} | {r['distinct_2']:.3f} | {r['seconds']:.0f} | "
+                    f"{speed.get(label, float('nan')):.0f} |")
     spearman = results["speed_agreement"]["spearman"]
     labels = list(spearman)
     rows += ["", "Spearman agreement on the same completions:", "",

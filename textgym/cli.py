@@ -40,7 +40,8 @@ def cmd_demo(args) -> int:
         table.add_row(r["prompt"], r["completion"], f"{r['score']:.3f}", f"{r['kl']:.3f}", f"{r['reward']:.3f}")
     console = Console()
     console.print(table)
-    console.print(f"mean score {np.mean([r['score'] for r in results]):.3f}  mean KL {np.mean([r['kl'] for r in results]):.3f}")
+    console.print(f"mean score {np.mean([r['score'] for r in results]):.3f}  "
+                  f"mean KL {np.mean([r['kl'] for r in results]):.3f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
@@ -162,7 +163,8 @@ def positive_int(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="textgym", description="Text generation as a Gymnasium environment, for RLHF.")
+    parser = argparse.ArgumentParser(prog="textgym",
+                                     description="Text generation as a Gymnasium environment, for RLHF.")
     parser.add_argument("--debug", action="store_true", help="print the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="play a few episodes with a random, greedy or sampling agent")
@@ -177,7 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     lst.set_defaults(func=cmd_list)
 
     tr = sub.add_parser("train", help="RL fine-tuning from a YAML config (default: PPO on Sentiment-v0 with SmolLM2)")
-    tr.add_argument("config", nargs="?", default=None, help="YAML config (sections model, env, reward, agent, training)")
+    tr.add_argument("config", nargs="?", default=None,
+                    help="YAML config (sections model, env, reward, agent, training)")
     tr.add_argument("overrides", nargs="*", help="key=value overrides, e.g. training.iterations=5 agent.algo=a2c")
     tr.add_argument("--algo", default=None, help="shortcut for agent.algo=...")
     tr.add_argument("--resume", action="store_true", help="continue the run in training.output_dir")
@@ -186,8 +189,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="evaluate a run directory or a model on held-out prompts")
     ev.add_argument("target", help="a run directory (from textgym train) or a model name/path")
     ev.add_argument("--env", default=None, help="env id (default: the run's, else textgym/Sentiment-v0)")
-    ev.add_argument("--n", type=positive_int, default=None, help="number of held-out prompts (default: the run's eval_n, else 50)")
-    ev.add_argument("--ref", default=None, help="reference model (default: the run's base model, else the model itself)")
+    ev.add_argument("--n", type=positive_int, default=None,
+                    help="number of held-out prompts (default: the run's eval_n, else 50)")
+    ev.add_argument("--ref", default=None,
+                    help="reference model (default: the run's base model, else the model itself)")
     ev.add_argument("--n-envs", type=positive_int, default=None,
                     help="prompts generated together (default: the run's, else 16)")
     ev.add_argument("--seed", type=int, default=0)

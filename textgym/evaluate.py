@@ -20,7 +20,8 @@ def generate(core: TextGenCore, prompts: PromptSet, seed: int = 0) -> list[dict]
     return sampling.complete_prompts(core, prompts, seed=seed)
 
 
-def summarise(episodes: list[dict], extra_rewards: dict[str, Any] | None = None, prompts: PromptSet | None = None) -> dict:
+def summarise(episodes: list[dict], extra_rewards: dict[str, Any] | None = None,
+              prompts: PromptSet | None = None) -> dict:
     """Mean figures over ``episodes`` (infos from ``generate``), plus each of ``extra_rewards``
     (name -> reward) on the same completions."""
     completions = [e["completion"] for e in episodes]
@@ -104,5 +105,6 @@ def evaluate_target(target: str, *, env_id: str | None = None, n: int | None = N
     prompts = held_out_prompts(core, source, n)
     episodes = generate(core, prompts, seed=seed)
     summary = summarise(episodes, make_rewards(extra), prompts)
-    Path(out).write_text(json.dumps({"target": target, "env": env_id, "metrics": summary, "episodes": episodes}, indent=1))
+    report = {"target": target, "env": env_id, "metrics": summary, "episodes": episodes}
+    Path(out).write_text(json.dumps(report, indent=1))
     return {"metrics": summary, "json": out}

@@ -31,7 +31,6 @@ Preferences", section 2.2: ``beta <- beta * (1 + clip(KL / target - 1, -0.2, 0.2
 from __future__ import annotations
 
 import math
-from typing import Union
 
 import torch
 
@@ -141,7 +140,7 @@ class AdaptiveKLController(KLController):
 
 
 def make_controller(
-    kl_coef: Union[float, KLController] = 0.05, kl_target: float | None = None, kl_horizon: float = 10000
+    kl_coef: float | KLController = 0.05, kl_target: float | None = None, kl_horizon: float = 10000
 ) -> KLController:
     """A controller from a number (fixed, or adaptive if ``kl_target`` is given) or an existing controller."""
     if isinstance(kl_coef, KLController):

@@ -30,10 +30,10 @@ import json
 import operator
 import os
 import sys
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence, Union
+from typing import Any, Union
 
 __all__ = [
     "DATA_DIR",
@@ -95,7 +95,7 @@ class PromptSet:
         i = operator.index(i)
         return self.prompts[i], {k: v[i] for k, v in self.metadata.items()}
 
-    def head(self, n: int) -> "PromptSet":
+    def head(self, n: int) -> PromptSet:
         """The first ``n`` prompts with their metadata."""
         return PromptSet(self.prompts[:n], {k: v[:n] for k, v in self.metadata.items()})
 

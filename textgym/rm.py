@@ -179,7 +179,9 @@ def ranking_loss(rewards: torch.Tensor, ranks: Sequence[int] | torch.Tensor) -> 
     (0 is best): ``-1/C(K,2) * sum over pairs (w better than l) of log sigmoid(r_w - r_l)``."""
     ranks = ranks.tolist() if isinstance(ranks, torch.Tensor) else ranks
     if rewards.dim() != 1 or len(ranks) != rewards.shape[0]:
-        raise ValueError(f"need one rank per reward, got {len(ranks)} ranks for rewards of shape {tuple(rewards.shape)}")
+        raise ValueError(
+            f"need one rank per reward, got {len(ranks)} ranks for rewards of shape {tuple(rewards.shape)}"
+        )
     return comparison_loss(rewards, comparisons_from_ranks(ranks))
 
 
@@ -231,7 +233,8 @@ def _record_comparisons(record: Any, where: str) -> tuple[str, list[str], list[t
         raise ValueError(f"{where} ({kind}) lacks {', '.join(lacking)}; its fields are {keys}")
     prompt = present["prompt"]
     texts = [present["chosen"], present["rejected"]] if kind == "pair" else present["completions"]
-    if not isinstance(prompt, str) or not isinstance(texts, (list, tuple)) or not all(isinstance(t, str) for t in texts):
+    if (not isinstance(prompt, str) or not isinstance(texts, (list, tuple))
+            or not all(isinstance(t, str) for t in texts)):
         raise ValueError(f"{where}: prompt and completions must be strings, got {dict(present)!r}")
     if kind == "pair":
         return prompt, list(texts), [(0, 1)]
@@ -240,7 +243,9 @@ def _record_comparisons(record: Any, where: str) -> tuple[str, list[str], list[t
     ranks, scores = present.get("ranks"), present.get("scores")
     for key, values in (("ranks", ranks), ("scores", scores)):
         if values is not None and (not isinstance(values, (list, tuple)) or len(values) != len(texts)):
-            raise ValueError(f"{where}: {key} must be a list with one entry per completion ({len(texts)}), got {values!r}")
+            raise ValueError(
+                f"{where}: {key} must be a list with one entry per completion ({len(texts)}), got {values!r}"
+            )
     try:
         by_rank = comparisons_from_ranks(ranks) if ranks is not None else None
     except (ValueError, TypeError) as err:
@@ -258,7 +263,8 @@ def _record_comparisons(record: Any, where: str) -> tuple[str, list[str], list[t
 
 
 def load_preferences(source: Any, split: str | None = None) -> list[PreferenceGroup]:
-    """Read preference records (by :func:`textgym.prompts.load_records`; pairs and rankings, detected per record) and group them by prompt,
+    """Read preference records (by :func:`textgym.prompts.load_records`; pairs and rankings,
+    detected per record) and group them by prompt,
     in order of first appearance. Equal completion texts of a prompt are merged; comparisons of a
     completion with itself (e.g. chosen == rejected) are dropped with a warning."""
     records = load_records(source, split, what="preference")
@@ -270,11 +276,11 @@ def load_preferences(source: Any, split: str | None = None) -> list[PreferenceGr
         prompt, texts, comparisons = _record_comparisons(record, f"preference record {i}")
         group = groups.setdefault(prompt, PreferenceGroup(prompt))
         index = [group.index(t) for t in texts]
-        for w, l in comparisons:
-            if index[w] == index[l]:
+        for w, lose in comparisons:
+            if index[w] == index[lose]:
                 dropped += 1
             else:
-                group.comparisons.append((index[w], index[l]))
+                group.comparisons.append((index[w], index[lose]))
     if dropped:
         warnings.warn(f"dropped {dropped} comparison(s) of a completion with an identical one", stacklevel=2)
     result = [g for g in groups.values() if g.comparisons]
@@ -355,7 +361,7 @@ def pairwise_accuracy(model, tokenizer, groups: list[PreferenceGroup], max_lengt
         offset = 0
         for g in chunk:
             r = rewards[offset : offset + len(g.completions)]
-            correct += sum(bool(r[w] > r[l]) for w, l in g.comparisons)
+            correct += sum(bool(r[w] > r[lose]) for w, lose in g.comparisons)
             total += len(g.comparisons)
             offset += len(g.completions)
     model.train(was_training)

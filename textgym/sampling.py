@@ -18,7 +18,6 @@ from tqdm.auto import tqdm
 from textgym.envs.core import TextGenCore
 from textgym.prompts import PromptSet
 
-
 MODES = ("sample", "greedy", "random")
 
 
@@ -89,7 +88,8 @@ def complete_prompts(core: TextGenCore, prompts: PromptSet, *, seed: int = 0, gr
             order.setdefault(row, []).append(index)
         return index
 
-    played = play(core, next_prompt, prompts=prompts, seed=seed, greedy=greedy, n_rows=min(core.n, max(len(prompts), 1)))
+    played = play(core, next_prompt, prompts=prompts, seed=seed, greedy=greedy,
+                  n_rows=min(core.n, max(len(prompts), 1)))
     results: list[dict | None] = [None] * len(prompts)
     taken = {row: iter(indices) for row, indices in order.items()}
     for row, info in played:

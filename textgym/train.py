@@ -108,7 +108,9 @@ class TrainConfig:
             raise ConfigError(f"agent.algo {self.agent.algo!r} is not an algorithm; valid: {', '.join(agents.names())}")
         reserved = sorted({"model", "reward", "reward_kwargs"} & set(self.env.kwargs))
         if reserved:
-            raise ConfigError(f"env.kwargs.{reserved[0]} is set by the {reserved[0].split('_')[0]} section, not env.kwargs")
+            raise ConfigError(
+                f"env.kwargs.{reserved[0]} is set by the {reserved[0].split('_')[0]} section, not env.kwargs"
+            )
         if isinstance(self.env.n_envs, bool) or not isinstance(self.env.n_envs, int) or self.env.n_envs < 1:
             raise ConfigError(f"env.n_envs must be an integer >= 1, got {self.env.n_envs!r}")
         set_elsewhere = sorted(set(self.agent.hyperparameters) & set(NOT_HYPERPARAMETERS))
@@ -202,7 +204,9 @@ class Run:
             state = json.loads((self.checkpoint / "state.json").read_text())
             cfg = resume_config(load_config(TrainConfig, self.dir / "config.yaml"), cfg, state["iteration"])
         elif (self.checkpoint / "state.json").exists():
-            raise FileExistsError(f"{str(self.dir)!r} already holds a run: pass --resume, or another training.output_dir")
+            raise FileExistsError(
+                f"{str(self.dir)!r} already holds a run: pass --resume, or another training.output_dir"
+            )
         existed = self.dir.exists()
         self.lock = RunLock(self.dir).acquire()  # before anything is written (or removed) in the directory
         try:

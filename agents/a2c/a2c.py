@@ -71,7 +71,8 @@ class A2C(LMAlgorithm, sb3.A2C):
             policy_loss = -(advantages * log_prob).mean()
             v_loss = value_loss(values, data.old_values, data.returns, None)
             entropy_loss = -entropy.mean()
-            loss = policy_loss + self.ent_coef * entropy_loss + self.vf_coef * v_loss + self.kl_loss_term(data, log_prob)
+            loss = (policy_loss + self.ent_coef * entropy_loss + self.vf_coef * v_loss
+                    + self.kl_loss_term(data, log_prob))
             self.policy.optimizer.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.max_grad_norm)

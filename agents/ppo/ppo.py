@@ -84,7 +84,7 @@ class PPO(LMAlgorithm, sb3.PPO):
         self.prepare_update()
         self.start_update_logs()
         continue_training = True
-        for epoch in range(self.n_epochs):
+        for _ in range(self.n_epochs):
             for data in self.rollout_buffer.get(self.batch_size):
                 actions = data.actions.long().flatten()
                 values, log_prob, entropy = self.policy.evaluate_actions(data.observations, actions)
@@ -99,16 +99,18 @@ class PPO(LMAlgorithm, sb3.PPO):
                                          advantages * torch.clamp(ratio, 1 - clip_range, 1 + clip_range)).mean()
                 v_loss = value_loss(values, data.old_values, data.returns, clip_range_vf)
                 entropy_loss = -entropy.mean()
-                loss = policy_loss + self.ent_coef * entropy_loss + self.vf_coef * v_loss + self.kl_loss_term(data, log_prob)
+                loss = (policy_loss + self.ent_coef * entropy_loss + self.vf_coef * v_loss
+                        + self.kl_loss_term(data, log_prob))
 
                 with torch.no_grad():
                     # k3 of the old -> new policy change, SB3's early-stopping statistic (SB3 PR #419).
                     log_ratio = log_prob - data.old_log_prob
                     approx_kl = torch.mean(torch.expm1(log_ratio) - log_ratio).item()
+                clip_fraction = torch.mean((torch.abs(ratio - 1) > clip_range).float()).item()
                 for name, value in (("train/policy_gradient_loss", policy_loss.item()),
                                     ("train/value_loss", v_loss.item()), ("train/entropy_loss", entropy_loss.item()),
                                     ("train/approx_kl", approx_kl), ("train/loss", loss.item()),
-                                    ("train/clip_fraction", torch.mean((torch.abs(ratio - 1) > clip_range).float()).item())):
+                                    ("train/clip_fraction", clip_fraction)):
                     self.log_update(name, value)
                 if self.target_kl is not None and approx_kl > 1.5 * self.target_kl:
                     continue_training = False

@@ -64,7 +64,7 @@ class TextGenConfig:
     device: Any = None
 
     @classmethod
-    def from_kwargs(cls, env_id: str = "textgym/TextGen-v0", **kwargs) -> "TextGenConfig":
+    def from_kwargs(cls, env_id: str = "textgym/TextGen-v0", **kwargs) -> TextGenConfig:
         names = [f.name for f in dataclasses.fields(cls)]
         unknown = sorted(set(kwargs) - set(names))
         if unknown:
@@ -90,7 +90,9 @@ class TextGenConfig:
             if not isinstance(getattr(self, key), (bool, np.bool_)):
                 raise ValueError(f"{key} must be True or False, got {getattr(self, key)!r}")
         if not isinstance(self.reward_kwargs, dict):
-            raise ValueError(f"reward_kwargs must be a dict of the reward's options (or {{}}), got {self.reward_kwargs!r}")
+            raise ValueError(
+                f"reward_kwargs must be a dict of the reward's options (or {{}}), got {self.reward_kwargs!r}"
+            )
 
 
 class TextGenCore:
@@ -230,7 +232,7 @@ class TextGenCore:
 
     # --- evaluation -------------------------------------------------------------------------------
 
-    def evaluation_copy(self, n: int | None = None) -> "TextGenCore":
+    def evaluation_copy(self, n: int | None = None) -> TextGenCore:
         """An engine of ``n`` rows (default: as many as this one) sharing this one's models,
         tokenizer, reward, prompts and acting distribution, with its own rows and KV caches and a
         frozen copy of the current KL coefficient: playing episodes on it leaves this engine (its

@@ -96,7 +96,8 @@ class ClassifierReward(Reward):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         self.output = _choice("output", output, ("prob", "logit"))
-        if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1):
+        if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int)
+                                       or max_length < 1):
             raise ValueError(f"max_length must be a positive integer or None, got {max_length!r}")
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
