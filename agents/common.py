@@ -11,8 +11,8 @@
   ``log pi`` (see ``textgym.kl`` for why only these two pairs are gradient-correct).
 - The RLHF figures are logged: mean score, KL (k1, and k3 as a diagnostic), KL coefficient,
   completion length, entropy, and NLPO's kept mask mass.
-- Optional PPO-ptx: ``ptx_coef`` > 0 mixes a language-modelling loss on ``ptx_data`` into every
-  update (see ``agents.ptx``).
+- Optional PPO-ptx: ``ptx_coef`` > 0 adds a language-modelling loss on ``ptx_data`` to every
+  minibatch's loss, as an explicit term (``ptx_loss_term``, see ``agents.ptx``).
 - ``learning_rate=None`` picks a default by model size and LoRA (``default_learning_rate``).
 """
 
@@ -25,7 +25,7 @@ import torch
 
 from agents import serialization
 from agents.lora import apply_lora, lora_config
-from agents.ptx import PtxOptimizer, ptx_batches
+from agents.ptx import lm_loss, ptx_batches
 from agents.vec_env import LMVecEnv, as_vec_env
 from textgym import kl as klmod
 
@@ -58,9 +58,10 @@ class LMAlgorithm:
     """Mixin placed before an SB3 ``OnPolicyAlgorithm`` subclass in the bases."""
 
     algo_name = "custom"
-    # True where the algorithm's own ``train`` adds ``kl_loss_term`` (kl_in="loss"); a plain SB3
-    # class registered through ``agents.register`` keeps SB3's update and the KL in the reward.
-    supports_kl_loss = False
+    # True where the algorithm's own ``train`` adds textgym's loss terms (``kl_loss_term`` for
+    # kl_in="loss", ``ptx_loss_term`` for PPO-ptx); a plain SB3 class registered through
+    # ``agents.register`` keeps SB3's update, so neither is available to it.
+    adds_loss_terms = False
 
     def __init__(self, policy, env, *args, lora: Any = None, ptx_coef: float = 0.0, ptx_data: Any = None,
                  ptx_batch_size: int = 8, ptx_max_length: int = 128, **kwargs):
@@ -76,6 +77,7 @@ class LMAlgorithm:
             {**kwargs, "lora": lora, "ptx_coef": ptx_coef, "ptx_data": ptx_data, "ptx_batch_size": ptx_batch_size,
              "ptx_max_length": ptx_max_length})
         self._episode_stats: list[dict] = []
+        self._update_logs: dict[str, list[float]] = {}
         env = as_vec_env(env) if env is not None else None
         if kwargs.get("learning_rate", 0.0) is None:
             if env is None:
@@ -91,7 +93,7 @@ class LMAlgorithm:
 
     def _setup_model(self) -> None:
         core = self.core
-        if core.cfg.kl_in == "loss" and not self.supports_kl_loss:
+        if core.cfg.kl_in == "loss" and not self.adds_loss_terms:
             raise ValueError(f"algorithm {self.algo_name!r} does not add a KL term to its loss: make the env with "
                              "kl_in='reward' (the default), or use one of ppo, a2c, nlpo")
         core.kl_batch_auto = False  # the coefficient moves once per rollout (collect_rollouts)
@@ -107,10 +109,13 @@ class LMAlgorithm:
             super()._setup_model()
         finally:
             self.policy_kwargs = saved
+        self._ptx_batches = None
         if self.ptx_coef > 0:
-            batches = ptx_batches(core.tokenizer, self.ptx_data, self.ptx_batch_size, self.ptx_max_length,
-                                  seed=self.seed or 0)
-            self.policy.optimizer = PtxOptimizer(self.policy.optimizer, core.model, batches, self.ptx_coef)
+            if not self.adds_loss_terms:
+                raise ValueError(f"algorithm {self.algo_name!r} does not add a pretraining term to its loss: "
+                                 "use ptx_coef with one of ppo, a2c, nlpo")
+            self._ptx_batches = ptx_batches(core.tokenizer, self.ptx_data, self.ptx_batch_size, self.ptx_max_length,
+                                            seed=self.seed or 0)
 
     def save(self, path, exclude=None, include=None) -> None:
         """Save to a zip in SB3's layout, without pickle: JSON data and tensors (``agents.serialization``),
@@ -132,7 +137,8 @@ class LMAlgorithm:
         return model
 
     def _excluded_save_params(self) -> list[str]:
-        return [*super()._excluded_save_params(), "_episode_stats", "_update_logs", "kl_coef_used"]
+        return [*super()._excluded_save_params(), "_episode_stats", "_update_logs", "kl_coef_used",
+                "_ptx_batches"]
 
     def collect_rollouts(self, env, callback, rollout_buffer, n_rollout_steps: int) -> bool:
         self._episode_stats = []
@@ -173,6 +179,16 @@ class LMAlgorithm:
         self._update_logs.setdefault("train/kl_loss", []).append(kl.item())
         return self.kl_coef_used * kl
 
+    def ptx_loss_term(self) -> torch.Tensor | float:
+        """PPO-ptx (InstructGPT eq. 2): ``ptx_coef`` times the language-modelling loss of the next
+        pretraining batch, added to the minibatch's loss so that gradient clipping and the step
+        see the combined gradient; 0 without ``ptx_coef``."""
+        if self._ptx_batches is None:
+            return 0.0
+        loss = lm_loss(self.core.model, next(self._ptx_batches))
+        self._update_logs.setdefault("train/ptx_loss", []).append(loss.item())
+        return self.ptx_coef * loss
+
     def log_update(self, name: str, value: float) -> None:
         self._update_logs.setdefault(name, []).append(float(value))
 
@@ -198,7 +214,4 @@ class LMAlgorithm:
         entropy_loss = self.logger.name_to_value.get("train/entropy_loss")
         if entropy_loss is not None:
             self.logger.record("train/entropy", -float(entropy_loss))
-        if isinstance(self.policy.optimizer, PtxOptimizer) and self.policy.optimizer.losses:
-            self.logger.record("train/ptx_loss", float(np.mean(self.policy.optimizer.losses)))
-            self.policy.optimizer.losses.clear()
         self.core.refresh([self.core.policy])  # the weights changed: cached logits must follow

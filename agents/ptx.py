@@ -2,10 +2,9 @@
 the policy update, ``loss = rl_loss + ptx_coef * NLL(pretraining batch)``, so RL fine-tuning does
 not erode the model's language ability.
 
-SB3's trainers call ``optimizer.zero_grad(); loss.backward(); clip_grad_norm_; optimizer.step()``
-per minibatch. ``PtxOptimizer`` wraps the optimizer: its ``zero_grad`` also back-propagates
-``ptx_coef * NLL`` of the next pretraining batch, so the RL gradient accumulates on top, gradient
-clipping sees the sum, and the step follows the gradient of the combined loss.
+The term is explicit: every minibatch of PPO's and A2C's updates adds
+``LMAlgorithm.ptx_loss_term()`` (``ptx_coef * lm_loss`` of the next batch of ``ptx_batches``) to
+its loss, so gradient clipping and the step see the combined gradient.
 """
 
 from __future__ import annotations
@@ -38,23 +37,3 @@ def lm_loss(model, batch: dict) -> torch.Tensor:
     logp = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
     weight = (mask[:, 1:] * mask[:, :-1]).float()
     return -(logp * weight).sum() / weight.sum().clamp(min=1)
-
-
-class PtxOptimizer:
-    """Wraps an optimizer so every ``zero_grad`` also adds ``coef * grad NLL`` of a pretraining batch."""
-
-    def __init__(self, optimizer: torch.optim.Optimizer, model, batches: Iterator[dict], coef: float):
-        self.optimizer, self.model, self.batches, self.coef = optimizer, model, batches, coef
-        self.losses: list[float] = []
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.optimizer.zero_grad(set_to_none=set_to_none)
-        loss = lm_loss(self.model, next(self.batches))
-        (self.coef * loss).backward()
-        self.losses.append(loss.item())
-
-    def step(self, closure=None):
-        return self.optimizer.step(closure)
-
-    def __getattr__(self, name: str):  # param_groups, state, state_dict, load_state_dict, ...
-        return getattr(self.optimizer, name)

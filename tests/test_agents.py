@@ -269,20 +269,19 @@ def test_rollout_end_does_not_encode_prompts_of_finished_episodes():
 
 
 def test_ppo_ptx_adds_the_pretraining_gradient(tmp_path):
-    from agents.ptx import PtxOptimizer, lm_loss, ptx_batches
+    from agents.ptx import lm_loss, ptx_batches
 
     texts = tmp_path / "pretrain.txt"
     texts.write_text("\n".join(["The children played in the park after school."] * 4 + ["A cat slept on the mat."] * 4))
     model = make("ppo", ptx_coef=0.5, ptx_data=str(texts), ptx_batch_size=4)
-    opt = model.policy.optimizer
-    assert isinstance(opt, PtxOptimizer)
     lm_model = model.env.core.model
-    # The same batch the optimizer will draw next:
+    # The same batch the update will draw next:
     batch = next(ptx_batches(model.env.core.tokenizer, str(texts), 4, 128, seed=0))
     lm_model.zero_grad(set_to_none=True)
     lm_loss(lm_model, batch).backward()
     expected = {n: 0.5 * p.grad.clone() for n, p in lm_model.named_parameters() if p.grad is not None}
-    opt.zero_grad()  # zeroes, then adds 0.5 * grad NLL
+    lm_model.zero_grad(set_to_none=True)
+    model.ptx_loss_term().backward()  # the explicit term every minibatch's loss adds: 0.5 * NLL
     for name, p in lm_model.named_parameters():
         if name in expected:
             torch.testing.assert_close(p.grad, expected[name])

@@ -129,6 +129,9 @@ def test_kl_loss_needs_an_algorithm_that_adds_it():
     with pytest.raises(ValueError, match="does not add a KL term to its loss"):
         agents.make("my_ppo_kl_test", "textgym/TextGen-v0", n_envs=2, env_kwargs={**TOY, "kl_in": "loss"}, n_steps=8,
                     batch_size=16)
+    with pytest.raises(ValueError, match="does not add a pretraining term to its loss"):
+        agents.make("my_ppo_kl_test", "textgym/TextGen-v0", n_envs=2, env_kwargs=TOY, n_steps=8, batch_size=16,
+                    ptx_coef=0.1, ptx_data=["Some text."])
 
 
 # --- NLPO: the masked policy is what acts, is measured and is saved ---------------------------------

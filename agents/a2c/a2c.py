@@ -31,7 +31,7 @@ class A2C(LMAlgorithm, sb3.A2C):
     """
 
     algo_name = "a2c"
-    supports_kl_loss = True
+    adds_loss_terms = True
 
     def __init__(
         self,
@@ -72,7 +72,7 @@ class A2C(LMAlgorithm, sb3.A2C):
             v_loss = value_loss(values, data.old_values, data.returns, None)
             entropy_loss = -entropy.mean()
             loss = (policy_loss + self.ent_coef * entropy_loss + self.vf_coef * v_loss
-                    + self.kl_loss_term(data, log_prob))
+                    + self.kl_loss_term(data, log_prob) + self.ptx_loss_term())
             self.policy.optimizer.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.max_grad_norm)

@@ -46,7 +46,7 @@ class PPO(LMAlgorithm, sb3.PPO):
     """
 
     algo_name = "ppo"
-    supports_kl_loss = True
+    adds_loss_terms = True
 
     def __init__(
         self,
@@ -100,7 +100,7 @@ class PPO(LMAlgorithm, sb3.PPO):
                 v_loss = value_loss(values, data.old_values, data.returns, clip_range_vf)
                 entropy_loss = -entropy.mean()
                 loss = (policy_loss + self.ent_coef * entropy_loss + self.vf_coef * v_loss
-                        + self.kl_loss_term(data, log_prob))
+                        + self.kl_loss_term(data, log_prob) + self.ptx_loss_term())
 
                 with torch.no_grad():
                     # k3 of the old -> new policy change, SB3's early-stopping statistic (SB3 PR #419).
