@@ -24,10 +24,10 @@ import numpy as np
 import torch
 
 from agents import serialization
-from agents.lora import apply_lora, lora_config
 from agents.ptx import lm_loss, ptx_batches
 from agents.vec_env import LMVecEnv, as_vec_env
 from textgym import kl as klmod
+from textgym.lora import lora_config
 
 
 def default_learning_rate(model, lora: bool) -> float:
@@ -97,9 +97,9 @@ class LMAlgorithm:
             raise ValueError(f"algorithm {self.algo_name!r} does not add a KL term to its loss: make the env with "
                              "kl_in='reward' (the default), or use one of ppo, a2c, nlpo")
         core.kl_batch_auto = False  # the coefficient moves once per rollout (collect_rollouts)
-        if self.lora and getattr(core, "peft_model", None) is None:
+        if self.lora and core.peft_model is None:
             self.set_random_seed(self.seed)  # the adapters' initialisation must follow the seed too
-            apply_lora(core, self.lora)
+            core.attach_lora(self.lora)
         if self.policy_kwargs.get("critic") is None and not core.policy.hidden:
             core.policy.hidden = True  # the shared value head reads the cached hidden states
             core.refresh([core.policy])

@@ -421,3 +421,19 @@ def test_score_scale_scales_the_reward_not_the_reported_score():
     assert info["score"] == 2.0 and rewards[-1] == pytest.approx(0.5)
     with pytest.raises(ValueError, match="score_scale must be a finite number > 0, got 0"):
         make(score_scale=0)
+
+
+def test_lora_is_attached_through_the_engine():
+    env = make(max_new_tokens=3)
+    core = env.unwrapped.core
+    core.attach_lora({"r": 4, "lora_alpha": 8, "lora_dropout": 0.0})
+    assert core.peft_model is not None
+    assert [n for n, p in core.model.named_parameters() if p.requires_grad]  # adapters only
+    assert all("lora_" in n for n, p in core.model.named_parameters() if p.requires_grad)
+    with pytest.raises(ValueError, match="already attached"):
+        core.attach_lora({"r": 4})
+    with pytest.raises(ValueError, match="lora bias='all'.*reference would drift"):
+        make().unwrapped.core.attach_lora({"r": 4, "bias": "all"})
+    obs, _ = env.reset(seed=0)  # episodes run on the adapted model against the adapter-free reference
+    *_, info = run_episode(env, [40, 41, 42])
+    assert info["kl"] == pytest.approx(0.0, abs=1e-4)  # LoRA's B starts at zero: policy = reference

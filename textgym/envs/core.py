@@ -28,6 +28,7 @@ import torch
 
 from textgym import kl as klmod
 from textgym import lm, models, rewards
+from textgym import lora as lora_mod
 from textgym.prompts import PromptSet, load_prompts, sentiment_prompts
 from textgym.prompts import encode_prompt as _encode_prompt
 
@@ -118,7 +119,7 @@ class TextGenCore:
         self.kl_batch: list[float] | None = []
         self.kl_batch_auto = True
         self.nucleus: dict | None = None  # {"top_p", "min_tokens_to_keep"} when the acting distribution is masked
-        self.peft_model = None  # the peft wrapper of model, when LoRA adapters are attached (agents.lora)
+        self.peft_model = None  # the peft wrapper of model, when LoRA adapters are attached (attach_lora)
         self.vocab = models.logits_width(self.model)
         self.pad_id = int(self.tokenizer.pad_token_id)
         self.eos_ids = _eos_ids(self.model, self.tokenizer)
@@ -172,6 +173,21 @@ class TextGenCore:
                 source = sentiment_prompts("test") if self.cfg.prompts is None else self.prompts
             self._test_prompts = load_prompts(source, column=self.cfg.prompt_column)
         return self._test_prompts
+
+    def attach_lora(self, lora: dict) -> None:
+        """Train LoRA adapters (``peft.LoraConfig`` options) instead of the model's weights: the
+        adapters are injected into ``model`` in place. The reference becomes the adapter-free model
+        (one LM copy in memory), unless the env was given its own ``ref_model``, which stays. The
+        cached rows are re-encoded with the adapted model."""
+        if self.peft_model is not None:
+            raise ValueError("LoRA adapters are already attached to this env's model")
+        own_reference = self.cfg.ref_model is not None
+        self.peft_model = lora_mod.peft_wrap(self.model, lora, own_reference=own_reference)
+        if not own_reference:
+            self.ref_model = lora_mod.AdapterDisabledRef(self.peft_model)  # the env's frozen copy is dropped
+            if self.ref is not None:
+                self.ref.model = self.ref_model
+        self.refresh()
 
     # --- the acting distribution ------------------------------------------------------------------
 

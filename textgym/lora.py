@@ -1,6 +1,7 @@
-"""LoRA through ``peft``: only the adapters train. Unless the user gave the env a ``ref_model``
-(kept as it is), the reference is the same weights with the adapters disabled, so one copy of the
-LM is in memory; trainable biases would then move the reference too, so they are refused."""
+"""LoRA through ``peft``, attached to an env's engine with ``TextGenCore.attach_lora``: only the
+adapters train. Unless the user gave the env a ``ref_model`` (kept as it is), the reference is the
+same weights with the adapters disabled, so one copy of the LM is in memory; trainable biases would
+then move the reference too, so they are refused."""
 
 from __future__ import annotations
 
@@ -38,22 +39,15 @@ class AdapterDisabledRef(nn.Module):
         return self._peft[0].get_output_embeddings()
 
 
-def apply_lora(core, lora: dict) -> None:
-    """Inject LoRA adapters into the env's model in place. The reference becomes the adapter-free
-    model, unless the env was given its own ``ref_model``, which stays."""
+def peft_wrap(model, lora: dict, *, own_reference: bool):
+    """Inject LoRA adapters (``peft.LoraConfig`` options ``lora``) into ``model`` in place; returns
+    the peft wrapper. Trainable biases are refused unless the reference is a model of its own."""
     from peft import LoraConfig, get_peft_model
 
-    own_ref = core.cfg.ref_model is not None
-    if not own_ref and lora.get("bias", "none") != "none":
+    if not own_reference and lora.get("bias", "none") != "none":
         raise ValueError(
             f"lora bias={lora['bias']!r} trains biases that the adapter-disabled reference shares, so the reference "
             "would drift with training: use bias='none', or give the env its own ref_model"
         )
     config = LoraConfig(task_type="CAUSAL_LM", **{k: v for k, v in lora.items() if k != "task_type"})
-    peft_model = get_peft_model(core.model, config)  # modifies core.model's layers in place
-    core.peft_model = peft_model
-    if not own_ref:
-        core.ref_model = AdapterDisabledRef(peft_model)  # the frozen copy made by the env is dropped
-        if core.ref is not None:
-            core.ref.model = core.ref_model
-    core.refresh()
+    return get_peft_model(model, config)  # modifies model's layers in place
