@@ -40,10 +40,7 @@ class NLPOPolicy(LMActorCriticPolicy):
     """
 
     def __init__(self, *args: Any, top_p: float = 0.9, min_tokens_to_keep: int = 1, **kwargs: Any):
-        if not 0.0 < top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
-        if min_tokens_to_keep < 1:
-            raise ValueError(f"min_tokens_to_keep must be >= 1, got {min_tokens_to_keep!r}")
+        # Checked where the mask is set (TextGenCore.set_nucleus_mask), for agents and envs alike.
         self.top_p, self.min_tokens_to_keep = top_p, min_tokens_to_keep
         super().__init__(*args, **kwargs)
 

@@ -441,12 +441,13 @@ class TextGenCore:
         t = self.length[idx]
         acts = torch.as_tensor(actions[idx], device=self.device)
         idx_t = torch.as_tensor(idx, device=self.device)
-        logp = _token_logp(self.acting_logits(idx_t), acts)  # under the distribution that acts
-        self.logp[idx, t] = logp.cpu()
-        if self.nucleus is not None:
+        logits = self.policy.logits[idx_t]
+        if self.nucleus is not None:  # one mask serves the log-prob and the kept mass
             allowed = self.allowed_tokens(self.followers[NUCLEUS].logits[idx_t])
-            kept = (torch.softmax(self.policy.logits[idx_t], -1) * allowed).sum(-1)
-            self.mask_mass[idx, t] = kept.cpu()
+            self.mask_mass[idx, t] = (torch.softmax(logits, -1) * allowed).sum(-1).cpu()
+            logits = lm.mask_logits(logits, allowed)
+        logp = _token_logp(logits, acts)  # under the distribution that acts
+        self.logp[idx, t] = logp.cpu()
         if self.ref is not None:
             ref_logp = _token_logp(self.ref.logits[idx_t], acts)
             self.ref_logp[idx, t] = ref_logp.cpu()
