@@ -1,104 +1,37 @@
 """RL agents for textgym environments: stable-baselines3 algorithms over one thin LM policy.
 
-    import agents
+    from textgym import agents      # always safe; ``import agents`` works too where nothing else owns that name
     model = agents.make("ppo", "textgym/Sentiment-v0", n_envs=8)   # or "a2c", "nlpo"
     model.learn(2048, progress_bar=True)
     model.save("ppo_sentiment")
     model = agents.load("ppo_sentiment", env="textgym/Sentiment-v0", n_envs=8)
+
+This folder is installed as ``textgym.agents`` only, so it can never overwrite another
+distribution's top-level ``agents`` package (the openai-agents SDK installs one). In a source
+checkout, where this folder also sits on the path as ``agents``, the short name is made an alias of
+``textgym.agents`` (and its submodules), so there is only ever one copy of each class and registry.
 """
 
-from __future__ import annotations
+import sys
 
-import inspect
-from pathlib import Path
-from typing import Any
+if __name__ != "textgym.agents":  # imported by the short name ``agents`` from a source checkout
+    import textgym.agents  # noqa: F401  (the one copy; the loop below names it by its short name too)
 
-from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
+    for _name, _module in list(sys.modules.items()):
+        if _name == "textgym.agents" or _name.startswith("textgym.agents."):
+            sys.modules[_name[len("textgym."):]] = _module
+else:
+    from . import serialization
+    from .a2c import A2C
+    from .buffer import EpisodeRolloutBuffer
+    from .common import LMAlgorithm
+    from .evaluate import evaluate
+    from .nlpo import NLPO, NLPOPolicy
+    from .policy import LMActorCriticPolicy
+    from .ppo import PPO
+    from .registry import accepted_hyperparameters, get_class, load, make, names, register
+    from .vec_env import LMVecEnv, as_vec_env
 
-from agents import serialization
-from agents.a2c import A2C
-from agents.buffer import EpisodeRolloutBuffer
-from agents.common import LMAlgorithm
-from agents.evaluate import evaluate
-from agents.nlpo import NLPO, NLPOPolicy
-from agents.policy import LMActorCriticPolicy
-from agents.ppo import PPO
-from agents.vec_env import LMVecEnv, as_vec_env
-
-_REGISTRY: dict[str, type] = {}
-
-
-def register(name: str, algo_class: type, *, overwrite: bool = False) -> type:
-    """Register an SB3 on-policy algorithm class under ``name``. A plain SB3 class (say a PPO
-    variant of yours) is combined with textgym's ``LMAlgorithm`` mixin; returns the class used."""
-    if not isinstance(algo_class, type) or not issubclass(algo_class, OnPolicyAlgorithm):
-        raise ValueError(
-            f"algorithm {name!r} must be a stable-baselines3 OnPolicyAlgorithm subclass, got {algo_class!r}"
-        )
-    if name in _REGISTRY and not overwrite:
-        raise ValueError(f"algorithm {name!r} is already registered; pass overwrite=True to replace it")
-    if not issubclass(algo_class, LMAlgorithm):
-        algo_class = type(algo_class.__name__, (LMAlgorithm, algo_class), {"algo_name": name})
-    _REGISTRY[name] = algo_class
-    return algo_class
-
-
-def names() -> list[str]:
-    return sorted(_REGISTRY)
-
-
-def get_class(name: str) -> type:
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown algorithm {name!r}; valid: {', '.join(names())}")
-    return _REGISTRY[name]
-
-
-def accepted_hyperparameters(algo: str) -> set[str]:
-    """Keyword arguments the algorithm's constructor chain accepts (its class and its bases)."""
-    names: set[str] = set()
-    for klass in get_class(algo).__mro__:
-        init = klass.__dict__.get("__init__")
-        if init is not None:
-            params = inspect.signature(init).parameters.values()
-            names |= {p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and p.name != "self"}
-    return names
-
-
-def make(algo: str, env: Any, *, n_envs: int | None = None, env_kwargs: dict | None = None, **hyperparameters: Any):
-    """An SB3 algorithm object for ``algo`` (``names()``) on ``env``: an env id (made as a batched
-    vector env of ``n_envs`` rows with ``env_kwargs``), a textgym env, or a textgym vector env.
-    ``hyperparameters`` go to the algorithm's constructor (``lora=``, ``policy_kwargs=``, ``seed=``...)."""
-    cls = get_class(algo)
-    unknown = sorted(set(hyperparameters) - accepted_hyperparameters(algo))
-    if unknown:
-        raise ValueError(f"{', '.join(unknown)}: not hyperparameter(s) of {algo}; valid: "
-                         f"{', '.join(sorted(accepted_hyperparameters(algo) - {'env'}))}")
-    vec = as_vec_env(env, n_envs, env_kwargs)
-    hyperparameters.setdefault("device", vec.core.device)
-    if not issubclass(cls, (PPO, A2C)):  # a user's class keeps its own defaults but needs our policy
-        hyperparameters.setdefault("policy", LMActorCriticPolicy)
-    return cls(env=vec, **hyperparameters)
-
-
-def load(path: str | Path, env: Any, *, n_envs: int | None = None, env_kwargs: dict | None = None, **kwargs: Any):
-    """Restore an agent saved with ``.save(path)``. ``env`` provides the LM that the saved weights
-    are loaded into (and the reference model, which is never saved)."""
-    path = Path(path)
-    if not path.exists() and path.with_suffix(".zip").exists():
-        path = path.with_suffix(".zip")
-    if not path.exists():
-        raise FileNotFoundError(f"no saved agent at {str(path)!r}")
-    data = serialization.read_data(path)  # JSON only: refuses a file holding pickles before anything else
-    algo = data.get("textgym_algo")
-    if not isinstance(algo, str):
-        raise ValueError(f"{str(path)!r} was not saved by a textgym agent (no 'textgym_algo' entry)")
-    vec = as_vec_env(env, n_envs, env_kwargs)
-    kwargs.setdefault("device", vec.core.device)
-    return get_class(algo).load(path, env=vec, **kwargs)
-
-
-for _name, _cls in (("ppo", PPO), ("a2c", A2C), ("nlpo", NLPO)):
-    register(_name, _cls)
-
-__all__ = ["A2C", "NLPO", "PPO", "EpisodeRolloutBuffer", "LMActorCriticPolicy", "LMAlgorithm", "LMVecEnv", "NLPOPolicy",
-           "accepted_hyperparameters", "as_vec_env", "evaluate", "get_class", "load", "make", "names", "register"]
+    __all__ = ["A2C", "NLPO", "PPO", "EpisodeRolloutBuffer", "LMActorCriticPolicy", "LMAlgorithm", "LMVecEnv",
+               "NLPOPolicy", "accepted_hyperparameters", "as_vec_env", "evaluate", "get_class", "load", "make",
+               "names", "register", "serialization"]

@@ -23,11 +23,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from agents import serialization
-from agents.ptx import lm_loss, ptx_batches
-from agents.vec_env import LMVecEnv, as_vec_env
 from textgym import kl as klmod
 from textgym.lora import lora_config
+
+from . import serialization
+from .ptx import lm_loss, ptx_batches
+from .vec_env import LMVecEnv, as_vec_env
 
 
 def default_learning_rate(model, lora: bool) -> float:

@@ -127,6 +127,7 @@ class LMActorCriticPolicy(ActorCriticPolicy):
         if critic == "copy":
             self.critic = models.disable_dropout(copy.deepcopy(lm_model))
         elif isinstance(critic, str):
+            # imported on use: only a separate critic needs it
             from transformers import AutoModelForSequenceClassification
 
             self.critic = models.disable_dropout(AutoModelForSequenceClassification.from_pretrained(critic))

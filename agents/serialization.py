@@ -20,6 +20,7 @@ builds the algorithm from the env and the saved hyperparameters, puts back the s
 
 from __future__ import annotations
 
+import inspect
 import io
 import json
 import os
@@ -29,7 +30,10 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
+import stable_baselines3 as sb3
 import torch
+from stable_baselines3.common.save_util import recursive_getattr, recursive_setattr
+from stable_baselines3.common.utils import get_system_info
 
 FORMAT = 1
 SERIALIZED = ":serialized:"
@@ -80,8 +84,6 @@ def policy_name(policy: Any) -> str:
 def save_agent(agent, path: str | os.PathLike | io.BufferedIOBase, exclude=None, include=None) -> None:
     """Write ``agent`` to ``path`` (``.zip`` added when it has no suffix) without any pickle.
     Written to a uniquely named temporary file first, then moved into place."""
-    import stable_baselines3 as sb3
-    from stable_baselines3.common.utils import get_system_info
 
     exclude = set(exclude or []) | set(agent._excluded_save_params())
     if include is not None:
@@ -101,7 +103,6 @@ def save_agent(agent, path: str | os.PathLike | io.BufferedIOBase, exclude=None,
     data["textgym_format"] = FORMAT
     data["textgym_policy"] = policy_name(agent.policy_class)
     params = agent.get_parameters()
-    from stable_baselines3.common.save_util import recursive_getattr
 
     variables = {name: recursive_getattr(agent, name) for name in torch_names}
 
@@ -182,7 +183,6 @@ def _read_tensors(archive: zipfile.ZipFile, name: str, device, where: str) -> An
 def load_agent(cls: type, path: str | os.PathLike, env, device: Any = "auto", **kwargs: Any):
     """Build ``cls`` on ``env`` from the saved hyperparameters (``kwargs`` override them), put the
     saved attributes back and load the state dicts. Nothing in the file is unpickled."""
-    from stable_baselines3.common.save_util import recursive_setattr
 
     path = Path(path)
     if not path.exists() and path.with_suffix(".zip").exists():
@@ -231,8 +231,6 @@ def load_agent(cls: type, path: str | os.PathLike, env, device: Any = "auto", **
 
 
 def _accepted(cls: type) -> set[str]:
-    import inspect
-
     names: set[str] = set()
     for klass in cls.__mro__:
         init = klass.__dict__.get("__init__")

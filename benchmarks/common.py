@@ -8,8 +8,7 @@ import warnings
 
 import torch
 
-import agents
-from textgym import models
+from textgym import agents, models
 from textgym.prompts import sentiment_prompts
 
 

@@ -5,7 +5,7 @@
 
 import argparse
 
-import agents
+from textgym import agents
 
 
 def main() -> None:

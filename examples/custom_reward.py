@@ -5,8 +5,8 @@
 
 import argparse
 
-import agents
 import textgym
+from textgym import agents
 
 
 def politeness(prompts: list[str], completions: list[str], **metadata) -> list[float]:

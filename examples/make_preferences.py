@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from textgym.preferences import synthesize, to_pairs, write_jsonl
+from textgym.pipeline.preferences import synthesize, to_pairs, write_jsonl
 
 
 def main(argv: list[str] | None = None) -> int:

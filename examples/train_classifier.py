@@ -9,7 +9,7 @@ completion "positive" when its gold score is above 0.05 (VADER's convention), el
 import argparse
 import json
 
-from textgym.classifier import train_classifier
+from textgym.pipeline.classifier import train_classifier
 from textgym.prompts import load_records
 
 

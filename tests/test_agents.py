@@ -7,12 +7,11 @@ import numpy as np
 import pytest
 import stable_baselines3 as sb3
 import torch
+from textgym.agents import evaluate
+from textgym.agents.nlpo import top_p_mask
+from textgym.agents.policy import group_rows
 
-import agents
-from agents import evaluate
-from agents.nlpo import top_p_mask
-from agents.policy import group_rows
-from textgym import models
+from textgym import agents, models
 
 ALGOS = ["ppo", "a2c", "nlpo"]
 TOY = dict(model="textgym/tiny", reward="keyword", reward_kwargs={"keywords": ["the"]}, max_new_tokens=8,
@@ -229,7 +228,7 @@ def test_registry_and_env_forms():
         model.learn(8)
         assert isinstance(model.policy, agents.LMActorCriticPolicy)
     finally:
-        agents._REGISTRY.pop("my_ppo")
+        agents.registry._REGISTRY.pop("my_ppo")
     with pytest.raises(ValueError, match="already registered"):
         agents.register("ppo", sb3.PPO)
 
@@ -269,7 +268,7 @@ def test_rollout_end_does_not_encode_prompts_of_finished_episodes():
 
 
 def test_ppo_ptx_adds_the_pretraining_gradient(tmp_path):
-    from agents.ptx import lm_loss, ptx_batches
+    from textgym.agents.ptx import lm_loss, ptx_batches
 
     texts = tmp_path / "pretrain.txt"
     texts.write_text("\n".join(["The children played in the park after school."] * 4 + ["A cat slept on the mat."] * 4))
@@ -299,7 +298,7 @@ def test_ppo_ptx_adds_the_pretraining_gradient(tmp_path):
 def test_separate_critic_from_a_reward_model_directory(tmp_path):
     """A reward model sharing the policy's vocabulary (causal backbone) initialises the critic and
     its scalar head initialises the value head."""
-    from textgym.rm import load_reward_model
+    from textgym.pipeline.rm import load_reward_model
 
     rm, tok = load_reward_model("textgym/tiny", seed=3)
     rm.save_pretrained(tmp_path)

@@ -5,13 +5,12 @@ import gymnasium as gym
 import numpy as np
 import pytest
 
-import agents
-from textgym import rewards
-from textgym.cli import main, parse_args
-from textgym.config import ConfigError, load_config
-from textgym.evaluate import evaluate_target
+from textgym import agents, rewards
+from textgym.pipeline.cli import main, parse_args
+from textgym.pipeline.config import ConfigError, load_config
+from textgym.pipeline.evaluate import evaluate_target
+from textgym.pipeline.train import TrainConfig
 from textgym.rewards import RewardError
-from textgym.train import TrainConfig
 
 PROMPTS = ["The film", "I loved the music in this", "Bad"]
 
@@ -283,7 +282,7 @@ def test_cli_override_yaml_error_names_the_override(capsys):
 
 def test_resume_overrides_apply_or_are_refused(tmp_path):
     """--resume with overrides: training.iterations is applied, anything else is refused with the reason."""
-    from textgym.train import resume_config
+    from textgym.pipeline.train import resume_config
 
     saved = load_config(TrainConfig, overrides=["training.iterations=4", f"training.output_dir={tmp_path}"])
     more = load_config(TrainConfig, overrides=["training.iterations=6", f"training.output_dir={tmp_path}"])

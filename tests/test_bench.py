@@ -3,9 +3,9 @@ import json
 import pytest
 
 from textgym import rewards
-from textgym.bench import BenchRewardsConfig, bench_elo, bench_rewards, judge_matches
-from textgym.cli import main
-from textgym.config import ConfigError, load_config
+from textgym.pipeline.bench import BenchRewardsConfig, bench_elo, bench_rewards, judge_matches
+from textgym.pipeline.cli import main
+from textgym.pipeline.config import ConfigError, load_config
 
 TRAIN = {
     "model": {"name": "textgym/tiny", "lora": None},
@@ -59,8 +59,8 @@ def test_judge_matches_by_hand():
 
 
 def test_bench_elo_ranks_a_trained_policy(tmp_path, capsys):
-    from textgym.config import load_config as load
-    from textgym.train import TrainConfig, train
+    from textgym.pipeline.config import load_config as load
+    from textgym.pipeline.train import TrainConfig, train
 
     run = tmp_path / "run"
     cfg = load(TrainConfig, base={**TRAIN, "reward": {"name": "length", "kwargs": {"unit": "chars"}},

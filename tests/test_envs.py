@@ -268,7 +268,7 @@ def test_long_prompt_is_cut_from_the_left_with_warning():
 
 
 def test_long_prompt_warns_once_per_env_and_is_encoded_as_sft_encodes_it():
-    from textgym.sft import build_batch
+    from textgym.pipeline.sft import build_batch
 
     env = make(max_prompt_tokens=4)
     text = "one two three four five six seven eight"

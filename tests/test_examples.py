@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from textgym.config import load_config
-from textgym.rm import RMConfig
-from textgym.train import TrainConfig
+from textgym.pipeline.config import load_config
+from textgym.pipeline.rm import RMConfig
+from textgym.pipeline.train import TrainConfig
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -23,7 +23,7 @@ def test_default_config_is_the_example():
 
 
 def test_bench_config_is_valid():
-    from textgym.bench import BenchRewardsConfig
+    from textgym.pipeline.bench import BenchRewardsConfig
 
     cfg = load_config(BenchRewardsConfig, EXAMPLES / "bench_rewards.yaml")
     assert [s["label"] for s in cfg.specs()] == ["reward_model", "classifier", "length", "vader"]

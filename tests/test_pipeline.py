@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from textgym import models
-from textgym.cli import main
-from textgym.config import ConfigError, load_config
-from textgym.train import Run, TrainConfig, train
+from textgym.pipeline.cli import main
+from textgym.pipeline.config import ConfigError, load_config
+from textgym.pipeline.train import Run, TrainConfig, train
 
 TINY_RUN = [
     "model.name=textgym/tiny", "model.lora=null", "env.id=textgym/TextGen-v0", "env.n_envs=4",
@@ -162,7 +162,7 @@ def test_sigkilled_cli_run_resumes_to_the_same_result(tmp_path):
     import time
 
     def cli(out, *extra):
-        return [sys.executable, "-m", "textgym.cli", "train", *TINY_RUN, "training.iterations=6",
+        return [sys.executable, "-m", "textgym", "train", *TINY_RUN, "training.iterations=6",
                 "training.eval_every=0", f"training.output_dir={out}", *extra]
 
     full = tmp_path / "full"

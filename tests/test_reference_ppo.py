@@ -13,8 +13,7 @@ import pytest
 import torch
 from reference_ppo import ppo_iteration
 
-import agents
-from textgym import models
+from textgym import agents, models
 
 PROMPTS = ["The film", "I saw a movie and", "My friend said that", "Today"]
 SEED, N_ENVS, N_STEPS = 3, 4, 8  # 8 steps of 6-token episodes: every row ends the rollout mid-episode

@@ -9,11 +9,10 @@ import pytest
 import stable_baselines3 as sb3
 import torch
 from stable_baselines3.common.utils import obs_as_tensor
+from textgym.agents import evaluate
 
-import agents
-from agents import evaluate
-from textgym import lm, models
-from textgym.evaluate import evaluate_target
+from textgym import agents, lm, models
+from textgym.pipeline.evaluate import evaluate_target
 
 TOY = dict(model="textgym/tiny", reward="keyword", reward_kwargs={"keywords": ["the"]}, max_new_tokens=6,
            max_prompt_tokens=16, kl_coef=0.1, prompts=["The film", "I saw a movie and", "My friend said that", "Today"])
@@ -158,8 +157,8 @@ def test_nlpo_kl_is_the_masked_policys_kl():
 
 
 def test_nlpo_final_model_acts_as_evaluated(tmp_path):
-    from textgym.config import load_config
-    from textgym.train import TrainConfig, train
+    from textgym.pipeline.config import load_config
+    from textgym.pipeline.train import TrainConfig, train
 
     cfg = load_config(TrainConfig, overrides=[
         "model.name=textgym/tiny", "model.lora=null", "env.id=textgym/TextGen-v0", "env.n_envs=4",

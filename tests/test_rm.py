@@ -1,4 +1,4 @@
-"""Reward-model training (textgym.rm) and synthetic preference data (textgym.preferences)."""
+"""Reward-model training (textgym.pipeline.rm) and synthetic preference data (textgym.pipeline.preferences)."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
 
 from textgym import rewards
-from textgym.config import ConfigError, load_config
-from textgym.preferences import synthesize, to_pairs, write_jsonl
-from textgym.rm import (
+from textgym.pipeline.config import ConfigError, load_config
+from textgym.pipeline.preferences import synthesize, to_pairs, write_jsonl
+from textgym.pipeline.rm import (
     RMConfig,
     load_preferences,
     pairwise_loss,
@@ -288,7 +288,7 @@ def test_synthesize_and_pairs() -> None:
 
 def test_train_classifier_feeds_the_classifier_reward(tmp_path):
     from textgym import rewards
-    from textgym.classifier import train_classifier
+    from textgym.pipeline.classifier import train_classifier
 
     happy = ["a lovely happy film", "great and wonderful", "I loved it, so good", "a joyful delight"]
     sad = ["an awful sad film", "boring and bad", "I hated it, so dull", "a miserable mess"]

@@ -9,9 +9,9 @@ from pathlib import Path
 import cloudpickle
 import pytest
 import torch
+from textgym.agents.serialization import UnsafeAgentFileError
 
-import agents
-from agents.serialization import UnsafeAgentFileError
+from textgym import agents
 
 TOY = dict(model="textgym/tiny", reward="keyword", reward_kwargs={"keywords": ["the"]}, max_new_tokens=6,
            max_prompt_tokens=16, prompts=["The film", "I saw a movie and", "Today"])
@@ -175,8 +175,8 @@ TINY_RUN = [
 
 
 def tiny_config(out, *extra):
-    from textgym.config import load_config
-    from textgym.train import TrainConfig
+    from textgym.pipeline.config import load_config
+    from textgym.pipeline.train import TrainConfig
 
     return load_config(TrainConfig, overrides=[*TINY_RUN, f"training.output_dir={out}", *extra])
 
@@ -186,8 +186,8 @@ def listing(path):
 
 
 def test_trust_remote_code_is_refused_in_configs(tmp_path):
-    from textgym.config import ConfigError, load_config
-    from textgym.train import Run, TrainConfig
+    from textgym.pipeline.config import ConfigError, load_config
+    from textgym.pipeline.train import Run, TrainConfig
 
     with pytest.raises(ConfigError, match=r"override key 'reward.kwargs.model_kwargs.trust_remote_code' is refused"):
         load_config(TrainConfig, overrides=["reward.kwargs.model_kwargs.trust_remote_code=true"])
@@ -209,8 +209,8 @@ def test_trust_remote_code_is_refused_in_configs(tmp_path):
 
 
 def test_trust_remote_code_in_a_received_run_directory_is_refused_by_train_and_eval(tmp_path, capsys):
-    from textgym.cli import main
-    from textgym.train import train
+    from textgym.pipeline.cli import main
+    from textgym.pipeline.train import train
 
     run = tmp_path / "run"
     train(tiny_config(run), progress=False)
@@ -226,8 +226,8 @@ def test_trust_remote_code_in_a_received_run_directory_is_refused_by_train_and_e
 
 
 def test_crafted_agent_zip_in_a_run_directory_never_runs_through_resume(tmp_path, capsys):
-    from textgym.cli import main
-    from textgym.train import train
+    from textgym.pipeline.cli import main
+    from textgym.pipeline.train import train
 
     run = tmp_path / "run"
     train(tiny_config(run), progress=False)
@@ -242,8 +242,8 @@ def test_crafted_agent_zip_in_a_run_directory_never_runs_through_resume(tmp_path
 def test_a_second_run_into_a_live_run_directory_is_refused_before_writing(tmp_path):
     import os
 
-    from textgym.runlock import RunLockedError
-    from textgym.train import Run
+    from textgym.pipeline.runlock import RunLockedError
+    from textgym.pipeline.train import Run
 
     first = Run(tiny_config(tmp_path), progress=False)
     before = listing(tmp_path)
@@ -256,8 +256,8 @@ def test_a_second_run_into_a_live_run_directory_is_refused_before_writing(tmp_pa
 
 
 def test_resume_of_a_live_run_is_refused(tmp_path):
-    from textgym.runlock import RunLock, RunLockedError
-    from textgym.train import Run, train
+    from textgym.pipeline.runlock import RunLock, RunLockedError
+    from textgym.pipeline.train import Run, train
 
     train(tiny_config(tmp_path), progress=False)
     (tmp_path / ".checkpoint-half-written").mkdir()
@@ -269,8 +269,8 @@ def test_resume_of_a_live_run_is_refused(tmp_path):
 
 
 def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
-    from textgym.runlock import holder
-    from textgym.train import train
+    from textgym.pipeline.runlock import holder
+    from textgym.pipeline.train import train
 
     (tmp_path / ".lock").write_text(json.dumps({"pid": 999999999, "host": "gone", "started": "yesterday"}))
     assert holder(tmp_path) is None  # nobody holds the file's lock: the record is stale
@@ -284,10 +284,10 @@ def test_two_concurrent_cli_runs_into_one_directory(tmp_path):
     import sys
     import time
 
-    from textgym.runlock import holder
+    from textgym.pipeline.runlock import holder
 
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "textgym.cli", "train", *TINY_RUN, "training.iterations=3",
+    cmd = [sys.executable, "-m", "textgym", "train", *TINY_RUN, "training.iterations=3",
            f"training.output_dir={out}"]
     first = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
@@ -299,8 +299,8 @@ def test_two_concurrent_cli_runs_into_one_directory(tmp_path):
     assert second.returncode == 2
     assert f"is in use by process {first.pid}" in second.stderr and "Traceback" not in second.stderr
     assert first.wait(timeout=300) == 0
-    from textgym.config import load_config
-    from textgym.train import TrainConfig
+    from textgym.pipeline.config import load_config
+    from textgym.pipeline.train import TrainConfig
 
     assert load_config(TrainConfig, out / "config.yaml").training.seed == 0  # the first run's config
     assert len(list((out / "tb").rglob("events.out.tfevents*"))) == 1
@@ -381,7 +381,7 @@ def test_every_algorithm_round_trips_without_pickle(tmp_path, algo, hp):
 
 
 def test_cli_resume_applies_iterations_and_refuses_other_overrides(tmp_path, capsys):
-    from textgym.cli import main
+    from textgym.pipeline.cli import main
 
     run = tmp_path / "run"
     assert main(["train", *TINY_RUN, f"training.output_dir={run}"]) == 0

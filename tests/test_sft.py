@@ -4,10 +4,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from textgym import models, sft
-from textgym.config import ConfigError, load_config
+from textgym import models
 from textgym.lm import position_ids
-from textgym.sft import SFTConfig, build_batch, completion_loss, encode_prompt, train_sft
+from textgym.pipeline import sft
+from textgym.pipeline.config import ConfigError, load_config
+from textgym.pipeline.sft import SFTConfig, build_batch, completion_loss, encode_prompt, train_sft
 
 FACTS = {"grass": "green", "sky": "blue", "snow": "white", "coal": "black", "blood": "red",
          "sun": "yellow", "orange": "orange", "violet": "purple"}

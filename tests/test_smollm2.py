@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from textgym import models, rewards
-from textgym.cli import run_episodes
+from textgym.pipeline.cli import run_episodes
 
 pytestmark = pytest.mark.slow
 
@@ -51,7 +51,7 @@ def test_sentiment_env_on_smollm2(smollm2):
 
 
 def test_ppo_with_lora_on_smollm2(smollm2, tmp_path):
-    import agents
+    from textgym import agents
 
     model, tok = smollm2
     agent = agents.make("ppo", "textgym/Sentiment-v0", n_envs=4, env_kwargs={"model": model, "tokenizer": tok},

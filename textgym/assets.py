@@ -11,6 +11,7 @@ here), so a changed or replaced upload is refused.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 import shutil
@@ -28,8 +29,6 @@ PINNED_WHEELS: dict[str, tuple[str, str]] = {
 
 
 def sha256_file(path: Path) -> str:
-    import hashlib
-
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):

@@ -42,7 +42,7 @@ class AdapterDisabledRef(nn.Module):
 def peft_wrap(model, lora: dict, *, own_reference: bool):
     """Inject LoRA adapters (``peft.LoraConfig`` options ``lora``) into ``model`` in place; returns
     the peft wrapper. Trainable biases are refused unless the reference is a model of its own."""
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, get_peft_model  # imported on use: only LoRA runs need peft (a slow import)
 
     if not own_reference and lora.get("bias", "none") != "none":
         raise ValueError(

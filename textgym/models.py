@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from textgym.assets import atomic_dir, cache_dir, wheel_path
+from textgym.prompts import corpus_path
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ def load(
 
 
 def _from_pretrained(path, name: str, **kwargs):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # imported on use: transformers is a slow import
 
     dtype = kwargs.pop("dtype", None)
     if dtype is not None:
@@ -138,10 +139,14 @@ def _single_thread():
 
 def build_tiny(out_dir: Path, *, vocab_size: int = 512, steps: int = 300, seed: int = 0) -> None:
     """Train a byte-level BPE tokenizer on the shipped corpus, pretrain a tiny Llama on it, save both."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    from textgym.prompts import corpus_path
+    from tokenizers import (  # imported on use: only building the tiny model trains a tokenizer
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        trainers,
+    )
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # imported on use: a slow import
 
     lines = [line.strip() for line in corpus_path().read_text().splitlines() if line.strip()]
     specials = ["<|endoftext|>", "<pad>", "<|im_start|>", "<|im_end|>"]
@@ -205,7 +210,7 @@ def smollm2_path() -> Path:
 
 def convert_gguf(gguf_file: Path, out_dir: Path) -> None:
     """Dequantize a GGUF causal LM and save it as a plain Hugging Face directory."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # imported on use: transformers is a slow import
 
     gguf_file = Path(gguf_file)
     logger.warning("converting %s to safetensors (once, ~15 s)", gguf_file.name)

@@ -1,8 +1,8 @@
 """Data sources, the prompts an environment starts its episodes from, and how a prompt is encoded.
 
 :func:`load_records` is textgym's one reader of data: the rows of a file, a dataset or a list,
-for prompts (:func:`load_prompts`), SFT demonstrations (``textgym.sft``) and preference data
-(``textgym.rm``) alike. It accepts
+for prompts (:func:`load_prompts`), SFT demonstrations (``textgym.pipeline.sft``) and preference data
+(``textgym.pipeline.rm``) alike. It accepts
 
 * a path to a ``.txt`` file (one row per non-empty line) or to a tabular ``.jsonl``, ``.json``,
   ``.csv`` or ``.parquet`` file;
@@ -226,7 +226,7 @@ def _read_file(path: Path, text_columns: Callable[[list[str]], Collection[str]] 
             )
         return data
 
-    import pandas as pd
+    import pandas as pd  # imported on use: only tabular files need pandas (a slow import)
 
     if suffix == ".csv":
         _read_text(path)  # a file that is not UTF-8 is refused by name and line
@@ -248,7 +248,7 @@ def _named(what: str, noun: str) -> str:
 
 def _load_dataset(name: str, config: str | None, split: str | None, what: str) -> list[dict]:
     """The rows of ``split`` (default ``"train"``) of a hub dataset or a dataset directory."""
-    import datasets
+    import datasets  # imported on use: only hub datasets need it (a slow import)
 
     split = split or "train"
     try:

@@ -1,3 +1,3 @@
-from agents.a2c.a2c import A2C
+from .a2c import A2C
 
 __all__ = ["A2C"]

@@ -1,3 +1,3 @@
-from agents.nlpo.nlpo import NLPO, NLPOPolicy, top_p_mask
+from .nlpo import NLPO, NLPOPolicy, top_p_mask
 
 __all__ = ["NLPO", "NLPOPolicy", "top_p_mask"]

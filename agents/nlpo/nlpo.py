@@ -24,10 +24,11 @@ from typing import Any
 
 import torch
 
-from agents.policy import LMActorCriticPolicy, grouped_forward
-from agents.ppo import PPO
 from textgym.envs.core import NUCLEUS
 from textgym.lm import mask_logits, top_p_mask
+
+from ..policy import LMActorCriticPolicy, grouped_forward
+from ..ppo import PPO
 
 __all__ = ["NLPO", "NLPOPolicy", "top_p_mask"]
 

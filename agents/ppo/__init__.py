@@ -1,3 +1,3 @@
-from agents.ppo.ppo import PPO
+from .ppo import PPO
 
 __all__ = ["PPO"]

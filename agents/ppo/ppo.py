@@ -13,9 +13,9 @@ import stable_baselines3 as sb3
 import torch
 from stable_baselines3.common.utils import explained_variance
 
-from agents.buffer import EpisodeRolloutBuffer
-from agents.common import LMAlgorithm, value_loss
-from agents.policy import LMActorCriticPolicy
+from ..buffer import EpisodeRolloutBuffer
+from ..common import LMAlgorithm, value_loss
+from ..policy import LMActorCriticPolicy
 
 
 class PPO(LMAlgorithm, sb3.PPO):

@@ -302,6 +302,7 @@ class TextGenCore:
         if isinstance(cfg.model, torch.nn.Module):
             model, tokenizer = cfg.model, cfg.tokenizer
             if tokenizer is None:
+                # imported on use: a slow import, needed only for a model object given without tokenizer
                 from transformers import AutoTokenizer
 
                 tokenizer = AutoTokenizer.from_pretrained(model.config.name_or_path)

@@ -43,7 +43,7 @@ importable from ``textgym.rewards`` itself.
 
 from __future__ import annotations
 
-# Besides __all__, importable from here as from the old module: _texts (textgym.rm scores
+# Besides __all__, importable from here as from the old module: _texts (textgym.pipeline.rm scores
 # texts the way the classifiers do), ROUGE_TYPES and RewardFn.
 from textgym.rewards.classifiers import ClassifierReward, RewardModelReward, VaderReward
 from textgym.rewards.options import _texts as _texts

@@ -23,6 +23,7 @@ if TYPE_CHECKING:  # heavy imports are deferred until a reward needs them
 @functools.lru_cache(maxsize=1)
 def _vader_analyzer() -> Any:
     """The shared VADER analyzer (building it parses the lexicon, so do it once)."""
+    # imported on use: only the VADER reward needs it
     from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
     return SentimentIntensityAnalyzer()
@@ -93,7 +94,7 @@ class ClassifierReward(Reward):
         tokenizer: str | os.PathLike[str] | PreTrainedTokenizerBase | None = None,
         model_kwargs: Mapping[str, Any] | None = None,
     ) -> None:
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer  # imported on use: a slow import
 
         self.output = _choice("output", output, ("prob", "logit"))
         if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int)
@@ -165,7 +166,7 @@ class ClassifierReward(Reward):
         return label
 
     def __call__(self, prompts: list[str], completions: list[str], **metadata: Any) -> list[float]:
-        import torch
+        import torch  # imported on use, as transformers above (heavy imports wait for a reward that needs them)
 
         texts = _texts(prompts, completions, self.include_prompt)
         scores: list[float] = []

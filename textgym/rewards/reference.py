@@ -36,7 +36,7 @@ class BleuReward(SacrebleuReward):
     name = "bleu"
 
     def __init__(self, **options: Any) -> None:
-        from sacrebleu.metrics import BLEU
+        from sacrebleu.metrics import BLEU  # imported on use: only this reward needs sacrebleu
 
         options.setdefault("effective_order", True)
         self.metric = BLEU(**options)
@@ -52,7 +52,7 @@ class ChrfReward(SacrebleuReward):
     name = "chrf"
 
     def __init__(self, **options: Any) -> None:
-        from sacrebleu.metrics import CHRF
+        from sacrebleu.metrics import CHRF  # imported on use: only this reward needs sacrebleu
 
         self.metric = CHRF(**options)
 
@@ -73,7 +73,7 @@ class RougeReward(Reward):
     name = "rouge"
 
     def __init__(self, rouge_type: str = "rougeL", use_stemmer: bool = False) -> None:
-        from rouge_score import rouge_scorer
+        from rouge_score import rouge_scorer  # imported on use: only this reward needs rouge-score
 
         self.rouge_type = _choice("rouge_type", rouge_type, ROUGE_TYPES)
         self.scorer = rouge_scorer.RougeScorer([rouge_type], use_stemmer=use_stemmer)

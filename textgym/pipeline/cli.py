@@ -9,8 +9,19 @@ from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
+from rich.console import Console
+from rich.table import Table
 
-from textgym import sampling
+import textgym
+from textgym import agents, models, rewards, sampling
+from textgym.pipeline.bench import BenchRewardsConfig, bench_elo, bench_rewards
+from textgym.pipeline.config import load_config
+from textgym.pipeline.evaluate import evaluate_target
+from textgym.pipeline.rm import RMConfig, train_reward_model
+from textgym.pipeline.runlock import RunLockedError
+from textgym.pipeline.sft import SFTConfig, train_sft
+from textgym.pipeline.train import train
+from textgym.pipeline.train_config import config_from_cli
 
 
 def run_episodes(env, agent: str, episodes: int, seed: int = 0, progress: bool = True) -> list[dict]:
@@ -25,13 +36,10 @@ def run_episodes(env, agent: str, episodes: int, seed: int = 0, progress: bool =
 
 
 def cmd_demo(args) -> int:
-    import textgym  # noqa: F401  (registers the envs)
 
     kwargs = {"model": args.model} if args.model else {}
     env = gym.make(args.env, **kwargs)
     results = run_episodes(env, args.agent, args.episodes, seed=args.seed)
-    from rich.console import Console
-    from rich.table import Table
 
     table = Table(title=f"{args.env}: {args.agent} agent, {len(results)} episodes")
     for col in ("prompt", "completion", "score", "kl", "reward"):
@@ -49,13 +57,9 @@ def cmd_demo(args) -> int:
 
 
 def cmd_list(args) -> int:
-    import textgym
-    from textgym import models, rewards
-
     print("environments:", ", ".join(textgym.ENV_IDS))
     print("rewards:     ", ", ".join(rewards.names()))
     print("models:      ", ", ".join(models.BUILTIN), "(or any Hugging Face directory or hub id)")
-    import agents
 
     print("agents:      ", ", ".join(agents.names()))
     return 0
@@ -71,7 +75,6 @@ def _config_and_overrides(args) -> tuple[str | None, list[str]]:
 
 
 def cmd_train(args) -> int:
-    from textgym.train import config_from_cli, train
 
     config, overrides = _config_and_overrides(args)
     # With --resume the run continues with its saved config: training.iterations may be changed, any
@@ -83,8 +86,6 @@ def cmd_train(args) -> int:
 
 
 def _print_comparison(result: dict, run_dir: str) -> None:
-    from rich.console import Console
-    from rich.table import Table
 
     table = Table(title=f"held-out evaluation, {run_dir}")
     table.add_column("metric")
@@ -97,12 +98,9 @@ def _print_comparison(result: dict, run_dir: str) -> None:
 
 
 def cmd_eval(args) -> int:
-    from textgym.evaluate import evaluate_target
 
     summary = evaluate_target(args.target, env_id=args.env, n=args.n, ref=args.ref, seed=args.seed,
                               n_envs=args.n_envs, out=args.json)
-    from rich.console import Console
-    from rich.table import Table
 
     table = Table(title=f"textgym eval {args.target}")
     table.add_column("metric")
@@ -115,24 +113,18 @@ def cmd_eval(args) -> int:
 
 
 def cmd_sft(args) -> int:
-    from textgym.config import load_config
-    from textgym.sft import SFTConfig, train_sft
 
     print(json.dumps(train_sft(load_config(SFTConfig, *_config_and_overrides(args))), indent=1))
     return 0
 
 
 def cmd_rm(args) -> int:
-    from textgym.config import load_config
-    from textgym.rm import RMConfig, train_reward_model
 
     print(json.dumps(train_reward_model(load_config(RMConfig, *_config_and_overrides(args))), indent=1))
     return 0
 
 
 def cmd_bench_rewards(args) -> int:
-    from textgym.bench import BenchRewardsConfig, bench_rewards
-    from textgym.config import load_config
 
     cfg = load_config(BenchRewardsConfig, *_config_and_overrides(args))
     bench_rewards(cfg)
@@ -142,7 +134,6 @@ def cmd_bench_rewards(args) -> int:
 
 
 def cmd_bench_elo(args) -> int:
-    from textgym.bench import bench_elo
 
     bench_elo(args.policies, judge=args.judge, env_id=args.env, n=args.n, seed=args.seed, n_envs=args.n_envs,
               n_bootstrap=args.bootstrap, output_dir=args.output_dir)
@@ -241,8 +232,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def user_errors() -> tuple[type[BaseException], ...]:
     """Errors caused by the command's input (a bad value, a missing file, a locked run directory):
     printed as one line. Anything else is a bug and keeps its traceback."""
-    from textgym.runlock import RunLockedError
-
     return (ValueError, TypeError, OSError, RunLockedError)
 
 

@@ -1,7 +1,7 @@
 """Synthetic preference data: sample K completions per prompt and rank them with a gold reward.
 
 A stand-in for human labels (as in Gao et al. 2023's "gold reward model" set-up): the reward model
-trained on these rankings (``textgym.rm``) can be checked against the gold reward it imitates. ::
+trained on these rankings (``textgym.pipeline.rm``) can be checked against the gold reward it imitates. ::
 
     records = synthesize("textgym/smollm2-135m", k=4)      # [{"prompt", "completions", "scores", "ranks"}]
     write_jsonl(to_pairs(records), "data/prefs.jsonl")     # or write the rankings themselves
@@ -41,7 +41,7 @@ def synthesize(
     prompts per ``generate`` call, each repeated ``k`` times. The same arguments give the same records.
 
     Returns one record per prompt: ``{"prompt", "completions", "scores", "ranks"}`` with rank 0 for
-    the best score; equal scores get consecutive ranks in sample order (``textgym.rm`` compares by
+    the best score; equal scores get consecutive ranks in sample order (``textgym.pipeline.rm`` compares by
     scores, so it does not compare them). Prompts whose ``k`` completions all score the same are dropped.
     """
     if k < 2:

@@ -3,12 +3,17 @@ KL to the reference, perplexity under the reference, distinct-1/2 and length."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
+import gymnasium as gym
 import numpy as np
 
 from textgym import metrics, rewards, sampling
 from textgym.envs.core import TextGenCore
+from textgym.pipeline.config import load_config
+from textgym.pipeline.train_config import TrainConfig
 from textgym.prompts import PromptSet, load_prompts
 
 
@@ -71,21 +76,12 @@ def evaluate_target(target: str, *, env_id: str | None = None, n: int | None = N
 
     A run directory is evaluated as the run's own final evaluation was (its env, prompts, seed and
     ``n_envs``, default the run's), so the figures reproduce the run's ``summary.json``."""
-    import json
-    from pathlib import Path
-
-    import gymnasium as gym
-
-    from textgym.config import load_config
-
     for key, value in (("n", n), ("n_envs", n_envs)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"{key} must be an integer >= 1, got {value!r}")
     path = Path(target)
     source, extra = None, []
     if (path / "config.yaml").exists():
-        from textgym.train import TrainConfig
-
         cfg = load_config(TrainConfig, path / "config.yaml")
         if not (path / "final_model" / "config.json").exists():
             raise FileNotFoundError(f"run {target!r} has no final_model/ yet: finish or resume it first")

@@ -1,14 +1,14 @@
 """Classifier training: fine-tune a sequence classifier on labelled texts for the ``classifier`` reward.
 
-A pointwise alternative to a reward model learnt from comparisons (``textgym.rm``): each text has a
+A pointwise alternative to a reward model learnt from comparisons (``textgym.pipeline.rm``): each text has a
 label, the model learns them by cross-entropy, and the ``classifier`` reward scores a completion by
 the probability (or logit) of one label. ::
 
-    from textgym.classifier import train_classifier
+    from textgym.pipeline.classifier import train_classifier
     metrics = train_classifier(texts, labels, label_names=("other", "positive"), output_dir="runs/clf")
     reward = textgym.rewards.make("classifier", model="runs/clf", label="positive")
 
-The backbone is named as for reward models (``textgym.rm.backbone_path``): ``"minilm"``,
+The backbone is named as for reward models (``textgym.pipeline.rm.backbone_path``): ``"minilm"``,
 ``"textgym/tiny"``, ``"textgym/smollm2-135m"``, a model directory or a hub id.
 """
 
@@ -22,10 +22,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from textgym import models
 from textgym.assets import atomic_dir
-from textgym.rm import backbone_path
+from textgym.pipeline.rm import backbone_path
+from textgym.rewards import ClassifierReward
 
 __all__ = ["train_classifier"]
 
@@ -37,11 +40,6 @@ def train_classifier(texts: list[str], labels: list[int], *, label_names: Sequen
     """Fine-tune a sequence classifier on labelled texts (cross-entropy) and save it atomically for
     the ``classifier`` reward (``label=`` one of ``label_names``). Returns held-out accuracy before
     and after training."""
-    from tqdm.auto import tqdm
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    from textgym.rewards import ClassifierReward
-
     if len(texts) != len(labels) or len(texts) < 2:
         raise ValueError(f"need as many labels as texts (at least 2), got {len(texts)} texts and {len(labels)} labels")
     if not all(0 <= y < len(label_names) for y in labels):

