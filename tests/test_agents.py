@@ -143,10 +143,10 @@ def test_nlpo_never_samples_a_masked_token():
     forward = policy.forward
     seen = {"steps": 0, "allowed": []}
 
-    def checked_forward(obs, deterministic=False):
-        actions, values, logp = forward(obs, deterministic)
+    def checked_forward(obs, deterministic=False, engine_rows=None):
+        actions, values, logp = forward(obs, deterministic, engine_rows)
         ids, mask = obs["input_ids"].long(), obs["attention_mask"].long()
-        allowed = policy.allowed_tokens(ids, mask, policy._cached(ids, mask))
+        allowed = policy.allowed_tokens(ids, mask, policy.engine_outputs(engine_rows))
         assert allowed[torch.arange(len(actions)), actions].all()
         seen["steps"] += 1
         seen["allowed"].append(allowed.sum(1).float().mean().item())
