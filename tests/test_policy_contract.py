@@ -118,3 +118,33 @@ def test_tickets_are_refused_where_they_cannot_apply():
         model.policy.predict_values(tensors(model, obs), engine_rows=ticket)
     model.env.core.stop_all()
     assert model.env.core.cached_outputs(ticket) is None  # rows that stopped are not running
+
+
+def test_one_nucleus_mask_per_rollout_step():
+    # The masking model's nucleus (a vocabulary sort) is computed once per step and shared by the
+    # policy's sampling and the step's log-prob and kept mass.
+    model = make("nlpo", top_p=0.6)
+    core = model.env.core
+    model._setup_learn(model.n_steps * model.n_envs, callback=None)
+    computed = []
+    allowed_tokens = core.allowed_tokens
+    core.allowed_tokens = lambda logits: computed.append(len(logits)) or allowed_tokens(logits)
+    model.collect_rollouts(model.env, model._init_callback(None), model.rollout_buffer, model.n_steps)
+    assert computed == [core.n] * model.n_steps
+
+
+def test_single_env_acts_under_the_nucleus_mask():
+    import copy
+
+    import gymnasium as gym
+
+    env = gym.make("textgym/TextGen-v0", **TOY)
+    core = env.unwrapped.core
+    core.set_nucleus_mask(copy.deepcopy(core.model), 0.5)
+    env.reset(seed=0)
+    logits = env.unwrapped.next_token_logits()
+    assert logits.shape == (core.vocab,)
+    allowed = torch.isfinite(logits) & (logits > torch.finfo(logits.dtype).min)
+    assert 0 < int(allowed.sum()) < core.vocab // 2
+    _, _, _, _, info = env.step(int(logits.argmax()))
+    assert core.mask_mass[0, 0] > 0.5  # the step masked with the same nucleus

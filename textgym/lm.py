@@ -66,6 +66,7 @@ class IncrementalLM:
         self.width = torch.zeros(n, dtype=torch.long)  # columns of live content per row
         self.logits: torch.Tensor | None = None  # [n, V] next-token logits (fp32)
         self.states: torch.Tensor | None = None  # [n, H] last hidden state, with hidden=True
+        self.version = 0  # bumped whenever logits/states change, so what is derived from them can be cached
 
     @torch.no_grad()
     def start(self, rows: list[int], ids: torch.Tensor, mask: torch.Tensor) -> None:
@@ -93,6 +94,7 @@ class IncrementalLM:
         self.logits[rows_t] = logits[:, -1]
         if self.hidden:
             self.states[rows_t] = states[:, -1]
+        self.version += 1
 
     @torch.no_grad()
     def advance(self, tokens: torch.Tensor, live: torch.Tensor) -> None:
@@ -109,11 +111,13 @@ class IncrementalLM:
         self.logits[live_rows] = logits[live_rows, -1]
         if self.hidden:
             self.states[live_rows] = states[live_rows, -1]
+        self.version += 1
 
     def clear(self) -> None:
         """Forget every row (a following ``start`` must then cover the rows it needs)."""
         self.cache, self.mask = None, None
         self.width[:] = 0
+        self.version += 1
 
     def stop(self, rows: list[int]) -> None:
         """Mark rows as finished so their columns may be trimmed away."""

@@ -180,6 +180,7 @@ class TextGenCore:
         self.logp = torch.zeros(n, self.T)  # log pi(y_t) under the acting distribution, at sampling time
         self.ref_logp = torch.zeros(n, self.T)  # per_token mode: log pi_ref(y_t) at sampling time
         self.mask_mass = torch.zeros(n, self.T)  # with a nucleus mask: policy probability the mask kept
+        self._allowed: tuple | None = None  # (masking decoder, its version, nucleus mask [n, V]): see nucleus_allowed
         self.policy = lm.IncrementalLM(self.model, n)
         # Models decoded in lockstep with the policy, one KV-cached forward per step each: the
         # reference in per_token mode, and whatever an agent adds (e.g. NLPO's masking policy).
@@ -236,6 +237,7 @@ class TextGenCore:
         if isinstance(min_tokens_to_keep, bool) or not isinstance(min_tokens_to_keep, int) or min_tokens_to_keep < 1:
             raise ValueError(f"min_tokens_to_keep must be an integer >= 1, got {min_tokens_to_keep!r}")
         self.nucleus = {"top_p": float(top_p), "min_tokens_to_keep": int(min_tokens_to_keep)}
+        self._allowed = None
         self.add_follower(NUCLEUS, model)
 
     @property
@@ -246,6 +248,16 @@ class TextGenCore:
         """The nucleus mask ``[N, V]`` that the masking model's logits give."""
         return lm.top_p_mask(mask_logits, self.nucleus["top_p"], self.nucleus["min_tokens_to_keep"])
 
+    def nucleus_allowed(self, rows=slice(None)) -> torch.Tensor:
+        """The nucleus mask of the current observations of ``rows``. Computed for every row once
+        per state of the masking model's logits (a vocabulary sort each), i.e. once per step: the
+        policy's sampling (``cached_outputs``, ``acting_logits``) and the step's log-prob and kept
+        mass share it."""
+        dec = self.followers[NUCLEUS]
+        if self._allowed is None or self._allowed[0] is not dec or self._allowed[1] != dec.version:
+            self._allowed = (dec, dec.version, self.allowed_tokens(dec.logits))
+        return self._allowed[2][rows]
+
     def acting_logits(self, rows=slice(None)) -> torch.Tensor:
         """Logits of the acting distribution for the current observations of ``rows`` (``[k, V]``,
         fp32): what is sampled from, and what every log-prob is taken under."""
@@ -253,7 +265,7 @@ class TextGenCore:
         logits = self.policy.logits[rows]
         if self.nucleus is None:
             return logits
-        return lm.mask_logits(logits, self.allowed_tokens(self.followers[NUCLEUS].logits[rows]))
+        return lm.mask_logits(logits, self.nucleus_allowed(rows))
 
     # --- cached outputs of named rows -------------------------------------------------------------
 
@@ -284,7 +296,7 @@ class TextGenCore:
         states = self.policy.states[index] if self.policy.states is not None else None
         allowed = None
         if self.nucleus is not None:
-            allowed = self.allowed_tokens(self.followers[NUCLEUS].logits[index])
+            allowed = self.nucleus_allowed(index)
         return CachedOutputs(self.policy.logits[index], states, allowed)
 
     def cached_states(self, named: EngineRows) -> tuple[np.ndarray, torch.Tensor] | None:
@@ -526,7 +538,7 @@ class TextGenCore:
         idx_t = torch.as_tensor(idx, device=self.device)
         logits = self.policy.logits[idx_t]
         if self.nucleus is not None:  # one mask serves the log-prob and the kept mass
-            allowed = self.allowed_tokens(self.followers[NUCLEUS].logits[idx_t])
+            allowed = self.nucleus_allowed(idx_t)
             self.mask_mass[idx, t] = (torch.softmax(logits, -1) * allowed).sum(-1).cpu()
             logits = lm.mask_logits(logits, allowed)
         logp = _token_logp(logits, acts)  # under the distribution that acts
