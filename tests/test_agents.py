@@ -137,6 +137,17 @@ def test_top_p_mask_hand_values():
     assert top_p_mask(logits, 0.1, min_tokens_to_keep=3).tolist() == [[True, True, True, False]]
 
 
+def test_top_p_mask_is_transformers_nucleus():
+    from transformers import TopPLogitsWarper
+
+    logits = torch.randn(6, 5000, generator=torch.Generator().manual_seed(0)) * 10  # peaked: a long fp32 tail
+    for top_p in (0.3, 0.9, 1.0):
+        kept = TopPLogitsWarper(top_p)(None, logits) > -torch.inf
+        assert torch.equal(top_p_mask(logits, top_p), kept)
+    assert top_p_mask(logits, 1.0).all()  # top_p = 1 masks nothing, however small the tail's fp32 sum
+    assert torch.equal(top_p_mask(logits[0], 0.9), top_p_mask(logits, 0.9)[0])  # one row works too
+
+
 def test_nlpo_never_samples_a_masked_token():
     model = make("nlpo", top_p=0.5)
     policy = model.policy

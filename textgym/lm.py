@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from transformers import TopPLogitsWarper
 
 
 def position_ids(mask: torch.Tensor) -> torch.Tensor:
@@ -137,14 +138,14 @@ class IncrementalLM:
 
 
 def top_p_mask(logits: torch.Tensor, top_p: float, min_tokens_to_keep: int = 1) -> torch.Tensor:
-    """Boolean ``[N, V]``: the smallest set of most likely tokens whose probability reaches ``top_p``
-    (the token that crosses the threshold included), and at least ``min_tokens_to_keep`` tokens."""
-    probs = torch.softmax(logits.float(), dim=-1)
-    sorted_probs, order = probs.sort(dim=-1, descending=True)
-    before = sorted_probs.cumsum(-1) - sorted_probs  # probability mass strictly above each token
-    keep_sorted = before < top_p
-    keep_sorted[:, :min_tokens_to_keep] = True
-    return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+    """Boolean ``[..., V]``: the nucleus (Holtzman et al. 2020) that transformers'
+    ``TopPLogitsWarper`` keeps: the most likely tokens while the probability mass strictly above
+    them is below ``top_p`` (so the token that crosses ``top_p`` is kept, one whose mass above is
+    exactly ``top_p`` is not), and at least ``min_tokens_to_keep`` tokens. Probabilities in fp32."""
+    flat = logits.float().reshape(-1, logits.shape[-1])
+    # NaN marks the removed tokens: unlike -inf, no logit the model gives is NaN.
+    warper = TopPLogitsWarper(top_p, filter_value=float("nan"), min_tokens_to_keep=min_tokens_to_keep)
+    return ~warper(None, flat).isnan().reshape(logits.shape)
 
 
 def mask_logits(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
