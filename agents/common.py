@@ -2,6 +2,10 @@
 
 - The policy is built over the env's own LM (injected at construction, never pickled into the
   saved data: ``agents.load`` takes it from the env again), with LoRA applied first if asked.
+- Rollouts are SB3's loop written out (``collect_rollouts``) so that each call to the policy names
+  the engine rows its observation shows (the vec env's ticket, ``LMVecEnv.engine_rows``), and the
+  bootstrap at the rollout's end says it is one: the policy reads what the engine's KV-cached step
+  computed instead of recomputing it.
 - After each update the env's KV cache is re-encoded, so rollouts keep sampling from the current
   policy (one forward per live episode per update).
 - The KL coefficient moves once per rollout, on the rollout's mean KL (the env's controller is
@@ -22,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from stable_baselines3.common.utils import obs_as_tensor
 
 from textgym import kl as klmod
 from textgym.lora import lora_config
@@ -144,11 +149,7 @@ class LMAlgorithm:
     def collect_rollouts(self, env, callback, rollout_buffer, n_rollout_steps: int) -> bool:
         self._episode_stats = []
         self.kl_coef_used = float(self.core.kl_controller.value)  # the coefficient of this whole rollout
-        self.policy.rollout_bootstrap = True
-        try:
-            result = super().collect_rollouts(env, callback, rollout_buffer, n_rollout_steps)
-        finally:
-            self.policy.rollout_bootstrap = False
+        result = self._play_rollout(env, callback, rollout_buffer, n_rollout_steps)
         if self._episode_stats:
             for key, name in (("score", "score_mean"), ("kl", "kl_mean"), ("kl_k3", "kl_k3_mean"),
                               ("length", "completion_length"), ("mask_mass", "mask_mass")):
@@ -158,6 +159,41 @@ class LMAlgorithm:
         # One controller update per rollout, on the mean KL of the episodes that ended in it.
         self.core.update_kl_controller()
         return result
+
+    def _play_rollout(self, env: LMVecEnv, callback, rollout_buffer, n_rollout_steps: int) -> bool:
+        """stable-baselines3's ``OnPolicyAlgorithm.collect_rollouts`` (v2.x), step for step, with two
+        arguments it cannot pass: the ticket of the engine rows each observation shows, so the policy
+        reads the engine's cached outputs for them, and ``bootstrap=True`` on the final value call.
+        Left out: continuous actions (the action space is the vocabulary) and the timeout
+        bootstrap (``LMVecEnv`` never truncates: EOS and ``max_new_tokens`` both end an episode)."""
+        assert self._last_obs is not None, "No previous observation was provided"
+        self.policy.set_training_mode(False)
+        n_steps = 0
+        rollout_buffer.reset()
+        callback.on_rollout_start()
+        while n_steps < n_rollout_steps:
+            with torch.no_grad():
+                obs_tensor = obs_as_tensor(self._last_obs, self.device)
+                actions, values, log_probs = self.policy(obs_tensor, engine_rows=env.engine_rows(self._last_obs))
+            actions = actions.cpu().numpy()
+            new_obs, rewards, dones, infos = env.step(actions)
+            self.num_timesteps += env.num_envs
+            callback.update_locals(locals())  # callbacks read the loop's locals, as in SB3
+            if not callback.on_step():
+                return False
+            self._update_info_buffer(infos, dones)
+            n_steps += 1
+            actions = actions.reshape(-1, 1)
+            rollout_buffer.add(self._last_obs, actions, rewards, self._last_episode_starts, values, log_probs)
+            self._last_obs = new_obs
+            self._last_episode_starts = dones
+        with torch.no_grad():  # the value of the last observations, for unfinished episodes
+            values = self.policy.predict_values(obs_as_tensor(new_obs, self.device),
+                                                engine_rows=env.engine_rows(new_obs), bootstrap=True)
+        rollout_buffer.compute_returns_and_advantage(last_values=values, dones=dones)
+        callback.update_locals(locals())
+        callback.on_rollout_end()
+        return True
 
     # --- pieces shared by the algorithms' updates -------------------------------------------------
 

@@ -6,8 +6,11 @@ scalar value head on the LM's last hidden state (shared trunk), or on a separate
 It answers SB3's per-observation calls (``forward``, ``evaluate_actions``, ``predict_values``)
 without the usual cost of an LM as an SB3 policy:
 
-- during rollouts the observation is the env engine's current state, whose next-token logits and
-  hidden states its KV-cached step already computed: they are read, not recomputed;
+- during rollouts the caller names the engine rows whose current state the observation is
+  (``engine_rows``, a ``textgym.envs.core.EngineRows`` ticket from ``LMVecEnv.engine_rows``): the
+  next-token logits and hidden states the engine's KV-cached step already computed for them are
+  read, not recomputed. Without a ticket, or with a stale one, the observation is computed afresh,
+  so any observation (SB3's ``predict``, an evaluation, a stored transition) gets a correct answer;
 - during training, rows of one episode (consecutive observations that extend each other by one
   token, as ``EpisodeRolloutBuffer`` yields them) share one teacher-forced forward over the
   episode's longest observation, instead of one forward per transition.
@@ -26,6 +29,7 @@ from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from torch import nn
 
 from textgym import lm, models
+from textgym.envs.core import CachedOutputs, EngineRows
 
 
 class _NoFeatures(BaseFeaturesExtractor):
@@ -110,7 +114,6 @@ class LMActorCriticPolicy(ActorCriticPolicy):
             raise ValueError("LMActorCriticPolicy needs the env's language model: create it with agents.make()")
         self._init_args = (lm, critic, value_head_std)
         self._core = core
-        self.rollout_bootstrap = False  # set by agents during collect_rollouts (see predict_values)
         self.prompt_len = core.P if core is not None else int(kwargs.pop("prompt_len"))
         kwargs.pop("prompt_len", None)
         super().__init__(
@@ -154,8 +157,12 @@ class LMActorCriticPolicy(ActorCriticPolicy):
 
     # --- the three SB3 entry points ---------------------------------------------------------------
 
-    def forward(self, obs, deterministic: bool = False):
-        dist, values = self._dist_and_values(obs)
+    def forward(self, obs, deterministic: bool = False, engine_rows: EngineRows | None = None):
+        """Actions, values and log-probs for ``obs``.
+
+        :param engine_rows: the engine rows whose current state ``obs`` is (see ``engine_outputs``).
+        """
+        dist, values = self._dist_and_values(obs, engine_rows=engine_rows)
         actions = dist.get_actions(deterministic=deterministic)
         return actions, values, dist.log_prob(actions)
 
@@ -164,20 +171,44 @@ class LMActorCriticPolicy(ActorCriticPolicy):
         dist, values = self._dist_and_values(obs, actions=actions)
         return values, dist.log_prob(actions), dist.entropy()
 
-    def predict_values(self, obs) -> torch.Tensor:
-        core = self._core
-        ids, mask = obs["input_ids"].long(), obs["attention_mask"].long()
-        if self.rollout_bootstrap and self.critic is None and self._is_env_state(ids, mask) and core.pending.any():
-            # At the end of a rollout SB3 asks for the values of the last observations to bootstrap
-            # unfinished episodes. Rows reset by the last step belong to finished episodes, whose
-            # bootstrap is multiplied by (1 - done) = 0: their prompts are not encoded now, but
-            # when the next rollout needs them, with the updated weights (saves a forward per rollout).
-            values = torch.zeros(core.n, 1, device=self.value_head.weight.device)
-            started = torch.as_tensor(~core.pending, device=values.device)
-            if started.any():
-                values[started] = self.value_head(core.policy.states[started].float())
-            return values
-        return self._dist_and_values(obs, need_dist=False)[1]
+    def predict_values(self, obs, engine_rows: EngineRows | None = None, bootstrap: bool = False) -> torch.Tensor:
+        """Values of ``obs``.
+
+        :param engine_rows: the engine rows whose current state ``obs`` is (see ``engine_outputs``).
+        :param bootstrap: the values bootstrap the end of a rollout (``LMAlgorithm.collect_rollouts``).
+            With a current ``engine_rows`` ticket and the shared value head, rows reset by the last
+            step belong to finished episodes, whose bootstrap is multiplied by ``1 - done = 0``: they
+            get 0 and their prompts are not encoded now, but when the next rollout needs them, with
+            the updated weights (saves a forward per rollout).
+        """
+        if bootstrap and engine_rows is not None and self.critic is None:
+            self._check_ticket(engine_rows)
+            cached = self._core.cached_states(engine_rows)
+            if cached is not None:
+                started, states = cached
+                values = torch.zeros(len(started), 1, device=self.value_head.weight.device)
+                started = torch.as_tensor(started, device=values.device)
+                if started.any():
+                    values[started] = self.value_head(states.float())
+                return values
+        return self._dist_and_values(obs, need_dist=False, engine_rows=engine_rows)[1]
+
+    def engine_outputs(self, engine_rows: EngineRows | None) -> CachedOutputs | None:
+        """The env engine's cached outputs for the rows ``engine_rows`` names (a ticket handed out
+        with their observation, ``LMVecEnv.engine_rows``), or None without a ticket or when it is
+        stale (the engine moved on since): then the observation is computed afresh. Cached outputs
+        carry no gradient, so a ticket is only accepted under ``torch.no_grad()``."""
+        if engine_rows is None:
+            return None
+        self._check_ticket(engine_rows)
+        return self._core.cached_outputs(engine_rows)
+
+    def _check_ticket(self, engine_rows: EngineRows) -> None:
+        if self._core is None:
+            raise ValueError("engine_rows given to a policy built without an env engine (core=None)")
+        if torch.is_grad_enabled():
+            raise ValueError("engine_rows serve cached outputs, which carry no gradient: call under torch.no_grad(), "
+                             "or without engine_rows")
 
     @torch.no_grad()
     def reference_log_probs(self, buffer) -> np.ndarray:
@@ -204,27 +235,14 @@ class LMActorCriticPolicy(ActorCriticPolicy):
 
     # --- internals ----------------------------------------------------------------------------------
 
-    def _is_env_state(self, ids: torch.Tensor, mask: torch.Tensor) -> bool:
-        """True when ``obs`` is the env engine's current state (and no gradient is wanted)."""
-        core = self._core
-        if core is None or torch.is_grad_enabled() or ids.shape[0] != core.n or not core.live.all():
-            return False
-        return (np.array_equal(ids.cpu().numpy(), core.input_ids)
-                and np.array_equal(mask.cpu().numpy(), core.attention_mask))
-
-    def _cached(self, ids: torch.Tensor, mask: torch.Tensor) -> bool:
-        """True when the env engine's KV-cached outputs answer for ``obs``."""
-        if not self._is_env_state(ids, mask):
-            return False
-        core = self._core
-        core.ensure_started()
-        return core.policy.logits is not None and (self.critic is not None or core.policy.states is not None)
-
-    def _dist_and_values(self, obs, need_dist: bool = True, actions: torch.Tensor | None = None):
+    def _dist_and_values(self, obs, need_dist: bool = True, actions: torch.Tensor | None = None,
+                         engine_rows: EngineRows | None = None):
         ids, mask = obs["input_ids"].long(), obs["attention_mask"].long()
-        cached = self._cached(ids, mask)
-        if cached:
-            logits, hidden = self._core.policy.logits, self._core.policy.states
+        cached = self.engine_outputs(engine_rows)
+        if cached is not None and self.critic is None and cached.states is None:
+            cached = None  # the shared value head needs hidden states the engine does not keep
+        if cached is not None:
+            logits, hidden = cached.logits, cached.states
         else:
             logits, hidden = grouped_forward(self.lm, ids, mask, self.prompt_len,
                                              logits=need_dist or self.critic is None)
@@ -236,6 +254,8 @@ class LMActorCriticPolicy(ActorCriticPolicy):
         logits = self.shape_logits(logits, ids, mask, cached, actions)
         return self.action_dist.proba_distribution(action_logits=logits), values
 
-    def shape_logits(self, logits, ids, mask, cached: bool, actions: torch.Tensor | None) -> torch.Tensor:
-        """Hook for algorithms that change the action distribution (NLPO masks it)."""
+    def shape_logits(self, logits, ids, mask, cached: CachedOutputs | None,
+                     actions: torch.Tensor | None) -> torch.Tensor:
+        """Hook for algorithms that change the action distribution (NLPO masks it). ``cached``: the
+        engine's outputs for these observations when they were read from its cache, else None."""
         return logits

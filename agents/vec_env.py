@@ -2,7 +2,9 @@
 
 SB3 steps a ``VecEnv`` and resets finished envs at once (putting the last observation in
 ``info["terminal_observation"]``). ``LMVecEnv`` does exactly that on a ``TextGenCore``, so the
-rows stay in the engine's KV cache: one batched forward per step for all envs.
+rows stay in the engine's KV cache: one batched forward per step for all envs. Each observation it
+returns is handed out with a ticket naming the engine rows it shows (``engine_rows``), with which
+the policy reads the engine's cached outputs for it instead of recomputing them.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from gymnasium.utils import seeding
 from stable_baselines3.common.vec_env import VecEnv
 
 from textgym.envs import TextGenCore, TextGenEnv, TextGenVectorEnv
+from textgym.envs.core import EngineRows
 from textgym.envs.textgen import make_spaces
 
 
@@ -32,6 +35,21 @@ class LMVecEnv(VecEnv):
         self._actions: np.ndarray | None = None
         self._returns = np.zeros(core.n)
         self._start = time.time()
+        self._handed_out: tuple[dict, EngineRows] | None = None  # the last observation returned, with its ticket
+
+    def engine_rows(self, obs: Any) -> EngineRows | None:
+        """The ticket naming the engine rows whose current state ``obs`` is, when ``obs`` is the very
+        observation this vec env last returned (from ``reset`` or ``step``), else None: a copy, an
+        edited or an older observation is computed afresh. The engine itself refuses the ticket
+        once it has moved on (``TextGenCore.cached_outputs``), e.g. when a gym env over the same
+        engine was stepped."""
+        if self._handed_out is not None and obs is self._handed_out[0]:
+            return self._handed_out[1]
+        return None
+
+    def _hand_out(self, obs: dict) -> dict:
+        self._handed_out = (obs, self.core.name_rows())
+        return obs
 
     def reset(self):
         for i, seed in enumerate(self._seeds):
@@ -42,7 +60,7 @@ class LMVecEnv(VecEnv):
         self.reset_infos = [{"prompt": p} for p in self.core.prompt_text]
         self._reset_seeds()
         self._reset_options()
-        return self.core.observation()
+        return self._hand_out(self.core.observation())
 
     def step_async(self, actions: np.ndarray) -> None:
         self._actions = np.asarray(actions).reshape(self.num_envs)
@@ -63,7 +81,7 @@ class LMVecEnv(VecEnv):
                 }
                 self._returns[i] = 0.0
             self.core.reset_rows(rows, [self._rngs[i] for i in rows])
-        return self.core.observation(), rewards.astype(np.float32), done, infos
+        return self._hand_out(self.core.observation()), rewards.astype(np.float32), done, infos
 
     def close(self) -> None:
         pass

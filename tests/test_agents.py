@@ -136,16 +136,27 @@ def test_top_p_mask_hand_values():
     assert top_p_mask(logits, 0.1, min_tokens_to_keep=3).tolist() == [[True, True, True, False]]
 
 
+def test_top_p_mask_is_transformers_nucleus():
+    from transformers import TopPLogitsWarper
+
+    logits = torch.randn(6, 5000, generator=torch.Generator().manual_seed(0)) * 10  # peaked: a long fp32 tail
+    for top_p in (0.3, 0.9, 1.0):
+        kept = TopPLogitsWarper(top_p)(None, logits) > -torch.inf
+        assert torch.equal(top_p_mask(logits, top_p), kept)
+    assert top_p_mask(logits, 1.0).all()  # top_p = 1 masks nothing, however small the tail's fp32 sum
+    assert torch.equal(top_p_mask(logits[0], 0.9), top_p_mask(logits, 0.9)[0])  # one row works too
+
+
 def test_nlpo_never_samples_a_masked_token():
     model = make("nlpo", top_p=0.5)
     policy = model.policy
     forward = policy.forward
     seen = {"steps": 0, "allowed": []}
 
-    def checked_forward(obs, deterministic=False):
-        actions, values, logp = forward(obs, deterministic)
+    def checked_forward(obs, deterministic=False, engine_rows=None):
+        actions, values, logp = forward(obs, deterministic, engine_rows)
         ids, mask = obs["input_ids"].long(), obs["attention_mask"].long()
-        allowed = policy.allowed_tokens(ids, mask, policy._cached(ids, mask))
+        allowed = policy.allowed_tokens(ids, mask, policy.engine_outputs(engine_rows))
         assert allowed[torch.arange(len(actions)), actions].all()
         seen["steps"] += 1
         seen["allowed"].append(allowed.sum(1).float().mean().item())

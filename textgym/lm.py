@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from transformers import TopPLogitsWarper
 
 
 def position_ids(mask: torch.Tensor) -> torch.Tensor:
@@ -66,6 +67,7 @@ class IncrementalLM:
         self.width = torch.zeros(n, dtype=torch.long)  # columns of live content per row
         self.logits: torch.Tensor | None = None  # [n, V] next-token logits (fp32)
         self.states: torch.Tensor | None = None  # [n, H] last hidden state, with hidden=True
+        self.version = 0  # bumped whenever logits/states change, so what is derived from them can be cached
 
     @torch.no_grad()
     def start(self, rows: list[int], ids: torch.Tensor, mask: torch.Tensor) -> None:
@@ -93,6 +95,7 @@ class IncrementalLM:
         self.logits[rows_t] = logits[:, -1]
         if self.hidden:
             self.states[rows_t] = states[:, -1]
+        self.version += 1
 
     @torch.no_grad()
     def advance(self, tokens: torch.Tensor, live: torch.Tensor) -> None:
@@ -109,11 +112,13 @@ class IncrementalLM:
         self.logits[live_rows] = logits[live_rows, -1]
         if self.hidden:
             self.states[live_rows] = states[live_rows, -1]
+        self.version += 1
 
     def clear(self) -> None:
         """Forget every row (a following ``start`` must then cover the rows it needs)."""
         self.cache, self.mask = None, None
         self.width[:] = 0
+        self.version += 1
 
     def stop(self, rows: list[int]) -> None:
         """Mark rows as finished so their columns may be trimmed away."""
@@ -133,14 +138,14 @@ class IncrementalLM:
 
 
 def top_p_mask(logits: torch.Tensor, top_p: float, min_tokens_to_keep: int = 1) -> torch.Tensor:
-    """Boolean ``[N, V]``: the smallest set of most likely tokens whose probability reaches ``top_p``
-    (the token that crosses the threshold included), and at least ``min_tokens_to_keep`` tokens."""
-    probs = torch.softmax(logits.float(), dim=-1)
-    sorted_probs, order = probs.sort(dim=-1, descending=True)
-    before = sorted_probs.cumsum(-1) - sorted_probs  # probability mass strictly above each token
-    keep_sorted = before < top_p
-    keep_sorted[:, :min_tokens_to_keep] = True
-    return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+    """Boolean ``[..., V]``: the nucleus (Holtzman et al. 2020) that transformers'
+    ``TopPLogitsWarper`` keeps: the most likely tokens while the probability mass strictly above
+    them is below ``top_p`` (so the token that crosses ``top_p`` is kept, one whose mass above is
+    exactly ``top_p`` is not), and at least ``min_tokens_to_keep`` tokens. Probabilities in fp32."""
+    flat = logits.float().reshape(-1, logits.shape[-1])
+    # NaN marks the removed tokens: unlike -inf, no logit the model gives is NaN.
+    warper = TopPLogitsWarper(top_p, filter_value=float("nan"), min_tokens_to_keep=min_tokens_to_keep)
+    return ~warper(None, flat).isnan().reshape(logits.shape)
 
 
 def mask_logits(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from textgym.envs.core import NUCLEUS
+from textgym.envs.core import NUCLEUS, CachedOutputs
 from textgym.lm import mask_logits, top_p_mask
 
 from ..policy import LMActorCriticPolicy, grouped_forward
@@ -45,17 +45,22 @@ class NLPOPolicy(LMActorCriticPolicy):
         self.top_p, self.min_tokens_to_keep = top_p, min_tokens_to_keep
         super().__init__(*args, **kwargs)
 
-    def allowed_tokens(self, ids, mask, cached: bool) -> torch.Tensor:
+    def allowed_tokens(self, ids, mask, cached: CachedOutputs | None = None) -> torch.Tensor:
+        """The nucleus mask ``[N, V]`` of the observations ``ids``/``mask``: the engine's (it decoded
+        the masking model in lockstep) when ``cached`` holds its outputs for them, else from one
+        teacher-forced forward of the masking model."""
         core = self._core
-        if cached:  # the engine decoded the masking model in lockstep
-            return core.allowed_tokens(core.followers[NUCLEUS].logits)
+        if cached is not None:
+            return cached.allowed
         with torch.no_grad():
             logits, _ = grouped_forward(core.nucleus_model, ids, mask, self.prompt_len)
         return core.allowed_tokens(logits)
 
-    def shape_logits(self, logits, ids, mask, cached: bool, actions: torch.Tensor | None) -> torch.Tensor:
+    def shape_logits(self, logits, ids, mask, cached: CachedOutputs | None,
+                     actions: torch.Tensor | None) -> torch.Tensor:
         allowed = self.allowed_tokens(ids, mask, cached)
         if actions is not None:  # a token that was sampled stays possible (float noise at the boundary)
+            allowed = allowed.clone()  # the engine's own mask may be shared
             allowed[torch.arange(len(actions), device=allowed.device), actions] = True
         return mask_logits(logits, allowed)
 

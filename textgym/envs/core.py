@@ -9,6 +9,11 @@ The *acting distribution* is the policy LM's next-token distribution, restricted
 tokens of a masking model when one is set (NLPO, ``set_nucleus_mask``): tokens are sampled from it
 and every log-prob (the KL term included) is taken under it.
 
+An agent's policy reads what a step already computed (next-token logits, last hidden states, the
+nucleus mask) through an explicit ticket instead of recomputing it: whoever hands out an
+observation names the rows it shows (``name_rows``), and ``cached_outputs`` serves those rows only
+while the engine has not moved on since (``version``).
+
 ``evaluation_copy`` gives an engine over the same models, tokenizer, reward and prompts with rows,
 caches and a frozen KL coefficient of its own: evaluating on it changes nothing in this one.
 """
@@ -96,6 +101,37 @@ class TextGenConfig:
             )
 
 
+@dataclass(frozen=True, eq=False)
+class EngineRows:
+    """Rows of one engine named as they stood at one moment: the ticket with which the holder of an
+    observation of them reads the engine's cached outputs for it (``TextGenCore.cached_outputs``).
+
+    :param engine: the engine whose rows these are.
+    :param rows: the row indices, in the observation's order.
+    :param version: the engine's ``version`` when they were named; the ticket is stale once the
+        engine has moved on (a step, a reset, a stop).
+    """
+
+    engine: TextGenCore = field(repr=False)
+    rows: tuple[int, ...]
+    version: int
+
+
+@dataclass(frozen=True, eq=False)
+class CachedOutputs:
+    """What the engine's KV-cached decoding computed for the current state of some rows.
+
+    :param logits: the policy LM's next-token logits ``[k, V]`` (fp32), unmasked.
+    :param states: the policy LM's last hidden states ``[k, H]``, or None when the engine does not
+        keep them (``IncrementalLM.hidden``).
+    :param allowed: with a nucleus mask (``set_nucleus_mask``), the allowed tokens ``[k, V]``; else None.
+    """
+
+    logits: torch.Tensor
+    states: torch.Tensor | None
+    allowed: torch.Tensor | None
+
+
 class TextGenCore:
     """State and logic of ``n`` independent text-generation episodes, computed in batches."""
 
@@ -131,6 +167,7 @@ class TextGenCore:
     def _init_rows(self, n: int) -> None:
         """Fresh per-row state and decoders for ``n`` rows."""
         self.n = n
+        self.version = 0  # bumped whenever a row's tokens change: tickets (EngineRows) older than that are stale
         self._stale_cache = False  # set when a step failed after appending tokens (see _advance)
         L = self.P + self.T
         self.input_ids = np.full((n, L), self.pad_id, dtype=np.int64)
@@ -143,6 +180,7 @@ class TextGenCore:
         self.logp = torch.zeros(n, self.T)  # log pi(y_t) under the acting distribution, at sampling time
         self.ref_logp = torch.zeros(n, self.T)  # per_token mode: log pi_ref(y_t) at sampling time
         self.mask_mass = torch.zeros(n, self.T)  # with a nucleus mask: policy probability the mask kept
+        self._allowed: tuple | None = None  # (masking decoder, its version, nucleus mask [n, V]): see nucleus_allowed
         self.policy = lm.IncrementalLM(self.model, n)
         # Models decoded in lockstep with the policy, one KV-cached forward per step each: the
         # reference in per_token mode, and whatever an agent adds (e.g. NLPO's masking policy).
@@ -199,6 +237,7 @@ class TextGenCore:
         if isinstance(min_tokens_to_keep, bool) or not isinstance(min_tokens_to_keep, int) or min_tokens_to_keep < 1:
             raise ValueError(f"min_tokens_to_keep must be an integer >= 1, got {min_tokens_to_keep!r}")
         self.nucleus = {"top_p": float(top_p), "min_tokens_to_keep": int(min_tokens_to_keep)}
+        self._allowed = None
         self.add_follower(NUCLEUS, model)
 
     @property
@@ -209,6 +248,16 @@ class TextGenCore:
         """The nucleus mask ``[N, V]`` that the masking model's logits give."""
         return lm.top_p_mask(mask_logits, self.nucleus["top_p"], self.nucleus["min_tokens_to_keep"])
 
+    def nucleus_allowed(self, rows=slice(None)) -> torch.Tensor:
+        """The nucleus mask of the current observations of ``rows``. Computed for every row once
+        per state of the masking model's logits (a vocabulary sort each), i.e. once per step: the
+        policy's sampling (``cached_outputs``, ``acting_logits``) and the step's log-prob and kept
+        mass share it."""
+        dec = self.followers[NUCLEUS]
+        if self._allowed is None or self._allowed[0] is not dec or self._allowed[1] != dec.version:
+            self._allowed = (dec, dec.version, self.allowed_tokens(dec.logits))
+        return self._allowed[2][rows]
+
     def acting_logits(self, rows=slice(None)) -> torch.Tensor:
         """Logits of the acting distribution for the current observations of ``rows`` (``[k, V]``,
         fp32): what is sampled from, and what every log-prob is taken under."""
@@ -216,7 +265,51 @@ class TextGenCore:
         logits = self.policy.logits[rows]
         if self.nucleus is None:
             return logits
-        return lm.mask_logits(logits, self.allowed_tokens(self.followers[NUCLEUS].logits[rows]))
+        return lm.mask_logits(logits, self.nucleus_allowed(rows))
+
+    # --- cached outputs of named rows -------------------------------------------------------------
+
+    def name_rows(self, rows=None) -> EngineRows:
+        """A ticket for the current state of ``rows`` (default: all), to be handed out with their
+        observation (see ``cached_outputs``)."""
+        rows = range(self.n) if rows is None else rows
+        return EngineRows(self, tuple(int(r) for r in rows), self.version)
+
+    def _current(self, named: EngineRows) -> bool:
+        if named.engine is not self:
+            raise ValueError("these EngineRows name the rows of another engine: ask the engine that named them")
+        return named.version == self.version and bool(self.live[list(named.rows)].all())
+
+    def _index(self, rows: tuple[int, ...]):
+        """Index of ``rows`` into the decoders' ``[n, ...]`` tensors (all rows: no copy)."""
+        return slice(None) if rows == tuple(range(self.n)) else torch.as_tensor(rows, device=self.device)
+
+    def cached_outputs(self, named: EngineRows) -> CachedOutputs | None:
+        """The outputs the KV-cached step computed for the current observations of the rows
+        ``named`` names (pending prompts are encoded first), or None when the ticket is stale: the
+        engine moved on since the rows were named, or one of them is not running. Nothing else is
+        ever served: an observation without a current ticket must be computed afresh."""
+        if not self._current(named):
+            return None
+        self.ensure_started()
+        index = self._index(named.rows)
+        states = self.policy.states[index] if self.policy.states is not None else None
+        allowed = None
+        if self.nucleus is not None:
+            allowed = self.nucleus_allowed(index)
+        return CachedOutputs(self.policy.logits[index], states, allowed)
+
+    def cached_states(self, named: EngineRows) -> tuple[np.ndarray, torch.Tensor] | None:
+        """For a bootstrap: ``(started, states)``, where ``started`` (bool ``[k]``) marks the named
+        rows whose prompts are encoded and ``states`` are their cached last hidden states. Rows
+        reset by the last step (pending) are left unencoded: their episodes just ended, so their
+        bootstrap is multiplied by ``1 - done = 0``, and their prompts are encoded when first needed,
+        with the weights of then. None when the ticket is stale or no hidden states are kept."""
+        if not self._current(named) or self.policy.states is None:
+            return None
+        started = ~self.pending[list(named.rows)]
+        rows = torch.as_tensor(np.asarray(named.rows)[started], dtype=torch.long, device=self.device)
+        return started, self.policy.states[rows]
 
     def save_policy(self, directory: str | Path) -> None:
         """Save the acting policy as a model directory: the policy LM (LoRA adapters merged into a
@@ -386,11 +479,13 @@ class TextGenCore:
         self.ref_logp[rows] = 0.0
         self.mask_mass[rows] = 0.0
         self.pending[rows] = True
+        self.version += 1
 
     def stop_all(self) -> None:
         """End every episode without scoring it (e.g. before an evaluation borrows the rows)."""
         self.live[:] = False
         self.pending[:] = False
+        self.version += 1
         for dec in self.decoders():
             dec.clear()
 
@@ -444,7 +539,7 @@ class TextGenCore:
         idx_t = torch.as_tensor(idx, device=self.device)
         logits = self.policy.logits[idx_t]
         if self.nucleus is not None:  # one mask serves the log-prob and the kept mass
-            allowed = self.allowed_tokens(self.followers[NUCLEUS].logits[idx_t])
+            allowed = self.nucleus_allowed(idx_t)
             self.mask_mass[idx, t] = (torch.softmax(logits, -1) * allowed).sum(-1).cpu()
             logits = lm.mask_logits(logits, allowed)
         logp = _token_logp(logits, acts)  # under the distribution that acts
@@ -458,6 +553,7 @@ class TextGenCore:
         self.input_ids[idx, self.P + t] = actions[idx]
         self.attention_mask[idx, self.P + t] = 1
         self.length[idx] += 1
+        self.version += 1
         done = np.zeros(self.n, dtype=bool)
         done[idx] = self.length[idx] >= self.T
         if self.cfg.stop_on_eos:
