@@ -1,7 +1,7 @@
 """RL agents for textgym environments: stable-baselines3 algorithms over one thin LM policy.
 
     import agents
-    model = agents.make("ppo", "textgym/Sentiment-v0", n_envs=8)   # or "a2c", "nlpo"
+    model = agents.make("ppo", "textgym/Sentiment-v0", n_envs=8)   # or "a2c", "nlpo", "grpo", "rloo", "reinforce++"
     model.learn(2048, progress_bar=True)
     model.save("ppo_sentiment")
     model = agents.load("ppo_sentiment", env="textgym/Sentiment-v0", n_envs=8)
@@ -19,10 +19,14 @@ from agents import serialization
 from agents.a2c import A2C
 from agents.buffer import EpisodeRolloutBuffer
 from agents.common import LMAlgorithm
+from agents.critic_free import CriticFreeAlgorithm
 from agents.evaluate import evaluate
+from agents.grpo import GRPO
 from agents.nlpo import NLPO, NLPOPolicy
 from agents.policy import LMActorCriticPolicy
 from agents.ppo import PPO
+from agents.reinforce_pp import ReinforcePP
+from agents.rloo import RLOO
 from agents.vec_env import LMVecEnv, as_vec_env
 
 _REGISTRY: dict[str, type] = {}
@@ -54,28 +58,31 @@ def get_class(name: str) -> type:
 
 
 def accepted_hyperparameters(algo: str) -> set[str]:
-    """Keyword arguments the algorithm's constructor chain accepts (its class and its bases)."""
+    """Keyword arguments the algorithm's constructor chain accepts (its class and its bases), less
+    those it fixes itself (``fixed_hyperparameters``: e.g. GRPO's gamma)."""
+    cls = get_class(algo)
     names: set[str] = set()
-    for klass in get_class(algo).__mro__:
+    for klass in cls.__mro__:
         init = klass.__dict__.get("__init__")
         if init is not None:
             params = inspect.signature(init).parameters.values()
             names |= {p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and p.name != "self"}
-    return names
+    return names - set(getattr(cls, "fixed_hyperparameters", ()))
 
 
 def make(algo: str, env: Any, *, n_envs: int | None = None, env_kwargs: dict | None = None, **hyperparameters: Any):
     """An SB3 algorithm object for ``algo`` (``names()``) on ``env``: an env id (made as a batched
-    vector env of ``n_envs`` rows with ``env_kwargs``), a textgym env, or a textgym vector env.
-    ``hyperparameters`` go to the algorithm's constructor (``lora=``, ``policy_kwargs=``, ``seed=``...)."""
+    vector env of ``n_envs`` rows with ``env_kwargs``, on top of the algorithm's ``env_defaults``:
+    GRPO's and RLOO's env comes in groups of 4 rows per prompt), a textgym env, or a textgym vector
+    env. ``hyperparameters`` go to the algorithm's constructor (``lora=``, ``policy_kwargs=``, ``seed=``...)."""
     cls = get_class(algo)
     unknown = sorted(set(hyperparameters) - accepted_hyperparameters(algo))
     if unknown:
         raise ValueError(f"{', '.join(unknown)}: not hyperparameter(s) of {algo}; valid: "
                          f"{', '.join(sorted(accepted_hyperparameters(algo) - {'env'}))}")
-    vec = as_vec_env(env, n_envs, env_kwargs)
+    vec = _vec_env_for(cls, env, n_envs, env_kwargs)
     hyperparameters.setdefault("device", vec.core.device)
-    if not issubclass(cls, (PPO, A2C)):  # a user's class keeps its own defaults but needs our policy
+    if not issubclass(cls, (PPO, A2C, CriticFreeAlgorithm)):  # a user's class keeps its defaults but needs our policy
         hyperparameters.setdefault("policy", LMActorCriticPolicy)
     return cls(env=vec, **hyperparameters)
 
@@ -92,13 +99,24 @@ def load(path: str | Path, env: Any, *, n_envs: int | None = None, env_kwargs: d
     algo = data.get("textgym_algo")
     if not isinstance(algo, str):
         raise ValueError(f"{str(path)!r} was not saved by a textgym agent (no 'textgym_algo' entry)")
-    vec = as_vec_env(env, n_envs, env_kwargs)
+    cls = get_class(algo)
+    vec = _vec_env_for(cls, env, n_envs, env_kwargs)
     kwargs.setdefault("device", vec.core.device)
-    return get_class(algo).load(path, env=vec, **kwargs)
+    return cls.load(path, env=vec, **kwargs)
 
 
-for _name, _cls in (("ppo", PPO), ("a2c", A2C), ("nlpo", NLPO)):
+def _vec_env_for(cls: type, env: Any, n_envs: int | None, env_kwargs: dict | None) -> LMVecEnv:
+    """``as_vec_env``; an env made here from an id gets the algorithm's ``env_defaults`` for the
+    keyword arguments ``env_kwargs`` leaves out."""
+    if isinstance(env, str) and (env_kwargs is None or isinstance(env_kwargs, dict)):
+        env_kwargs = {**getattr(cls, "env_defaults", {}), **(env_kwargs or {})}
+    return as_vec_env(env, n_envs, env_kwargs)
+
+
+for _name, _cls in (("ppo", PPO), ("a2c", A2C), ("nlpo", NLPO), ("grpo", GRPO), ("rloo", RLOO),
+                    ("reinforce++", ReinforcePP)):
     register(_name, _cls)
 
-__all__ = ["A2C", "NLPO", "PPO", "EpisodeRolloutBuffer", "LMActorCriticPolicy", "LMAlgorithm", "LMVecEnv", "NLPOPolicy",
-           "accepted_hyperparameters", "as_vec_env", "evaluate", "get_class", "load", "make", "names", "register"]
+__all__ = ["A2C", "GRPO", "NLPO", "PPO", "RLOO", "CriticFreeAlgorithm", "EpisodeRolloutBuffer", "LMActorCriticPolicy",
+           "LMAlgorithm", "LMVecEnv", "NLPOPolicy", "ReinforcePP", "accepted_hyperparameters", "as_vec_env", "evaluate",
+           "get_class", "load", "make", "names", "register"]
