@@ -89,7 +89,9 @@ def make(algo: str, env: Any, *, n_envs: int | None = None, env_kwargs: dict | N
 
 def load(path: str | Path, env: Any, *, n_envs: int | None = None, env_kwargs: dict | None = None, **kwargs: Any):
     """Restore an agent saved with ``.save(path)``. ``env`` provides the LM that the saved weights
-    are loaded into (and the reference model, which is never saved)."""
+    are loaded into (and the reference model, which is never saved). An env made here from an id
+    gets ``env_kwargs`` on top of the algorithm's ``env_defaults``, as in ``make``: pass the
+    ``env_kwargs`` the agent was trained with (``group_size`` included)."""
     path = Path(path)
     if not path.exists() and path.with_suffix(".zip").exists():
         path = path.with_suffix(".zip")

@@ -47,6 +47,8 @@ class CompletionRolloutBuffer(BaseBuffer):
         ``n_steps`` slot).
     :param observation_space: the env's (its ``input_ids`` length is ``prompt_len + T``).
     :param prompt_len: the env's ``max_prompt_tokens``.
+
+    ``gamma`` and ``gae_lambda`` are accepted because SB3 passes them; returns are undiscounted.
     """
 
     def __init__(self, buffer_size: int, observation_space: spaces.Dict, action_space: spaces.Space,

@@ -80,6 +80,8 @@ def test_n_envs_not_a_multiple_of_the_group_errors():
         make("grpo", n_envs=6)
     with pytest.raises(ValueError, match="num_envs=6 is not a multiple of group_size=4"):
         agents.as_vec_env("textgym/TextGen-v0", 6, {**TOY, "group_size": 4})
+    with pytest.raises(ValueError, match="group_size must be an integer >= 1, got 0"):
+        agents.as_vec_env("textgym/TextGen-v0", 4, {**TOY, "group_size": 0})
 
 
 @pytest.mark.parametrize("algo", ["grpo", "rloo"])
