@@ -12,8 +12,8 @@ REINFORCE++). That shapes the rollout:
   the running rows are stepped (``LMVecEnv.step_rows``; a row that finished waits, unstepped)
   until every episode has ended, and the round's episodes go into a ``CompletionRolloutBuffer``.
   Every episode of a rollout was sampled by the same weights, and every group is complete. Rows
-  that finish early idle until the round ends: the cost of whole groups, as in TRL's and
-  OpenRLHF's generate-then-train loops. After the last round the rows are reset again (prompts
+  that finish early idle until the round ends (they still ride in the engine's batched forward):
+  the cost of whole groups, as in TRL's and OpenRLHF's generate-then-train loops. After the last round the rows are reset again (prompts
   encoded lazily, by the updated weights), like SB3's autoreset.
   ``num_timesteps`` counts the tokens generated, as it does for PPO (where every row steps).
 - **The KL**: the env's ``kl_in`` placement. In the reward, the returns carry ``-kl_coef * k1``
