@@ -13,8 +13,9 @@ REINFORCE++). That shapes the rollout:
   until every episode has ended, and the round's episodes go into a ``CompletionRolloutBuffer``.
   Every episode of a rollout was sampled by the same weights, and every group is complete. Rows
   that finish early idle until the round ends (they still ride in the engine's batched forward):
-  the cost of whole groups, as in TRL's and OpenRLHF's generate-then-train loops. After the last round the rows are reset again (prompts
-  encoded lazily, by the updated weights), like SB3's autoreset.
+  the cost of whole groups, as in TRL's and OpenRLHF's generate-then-train loops. After the last
+  round the rows are reset again (prompts encoded lazily, by the updated weights), like SB3's
+  autoreset.
   ``num_timesteps`` counts the tokens generated, as it does for PPO (where every row steps).
 - **The KL**: the env's ``kl_in`` placement. In the reward, the returns carry ``-kl_coef * k1``
   (summed at the end with ``kl_mode="final"``, per token with ``"per_token"``); in the loss, the
