@@ -1,7 +1,7 @@
 """RL agents for textgym environments: stable-baselines3 algorithms over one thin LM policy.
 
     from textgym import agents      # always safe; ``import agents`` works too where nothing else owns that name
-    model = agents.make("ppo", "textgym/Sentiment-v0", n_envs=8)   # or "a2c", "nlpo"
+    model = agents.make("ppo", "textgym/Sentiment-v0", n_envs=8)   # or "a2c", "nlpo", "grpo", "rloo", "reinforce++"
     model.learn(2048, progress_bar=True)
     model.save("ppo_sentiment")
     model = agents.load("ppo_sentiment", env="textgym/Sentiment-v0", n_envs=8)
@@ -25,13 +25,18 @@ else:
     from .a2c import A2C
     from .buffer import EpisodeRolloutBuffer
     from .common import LMAlgorithm
+    from .critic_free import CriticFreeAlgorithm
     from .evaluate import evaluate
+    from .grpo import GRPO
     from .nlpo import NLPO, NLPOPolicy
     from .policy import LMActorCriticPolicy
     from .ppo import PPO
     from .registry import accepted_hyperparameters, get_class, load, make, names, register
+    from .reinforce_pp import ReinforcePP
+    from .rloo import RLOO
     from .vec_env import LMVecEnv, as_vec_env
 
-    __all__ = ["A2C", "NLPO", "PPO", "EpisodeRolloutBuffer", "LMActorCriticPolicy", "LMAlgorithm", "LMVecEnv",
-               "NLPOPolicy", "accepted_hyperparameters", "as_vec_env", "evaluate", "get_class", "load", "make",
-               "names", "register", "serialization"]
+    __all__ = ["A2C", "GRPO", "NLPO", "PPO", "RLOO", "CriticFreeAlgorithm", "EpisodeRolloutBuffer",
+               "LMActorCriticPolicy", "LMAlgorithm", "LMVecEnv", "NLPOPolicy", "ReinforcePP",
+               "accepted_hyperparameters", "as_vec_env", "evaluate", "get_class", "load", "make", "names", "register",
+               "serialization"]

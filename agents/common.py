@@ -64,6 +64,9 @@ class LMAlgorithm:
     """Mixin placed before an SB3 ``OnPolicyAlgorithm`` subclass in the bases."""
 
     algo_name = "custom"
+    # Env keyword arguments that ``agents.make``/``agents.load`` use when they make the env from an
+    # id and the caller did not set them (e.g. GRPO's group_size).
+    env_defaults: dict[str, Any] = {}
     # True where the algorithm's own ``train`` adds textgym's loss terms (``kl_loss_term`` for
     # kl_in="loss", ``ptx_loss_term`` for PPO-ptx); a plain SB3 class registered through
     # ``agents.register`` keeps SB3's update, so neither is available to it.
@@ -106,7 +109,8 @@ class LMAlgorithm:
         if self.lora and core.peft_model is None:
             self.set_random_seed(self.seed)  # the adapters' initialisation must follow the seed too
             core.attach_lora(self.lora)
-        if self.policy_kwargs.get("critic") is None and not core.policy.hidden:
+        shared_value_head = self.policy_kwargs.get("value_head", True) and self.policy_kwargs.get("critic") is None
+        if shared_value_head and not core.policy.hidden:
             core.policy.hidden = True  # the shared value head reads the cached hidden states
             core.refresh([core.policy])
         saved = dict(self.policy_kwargs)
@@ -207,12 +211,14 @@ class LMAlgorithm:
         if self.kl_in_loss:
             self.rollout_buffer.ref_log_probs = self.policy.reference_log_probs(self.rollout_buffer)
 
-    def kl_loss_term(self, data, log_prob: torch.Tensor) -> torch.Tensor | float:
+    def kl_loss_term(self, data, log_prob: torch.Tensor, reduce=None) -> torch.Tensor | float:
         """``kl_coef * mean k2`` over the minibatch's tokens, differentiable through ``log_prob``
-        (the acting distribution's); 0 when the KL sits in the reward."""
+        (the acting distribution's); 0 when the KL sits in the reward. ``reduce`` replaces the
+        mean (the critic-free algorithms average it as their policy loss, padding excluded)."""
         if not self.kl_in_loss:
             return 0.0
-        kl = klmod.kl_loss(log_prob, data.ref_log_prob).mean()
+        kl = klmod.kl_loss(log_prob, data.ref_log_prob)
+        kl = kl.mean() if reduce is None else reduce(kl)
         self._update_logs.setdefault("train/kl_loss", []).append(kl.item())
         return self.kl_coef_used * kl
 

@@ -1,7 +1,8 @@
 """``LMActorCriticPolicy``: a stable-baselines3 actor-critic policy over the env's own causal LM.
 
 Actor: the LM's next-token logits as a full-vocabulary categorical (no top-k, no top-p). Critic: a
-scalar value head on the LM's last hidden state (shared trunk), or on a separate trunk.
+scalar value head on the LM's last hidden state (shared trunk), or on a separate trunk; or none
+(``value_head=False``) for the critic-free algorithms (GRPO, RLOO, REINFORCE++).
 
 It answers SB3's per-observation calls (``forward``, ``evaluate_actions``, ``predict_values``)
 without the usual cost of an LM as an SB3 policy:
@@ -13,7 +14,8 @@ without the usual cost of an LM as an SB3 policy:
   so any observation (SB3's ``predict``, an evaluation, a stored transition) gets a correct answer;
 - during training, rows of one episode (consecutive observations that extend each other by one
   token, as ``EpisodeRolloutBuffer`` yields them) share one teacher-forced forward over the
-  episode's longest observation, instead of one forward per transition.
+  episode's longest observation, instead of one forward per transition; the critic-free
+  algorithms, which store whole episodes, call ``completion_log_probs`` (one forward per episode).
 """
 
 from __future__ import annotations
@@ -94,6 +96,9 @@ class LMActorCriticPolicy(ActorCriticPolicy):
         initialises the value head). A separate critic costs one forward over each observation
         during rollouts (it has no KV cache in the env).
     :param value_head_std: standard deviation of the value head's initial weights.
+    :param value_head: False: no critic at all (no value head in memory, trained or saved), for the
+        critic-free algorithms; the values SB3's entry points return are then None and
+        ``predict_values`` raises.
     :param optimizer_class: AdamW by default; it covers only trainable weights and the value head.
     """
 
@@ -106,13 +111,16 @@ class LMActorCriticPolicy(ActorCriticPolicy):
         core: Any = None,
         critic: Any = None,
         value_head_std: float = 0.01,
+        value_head: bool = True,
         optimizer_class: type[torch.optim.Optimizer] = torch.optim.AdamW,
         optimizer_kwargs: dict | None = None,
         **kwargs: Any,
     ):
         if lm is None:
             raise ValueError("LMActorCriticPolicy needs the env's language model: create it with agents.make()")
-        self._init_args = (lm, critic, value_head_std)
+        if not value_head and critic is not None:
+            raise ValueError(f"critic={critic!r} needs a value head: value_head=False builds no critic")
+        self._init_args = (lm, critic, value_head_std, value_head)
         self._core = core
         self.prompt_len = core.P if core is not None else int(kwargs.pop("prompt_len"))
         kwargs.pop("prompt_len", None)
@@ -122,11 +130,15 @@ class LMActorCriticPolicy(ActorCriticPolicy):
         )
 
     def _build(self, lr_schedule) -> None:
-        lm_model, critic, value_head_std = self._init_args
+        lm_model, critic, value_head_std, with_value_head = self._init_args
         del self._init_args
         self.lm = models.disable_dropout(lm_model)
-        hidden = lm_model.get_input_embeddings().weight.shape[1]
         self.critic: nn.Module | None = None
+        self.value_head: nn.Linear | None = None
+        if not with_value_head:
+            self._build_optimizer(lr_schedule)
+            return
+        hidden = lm_model.get_input_embeddings().weight.shape[1]
         if critic == "copy":
             self.critic = models.disable_dropout(copy.deepcopy(lm_model))
         elif isinstance(critic, str):
@@ -151,6 +163,9 @@ class LMActorCriticPolicy(ActorCriticPolicy):
                 if score.bias is not None:
                     self.value_head.bias.copy_(score.bias)
         self.value_head.to(next(lm_model.parameters()).device)
+        self._build_optimizer(lr_schedule)
+
+    def _build_optimizer(self, lr_schedule) -> None:
         # The reference model is not a submodule: it is never optimised and never saved.
         trainable = [p for p in self.parameters() if p.requires_grad]
         self.optimizer = self.optimizer_class(trainable, lr=lr_schedule(1), **self.optimizer_kwargs)
@@ -181,6 +196,9 @@ class LMActorCriticPolicy(ActorCriticPolicy):
             get 0 and their prompts are not encoded now, but when the next rollout needs them, with
             the updated weights (saves a forward per rollout).
         """
+        if self.value_head is None:
+            raise ValueError("this policy has no value head (value_head=False): a critic-free algorithm's policy "
+                             "predicts no values")
         if bootstrap and engine_rows is not None and self.critic is None:
             self._check_ticket(engine_rows)
             cached = self._core.cached_states(engine_rows)
@@ -217,7 +235,7 @@ class LMActorCriticPolicy(ActorCriticPolicy):
         ref = self._core.ref_model
         segments = buffer.segments()  # flattens the buffer
         out = np.zeros(buffer.buffer_size * buffer.n_envs, dtype=np.float32)
-        device = self.value_head.weight.device
+        device = self.lm_device
         for start in range(0, len(segments), 8):
             idx = np.concatenate(segments[start : start + 8])
             ids = torch.as_tensor(buffer.observations["input_ids"][idx], device=device).long()
@@ -226,6 +244,29 @@ class LMActorCriticPolicy(ActorCriticPolicy):
             actions = torch.as_tensor(buffer.actions[idx], device=device).long().reshape(-1, 1)
             out[idx] = torch.log_softmax(logits, -1).gather(-1, actions).squeeze(-1).cpu().numpy()
         return out
+
+    def completion_log_probs(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completion_ids: torch.Tensor,
+                             completion_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-prob and entropy of the policy at every completion token, ``[B, T]`` each (0 past
+        each completion's end), from one teacher-forced forward per episode: what the critic-free
+        algorithms train on (their buffer holds whole episodes, ``agents.completion_buffer``)."""
+        ids = torch.cat([prompt_ids, completion_ids], dim=1).long()
+        mask = torch.cat([prompt_mask, completion_mask], dim=1).long()
+        T = completion_ids.shape[1]
+        kwargs: dict[str, Any] = {"logits_to_keep": T + 1} if _is_causal_lm(self.lm) else {}
+        out = self.lm(input_ids=ids, attention_mask=mask, position_ids=lm.position_ids(mask), use_cache=False,
+                      **kwargs)
+        # The position before completion token t predicts it (the last kept position predicts none).
+        logits = out.logits[:, -(T + 1) : -1].float()
+        log_probs = torch.log_softmax(logits, -1)
+        weight = completion_mask.to(log_probs.dtype)
+        token_logp = log_probs.gather(-1, completion_ids.long().unsqueeze(-1)).squeeze(-1) * weight
+        entropy = -(log_probs.exp() * log_probs).sum(-1) * weight
+        return token_logp, entropy
+
+    @property
+    def lm_device(self) -> torch.device:
+        return next(self.lm.parameters()).device
 
     def get_distribution(self, obs):
         return self._dist_and_values(obs)[0]
@@ -239,7 +280,7 @@ class LMActorCriticPolicy(ActorCriticPolicy):
                          engine_rows: EngineRows | None = None):
         ids, mask = obs["input_ids"].long(), obs["attention_mask"].long()
         cached = self.engine_outputs(engine_rows)
-        if cached is not None and self.critic is None and cached.states is None:
+        if cached is not None and self.value_head is not None and self.critic is None and cached.states is None:
             cached = None  # the shared value head needs hidden states the engine does not keep
         if cached is not None:
             logits, hidden = cached.logits, cached.states
@@ -248,7 +289,7 @@ class LMActorCriticPolicy(ActorCriticPolicy):
                                              logits=need_dist or self.critic is None)
         if self.critic is not None:
             hidden = grouped_forward(self.critic, ids, mask, self.prompt_len, logits=False)[1]
-        values = self.value_head(hidden.float())
+        values = None if self.value_head is None else self.value_head(hidden.float())
         if not need_dist:
             return None, values
         logits = self.shape_logits(logits, ids, mask, cached, actions)

@@ -11,10 +11,14 @@ from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
 from . import serialization
 from .a2c import A2C
 from .common import LMAlgorithm
+from .critic_free import CriticFreeAlgorithm
+from .grpo import GRPO
 from .nlpo import NLPO
 from .policy import LMActorCriticPolicy
 from .ppo import PPO
-from .vec_env import as_vec_env
+from .reinforce_pp import ReinforcePP
+from .rloo import RLOO
+from .vec_env import LMVecEnv, as_vec_env
 
 _REGISTRY: dict[str, type] = {}
 
@@ -45,35 +49,40 @@ def get_class(name: str) -> type:
 
 
 def accepted_hyperparameters(algo: str) -> set[str]:
-    """Keyword arguments the algorithm's constructor chain accepts (its class and its bases)."""
+    """Keyword arguments the algorithm's constructor chain accepts (its class and its bases), less
+    those it fixes itself (``fixed_hyperparameters``: e.g. GRPO's gamma)."""
+    cls = get_class(algo)
     names: set[str] = set()
-    for klass in get_class(algo).__mro__:
+    for klass in cls.__mro__:
         init = klass.__dict__.get("__init__")
         if init is not None:
             params = inspect.signature(init).parameters.values()
             names |= {p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and p.name != "self"}
-    return names
+    return names - set(getattr(cls, "fixed_hyperparameters", ()))
 
 
 def make(algo: str, env: Any, *, n_envs: int | None = None, env_kwargs: dict | None = None, **hyperparameters: Any):
     """An SB3 algorithm object for ``algo`` (``names()``) on ``env``: an env id (made as a batched
-    vector env of ``n_envs`` rows with ``env_kwargs``), a textgym env, or a textgym vector env.
-    ``hyperparameters`` go to the algorithm's constructor (``lora=``, ``policy_kwargs=``, ``seed=``...)."""
+    vector env of ``n_envs`` rows with ``env_kwargs``, on top of the algorithm's ``env_defaults``:
+    GRPO's and RLOO's env comes in groups of 4 rows per prompt), a textgym env, or a textgym vector
+    env. ``hyperparameters`` go to the algorithm's constructor (``lora=``, ``policy_kwargs=``, ``seed=``...)."""
     cls = get_class(algo)
     unknown = sorted(set(hyperparameters) - accepted_hyperparameters(algo))
     if unknown:
         raise ValueError(f"{', '.join(unknown)}: not hyperparameter(s) of {algo}; valid: "
                          f"{', '.join(sorted(accepted_hyperparameters(algo) - {'env'}))}")
-    vec = as_vec_env(env, n_envs, env_kwargs)
+    vec = _vec_env_for(cls, env, n_envs, env_kwargs)
     hyperparameters.setdefault("device", vec.core.device)
-    if not issubclass(cls, (PPO, A2C)):  # a user's class keeps its own defaults but needs our policy
+    if not issubclass(cls, (PPO, A2C, CriticFreeAlgorithm)):  # a user's class keeps its defaults but needs our policy
         hyperparameters.setdefault("policy", LMActorCriticPolicy)
     return cls(env=vec, **hyperparameters)
 
 
 def load(path: str | Path, env: Any, *, n_envs: int | None = None, env_kwargs: dict | None = None, **kwargs: Any):
     """Restore an agent saved with ``.save(path)``. ``env`` provides the LM that the saved weights
-    are loaded into (and the reference model, which is never saved)."""
+    are loaded into (and the reference model, which is never saved). An env made here from an id
+    gets ``env_kwargs`` on top of the algorithm's ``env_defaults``, as in ``make``: pass the
+    ``env_kwargs`` the agent was trained with (``group_size`` included)."""
     path = Path(path)
     if not path.exists() and path.with_suffix(".zip").exists():
         path = path.with_suffix(".zip")
@@ -83,10 +92,20 @@ def load(path: str | Path, env: Any, *, n_envs: int | None = None, env_kwargs: d
     algo = data.get("textgym_algo")
     if not isinstance(algo, str):
         raise ValueError(f"{str(path)!r} was not saved by a textgym agent (no 'textgym_algo' entry)")
-    vec = as_vec_env(env, n_envs, env_kwargs)
+    cls = get_class(algo)
+    vec = _vec_env_for(cls, env, n_envs, env_kwargs)
     kwargs.setdefault("device", vec.core.device)
-    return get_class(algo).load(path, env=vec, **kwargs)
+    return cls.load(path, env=vec, **kwargs)
 
 
-for _name, _cls in (("ppo", PPO), ("a2c", A2C), ("nlpo", NLPO)):
+def _vec_env_for(cls: type, env: Any, n_envs: int | None, env_kwargs: dict | None) -> LMVecEnv:
+    """``as_vec_env``; an env made here from an id gets the algorithm's ``env_defaults`` for the
+    keyword arguments ``env_kwargs`` leaves out."""
+    if isinstance(env, str) and (env_kwargs is None or isinstance(env_kwargs, dict)):
+        env_kwargs = {**getattr(cls, "env_defaults", {}), **(env_kwargs or {})}
+    return as_vec_env(env, n_envs, env_kwargs)
+
+
+for _name, _cls in (("ppo", PPO), ("a2c", A2C), ("nlpo", NLPO), ("grpo", GRPO), ("rloo", RLOO),
+                    ("reinforce++", ReinforcePP)):
     register(_name, _cls)

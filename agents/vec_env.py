@@ -57,7 +57,7 @@ class LMVecEnv(VecEnv):
                 self._rngs[i], _ = seeding.np_random(seed)
         self.core.reset_rows(list(range(self.num_envs)), self._rngs)
         self._returns[:] = 0.0
-        self.reset_infos = [{"prompt": p} for p in self.core.prompt_text]
+        self.reset_infos = [{"prompt": p, "group": int(g)} for p, g in zip(self.core.prompt_text, self.core.group_id)]
         self._reset_seeds()
         self._reset_options()
         return self._hand_out(self.core.observation())
@@ -66,13 +66,22 @@ class LMVecEnv(VecEnv):
         self._actions = np.asarray(actions).reshape(self.num_envs)
 
     def step_wait(self):
-        rewards, done, finals = self.core.step(self._actions, np.ones(self.num_envs, dtype=bool))
+        rewards, done, infos = self.step_rows(self._actions, np.ones(self.num_envs, dtype=bool))
+        rows = np.flatnonzero(done).tolist()
+        self.core.reset_rows(rows, [self._rngs[i] for i in rows])
+        return self._hand_out(self.core.observation()), rewards, done, infos
+
+    def step_rows(self, actions: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[dict[str, Any]]]:
+        """Step only the rows where ``rows`` is True (the other actions are ignored) and leave the
+        rows that finish as they are, not reset: for agents that play whole rounds of episodes
+        (``agents.critic_free``). Returns rewards, dones and infos as ``step`` does."""
+        rewards, done, finals = self.core.step(actions, rows)
         self._returns += rewards
         infos: list[dict[str, Any]] = [{} for _ in range(self.num_envs)]
-        rows = np.flatnonzero(done).tolist()
-        if rows:
-            terminal = self.core.observation(rows)
-            for j, i in enumerate(rows):
+        finished = np.flatnonzero(done).tolist()
+        if finished:
+            terminal = self.core.observation(finished)
+            for j, i in enumerate(finished):
                 infos[i] = {
                     **finals[i],
                     "terminal_observation": {k: v[j] for k, v in terminal.items()},
@@ -80,8 +89,7 @@ class LMVecEnv(VecEnv):
                                 "t": round(time.time() - self._start, 6)},
                 }
                 self._returns[i] = 0.0
-            self.core.reset_rows(rows, [self._rngs[i] for i in rows])
-        return self._hand_out(self.core.observation()), rewards.astype(np.float32), done, infos
+        return rewards.astype(np.float32), done, infos
 
     def close(self) -> None:
         pass

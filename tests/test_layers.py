@@ -153,7 +153,7 @@ def test_textgym_agents_works_beside_another_agents_package(tmp_path):
         "from textgym import agents as tga\n"
         "import textgym.pipeline.cli\n"
         "assert agents.OWNER == 'someone else', agents\n"
-        "assert tga.__name__ == 'textgym.agents' and tga.names() == ['a2c', 'nlpo', 'ppo'], tga.names()\n"
+        "assert tga.__name__ == 'textgym.agents' and {'ppo', 'grpo'} <= set(tga.names()), tga.names()\n"
         "assert tga.PPO.__module__ == 'textgym.agents.ppo.ppo'\n"
         "import sys; assert sys.modules['agents'] is agents\n"
         "print('ok')\n"

@@ -120,10 +120,11 @@ def test_kl_in_the_loss(algo):
     assert 0 < kl_loss < 10 and np.isfinite(model.logger.name_to_value["train/loss"])
 
 
-def test_kl_loss_needs_an_algorithm_that_adds_it():
+def test_kl_loss_needs_an_algorithm_that_adds_it(monkeypatch):
     class MyPPO(sb3.PPO):
         pass
 
+    monkeypatch.setattr(agents.registry, "_REGISTRY", dict(agents.registry._REGISTRY))  # the test's own entry
     agents.register("my_ppo_kl_test", MyPPO, overwrite=True)
     with pytest.raises(ValueError, match="does not add a KL term to its loss"):
         agents.make("my_ppo_kl_test", "textgym/TextGen-v0", n_envs=2, env_kwargs={**TOY, "kl_in": "loss"}, n_steps=8,

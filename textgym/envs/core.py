@@ -34,6 +34,7 @@ import torch
 from textgym import kl as klmod
 from textgym import lm, models, rewards
 from textgym import lora as lora_mod
+from textgym.envs.groups import PromptGroups
 from textgym.prompts import PromptSet, load_prompts, sentiment_prompts
 from textgym.prompts import encode_prompt as _encode_prompt
 
@@ -62,6 +63,7 @@ class TextGenConfig:
     kl_in: str = "reward"  # where the KL term goes: "reward" (k1) or "loss" (k2, added by the agent)
     kl_estimator: str | None = None  # None: the right one for kl_in (see textgym.kl)
     kl_mode: str = "final"
+    group_size: int = 1  # rows come in groups of group_size sharing each prompt (textgym.envs.groups)
     score_scale: float = 1.0  # the reward carries score_scale * score (info["score"] stays unscaled)
     ref_model: Any = None  # None: a frozen copy of model
     stop_on_eos: bool = True
@@ -80,7 +82,7 @@ class TextGenConfig:
         return cfg
 
     def validate(self) -> None:
-        for key in ("max_new_tokens", "max_prompt_tokens"):
+        for key in ("max_new_tokens", "max_prompt_tokens", "group_size"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
                 raise ValueError(f"{key} must be an integer >= 1, got {value!r}")
@@ -160,12 +162,14 @@ class TextGenCore:
         self.pad_id = int(self.tokenizer.pad_token_id)
         self.eos_ids = _eos_ids(self.model, self.tokenizer)
         self._warned_long_prompt = False
+        self.group_size = int(cfg.group_size)
         self._init_rows(n)
         if isinstance(cfg.model, (str, Path)) and (Path(cfg.model) / ACTING_FILE).exists():
             self._load_acting(Path(cfg.model))
 
     def _init_rows(self, n: int) -> None:
         """Fresh per-row state and decoders for ``n`` rows."""
+        self.groups = PromptGroups(n, self.group_size)  # checks that n is a multiple of group_size
         self.n = n
         self.version = 0  # bumped whenever a row's tokens change: tickets (EngineRows) older than that are stale
         self._stale_cache = False  # set when a step failed after appending tokens (see _advance)
@@ -177,8 +181,10 @@ class TextGenCore:
         self.pending = np.zeros(n, dtype=bool)  # reset, prompt not yet encoded (see ensure_started)
         self.prompt_index = np.zeros(n, dtype=np.int64)
         self.prompt_text = [""] * n
+        self.group_id = np.full(n, -1, dtype=np.int64)  # shared by the episodes of one prompt (groups)
         self.logp = torch.zeros(n, self.T)  # log pi(y_t) under the acting distribution, at sampling time
-        self.ref_logp = torch.zeros(n, self.T)  # per_token mode: log pi_ref(y_t) at sampling time
+        # log pi_ref(y_t): per_token mode at sampling time; final mode when the episode ends
+        self.ref_logp = torch.zeros(n, self.T)
         self.mask_mass = torch.zeros(n, self.T)  # with a nucleus mask: policy probability the mask kept
         self._allowed: tuple | None = None  # (masking decoder, its version, nucleus mask [n, V]): see nucleus_allowed
         self.policy = lm.IncrementalLM(self.model, n)
@@ -349,6 +355,7 @@ class TextGenCore:
         other = copy.copy(self)
         other.kl_controller = klmod.FixedKLController(self.kl_controller.value)
         other.kl_batch, other.kl_batch_auto = None, False
+        other.group_size = 1  # evaluation draws every episode's prompt on its own
         other._init_rows(self.n if n is None else n)
         if self.nucleus is not None:
             other.followers[NUCLEUS] = lm.IncrementalLM(self.nucleus_model, other.n)
@@ -452,24 +459,26 @@ class TextGenCore:
             self._warned_long_prompt = True
 
     def reset_rows(self, rows: list[int], rngs: list[np.random.Generator], options: dict | None = None) -> None:
-        """Start new episodes in ``rows``: sample a prompt with each row's RNG (or take the one in
-        ``options``: ``prompt`` text or ``prompt_index``). Their prompts are encoded, all in one
-        forward, when their logits are first needed (``ensure_started``)."""
+        """Start new episodes in ``rows``: sample a prompt with the rows' RNGs (or take the one in
+        ``options``: ``prompt`` text or ``prompt_index``). With ``group_size`` > 1 rows share
+        prompts by groups, as ``textgym.envs.groups`` describes (seeding included). Their prompts
+        are encoded, all in one forward, when their logits are first needed (``ensure_started``)."""
         options = check_reset_options(options, len(self.prompts))
         if not rows:
             return
+        fixed = None
+        if "prompt" in options:
+            fixed = (-1, options["prompt"])
+        elif "prompt_index" in options:
+            fixed = (options["prompt_index"], self.prompts.prompts[options["prompt_index"]])
+        picks = self.groups.pick(rows, rngs, self._draw_prompt, fixed)
         ids = np.full((len(rows), self.P), self.pad_id, dtype=np.int64)
         mask = np.zeros((len(rows), self.P), dtype=np.int64)
-        for j, (row, rng) in enumerate(zip(rows, rngs)):
-            if "prompt" in options:
-                index, text = -1, options["prompt"]
-            else:
-                index = options["prompt_index"] if "prompt_index" in options else int(rng.integers(len(self.prompts)))
-                text = self.prompts.prompts[index]
+        for j, (row, (group, (index, text))) in enumerate(zip(rows, picks)):
             tokens = self.encode_prompt(text)
             ids[j, self.P - len(tokens) :] = tokens
             mask[j, self.P - len(tokens) :] = 1
-            self.prompt_index[row], self.prompt_text[row] = index, text
+            self.prompt_index[row], self.prompt_text[row], self.group_id[row] = index, text, group
         self.input_ids[rows] = self.pad_id
         self.attention_mask[rows] = 0
         self.input_ids[rows, : self.P], self.attention_mask[rows, : self.P] = ids, mask
@@ -480,6 +489,10 @@ class TextGenCore:
         self.mask_mass[rows] = 0.0
         self.pending[rows] = True
         self.version += 1
+
+    def _draw_prompt(self, rng: np.random.Generator) -> tuple[int, str]:
+        index = int(rng.integers(len(self.prompts)))
+        return index, self.prompts.prompts[index]
 
     def stop_all(self) -> None:
         """End every episode without scoring it (e.g. before an evaluation borrows the rows)."""
@@ -604,7 +617,9 @@ class TextGenCore:
         indices = self.prompt_index[done]
         metadata = {} if (indices < 0).any() else self.prompts.metadata_for(indices.tolist())
         scores = self.reward_fn(prompts, completions, **metadata)
-        ref_logp = self.ref_logprobs(done) if self.cfg.kl_mode == "final" else self.ref_logp[done]
+        if self.cfg.kl_mode == "final":
+            self.ref_logp[done] = self.ref_logprobs(done)  # kept for agents that train on whole episodes
+        ref_logp = self.ref_logp[done]
         log_ratio = self.logp[done] - ref_logp  # 0 past each completion's end
         kls = klmod.kl_terms(log_ratio, "k1").sum(1).double().numpy()
         k3s = klmod.kl_terms(log_ratio, "k3").sum(1).double().numpy()  # diagnostic: >= 0, unbiased
@@ -618,6 +633,7 @@ class TextGenCore:
             infos[row] = {
                 "score": float(scores[j]), "kl": float(kls[j]), "kl_k3": float(k3s[j]), "kl_coef": coef,
                 "prompt": prompts[j], "completion": completions[j], "length": n_tokens,
+                "prompt_index": int(self.prompt_index[row]), "group": int(self.group_id[row]),
                 "ref_logprob": float(ref_sums[j]),  # log pi_ref(completion): perplexity under the reference
             }
             if self.nucleus is not None:

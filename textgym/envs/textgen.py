@@ -73,8 +73,10 @@ class TextGenEnv(_CoreViews, gym.Env):
     ``kl_coef * k2`` to its loss (only these two placements have the gradient of KL(pi || pi_ref):
     see ``textgym.kl``). ``score_scale`` multiplies the score in the reward. The last step's
     ``info`` holds ``score`` (unscaled), ``kl`` (k1 sum), ``kl_k3`` (a diagnostic, >= 0),
-    ``kl_coef``, ``prompt``, ``completion``, ``length``, ``ref_logprob`` and, with a nucleus mask,
-    ``mask_mass`` (mean policy probability the mask kept).
+    ``kl_coef``, ``prompt``, ``completion``, ``length``, ``ref_logprob``, ``prompt_index`` (-1 for a
+    prompt given as text), ``group`` (an id shared by the episodes of one prompt with
+    ``group_size`` > 1, new for every episode otherwise) and, with a nucleus mask, ``mask_mass``
+    (mean policy probability the mask kept).
 
     ## Starting State
     A prompt drawn from ``prompts`` with the env's RNG, encoded (left-padded) into the observation;
@@ -101,6 +103,9 @@ class TextGenEnv(_CoreViews, gym.Env):
       episodes (once per rollout under an agent) on their mean KL; ``kl_in`` in reward (default),
       loss; ``kl_estimator`` (None: k1 in the reward, k2 in the loss; other pairs are refused);
       ``kl_mode`` in final, per_token; ``score_scale`` (1.0).
+    - ``group_size`` (1): with the vector env, rows come in groups of ``group_size`` consecutive rows
+      whose episodes share one prompt, each group drawing a fresh prompt (for GRPO, RLOO; seeding
+      in ``textgym.envs.groups``); ``num_envs`` must be a multiple of it.
     - ``ref_model``: the reference (default: a frozen copy of ``model``; never ``model`` itself).
     - ``stop_on_eos`` (True), ``chat_template`` (False: wrap prompts with the tokenizer's chat
       template as a user turn), ``render_mode`` (None or "ansi"), ``device`` (default: the model's,
@@ -110,7 +115,7 @@ class TextGenEnv(_CoreViews, gym.Env):
 
     ## Version History
     - v0: initial version; KL placement (``kl_in``), batch-level KL controller, acting
-      distribution with a nucleus mask.
+      distribution with a nucleus mask, group sampling (``group_size``).
     """
 
     metadata = {"render_modes": ["ansi"], "render_fps": 4}
@@ -149,7 +154,8 @@ class TextGenVectorEnv(_CoreViews, gym.vector.VectorEnv):
     """``num_envs`` TextGen episodes computed in batches: one model forward per step for all of
     them, the KV cache reused across steps, rewards and reference log-probs of the episodes that
     end computed together. Same spaces and results as ``num_envs`` single envs seeded
-    ``seed, seed + 1, ...``; autoreset mode ``NEXT_STEP`` like Gymnasium's ``SyncVectorEnv``."""
+    ``seed, seed + 1, ...``; autoreset mode ``NEXT_STEP`` like Gymnasium's ``SyncVectorEnv``. With
+    ``group_size=G`` rows come in groups of G sharing each prompt (``textgym.envs.groups``)."""
 
     metadata = {"render_modes": ["ansi"], "autoreset_mode": AutoresetMode.NEXT_STEP}
     env_id = "textgym/TextGen-v0"

@@ -1,0 +1,139 @@
+"""``CompletionRolloutBuffer``: a rollout buffer of whole episodes, one row per completion.
+
+The critic-free algorithms (GRPO, RLOO, REINFORCE++) need every episode of a rollout complete (no
+critic bootstraps a cut one) and compare the episodes of one prompt. Their rollouts play whole
+rounds of episodes (``agents.critic_free``), so the buffer holds episodes rather than SB3's grid of
+transitions: the prompt, the completion, and per completion token the log-prob under the policy
+that sampled it, the reference log-prob (from the env, which computes it anyway), the env's reward,
+the return and the advantage. A minibatch of episodes is evaluated with one teacher-forced forward
+(``LMActorCriticPolicy.completion_log_probs``), and nothing per transition (observations of
+``max_prompt_tokens + max_new_tokens`` ids each) is stored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from gymnasium import spaces
+from stable_baselines3.common.buffers import BaseBuffer
+
+
+def rewards_to_go(rewards: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Undiscounted reward-to-go (gamma = 1): ``out[:, t] = sum of rewards[:, t:]``, 0 on padding."""
+    return np.flip(np.cumsum(np.flip(rewards * mask, 1), 1), 1) * mask
+
+
+class CompletionSamples(NamedTuple):
+    """A minibatch of whole episodes; per-token fields are ``[B, T']`` with ``T'`` the longest
+    completion of the minibatch, 0 past each completion's end (``completion_mask``)."""
+
+    prompt_ids: torch.Tensor
+    prompt_mask: torch.Tensor
+    completion_ids: torch.Tensor
+    completion_mask: torch.Tensor
+    old_log_prob: torch.Tensor
+    ref_log_prob: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+
+
+class CompletionRolloutBuffer(BaseBuffer):
+    """Holds ``buffer_size * n_envs`` episodes: ``buffer_size`` rounds of one episode per row.
+
+    :param buffer_size: rounds per rollout (the algorithm's ``episodes_per_row``, in SB3's
+        ``n_steps`` slot).
+    :param observation_space: the env's (its ``input_ids`` length is ``prompt_len + T``).
+    :param prompt_len: the env's ``max_prompt_tokens``.
+
+    ``gamma`` and ``gae_lambda`` are accepted because SB3 passes them; returns are undiscounted.
+    """
+
+    def __init__(self, buffer_size: int, observation_space: spaces.Dict, action_space: spaces.Space,
+                 device: torch.device | str = "auto", gamma: float = 1.0, gae_lambda: float = 1.0, n_envs: int = 1,
+                 prompt_len: int | None = None):
+        super().__init__(buffer_size, observation_space, action_space, device, n_envs=n_envs)
+        if prompt_len is None:
+            raise ValueError("CompletionRolloutBuffer needs prompt_len (the env's max_prompt_tokens)")
+        self.P = int(prompt_len)
+        self.T = int(observation_space["input_ids"].shape[0]) - self.P
+        self.capacity = buffer_size * n_envs
+        self.reset()
+
+    def reset(self) -> None:
+        N, P, T = self.capacity, self.P, self.T
+        self.prompt_ids = np.zeros((N, P), dtype=np.int64)
+        self.prompt_mask = np.zeros((N, P), dtype=np.int64)
+        self.completion_ids = np.zeros((N, T), dtype=np.int64)
+        self.completion_mask = np.zeros((N, T), dtype=np.float32)
+        self.log_probs = np.zeros((N, T), dtype=np.float32)
+        self.ref_log_probs = np.zeros((N, T), dtype=np.float32)
+        self.rewards = np.zeros((N, T), dtype=np.float32)
+        self.returns = np.zeros((N, T), dtype=np.float32)  # reward-to-go, undiscounted
+        self.advantages = np.zeros((N, T), dtype=np.float32)
+        self.groups = np.zeros(N, dtype=np.int64)  # the env's group id: episodes of one prompt share it
+        self.prompt_index = np.zeros(N, dtype=np.int64)
+        self.scores = np.zeros(N, dtype=np.float32)
+        super().reset()
+
+    def add_round(self, core, rewards: np.ndarray, scores: np.ndarray) -> None:
+        """Store the finished episodes of every row of the env engine ``core`` (its rows hold them
+        until reset), with their per-token ``rewards`` ``[n, T]`` and ``scores`` ``[n]``."""
+        n, P = core.n, self.P
+        if self.pos + n > self.capacity:
+            raise ValueError(f"the buffer holds {self.capacity} episodes; adding {n} to {self.pos} would overflow")
+        rows = slice(self.pos, self.pos + n)
+        self.prompt_ids[rows], self.prompt_mask[rows] = core.input_ids[:, :P], core.attention_mask[:, :P]
+        self.completion_ids[rows] = core.input_ids[:, P:]
+        self.completion_mask[rows] = core.attention_mask[:, P:]
+        self.log_probs[rows] = core.logp.numpy()  # under the acting distribution, at sampling time
+        self.ref_log_probs[rows] = core.ref_logp.numpy()
+        self.rewards[rows] = rewards * self.completion_mask[rows]
+        self.returns[rows] = rewards_to_go(self.rewards[rows], self.completion_mask[rows])
+        self.groups[rows], self.prompt_index[rows], self.scores[rows] = core.group_id, core.prompt_index, scores
+        self.pos += n
+        self.full = self.pos == self.capacity
+
+    def size(self) -> int:
+        return self.pos
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return self.completion_mask[: self.pos].sum(1).astype(np.int64)
+
+    @property
+    def episode_returns(self) -> np.ndarray:
+        """Each stored episode's return: the sum of its rewards."""
+        return self.returns[: self.pos, 0].astype(np.float64)
+
+    def set_episode_advantages(self, advantages: np.ndarray) -> None:
+        """Give every token of each episode its episode's advantage (GRPO, RLOO)."""
+        n = self.pos
+        self.advantages[:n] = np.asarray(advantages, dtype=np.float32)[:, None] * self.completion_mask[:n]
+
+    def get(self, batch_size: int | None = None) -> Generator[CompletionSamples, None, None]:
+        """Minibatches of whole episodes of about ``batch_size`` completion tokens each (an episode
+        longer than that forms its own), shuffled with numpy's global RNG (seeded by SB3)."""
+        lengths = self.lengths
+        batch_size = int(lengths.sum()) if batch_size is None else batch_size
+        chunk: list[int] = []
+        size = 0
+        for k in np.random.permutation(self.pos):
+            chunk.append(int(k))
+            size += int(lengths[k])
+            if size >= batch_size:
+                yield self._get_samples(np.array(chunk))
+                chunk, size = [], 0
+        if chunk:
+            yield self._get_samples(np.array(chunk))
+
+    def _get_samples(self, batch_inds: np.ndarray, env=None) -> CompletionSamples:  # type: ignore[override]
+        width = max(int(self.completion_mask[batch_inds].sum(1).max()), 1)
+        per_token = (self.completion_ids, self.completion_mask, self.log_probs, self.ref_log_probs, self.advantages,
+                     self.returns)
+        return CompletionSamples(
+            self.to_torch(self.prompt_ids[batch_inds]), self.to_torch(self.prompt_mask[batch_inds]),
+            *(self.to_torch(a[batch_inds, :width]) for a in per_token),
+        )

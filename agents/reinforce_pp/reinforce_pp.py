@@ -1,0 +1,75 @@
+"""REINFORCE++ (Hu 2025, "REINFORCE++: A Simple and Efficient Approach for Aligning Large Language
+Models", arXiv:2501.03262).
+
+PPO's machinery without a critic: the KL penalty sits in the reward *per token* (section 2.1,
+``r_t = 1[t = end] * score - beta * k1_t``, the env's ``kl_in="reward"`` with
+``kl_mode="per_token"``), the advantage of token t is its undiscounted reward-to-go (gamma = 1)
+
+    A_t = score - beta * sum_{s >= t} k1_s
+
+normalised over every token of the whole rollout (the global batch, section 2.2), not per prompt:
+
+    A_t <- (A_t - mean(A)) / (std(A) + 1e-8)
+
+and the update is PPO's clipped surrogate (token mean, as OpenRLHF's implementation; one pass over
+the rollout, ``n_epochs=1``). It needs no groups (``group_size`` 1 is fine): each prompt may be
+sampled once. ``agents.make`` makes the env with ``kl_mode="per_token"`` from an id; with
+``kl_mode="final"`` the whole KL is paid at the end and every token's reward-to-go is the episode's
+return. With ``kl_in="loss"`` the reward-to-go is the score and the update adds ``kl_coef * k2``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ..completion_buffer import CompletionRolloutBuffer
+from ..critic_free import CriticFreeAlgorithm
+from ..policy import LMActorCriticPolicy
+
+
+def reinforce_pp_advantages(returns_to_go: np.ndarray, mask: np.ndarray, eps: float = 1e-8) -> np.ndarray:
+    """REINFORCE++ advantages: each token's reward-to-go ``[N, T]``, normalised by the mean and
+    (population) std over all real tokens (``mask``) of the batch; 0 on padding."""
+    returns_to_go = np.asarray(returns_to_go, dtype=np.float64)
+    real = np.asarray(mask) > 0
+    values = returns_to_go[real]
+    return np.where(real, (returns_to_go - values.mean()) / (values.std() + eps), 0.0)
+
+
+class ReinforcePP(CriticFreeAlgorithm):
+    """REINFORCE++ over a causal LM (see the module docstring).
+
+    :param learning_rate: None: by model size and LoRA (``agents.common.default_learning_rate``).
+    :param episodes_per_row: rounds of whole episodes per rollout (1).
+    :param batch_size: completion tokens per minibatch, filled with whole episodes (64).
+    :param n_epochs: 1 pass over each rollout.
+    :param clip_range: 0.2.
+    :param loss_normalization: "token" (OpenRLHF), "sequence" or "sum".
+    :param ent_coef: 0.0; max_grad_norm: 1.0; target_kl: None.
+    :param lora: None, True or ``peft.LoraConfig`` options; ``ptx_coef``/``ptx_data``: PPO-ptx.
+    """
+
+    algo_name = "reinforce++"
+    env_defaults = {"kl_in": "reward", "kl_mode": "per_token"}
+
+    def __init__(
+        self,
+        policy: type[LMActorCriticPolicy] | str = LMActorCriticPolicy,
+        env: Any = None,
+        learning_rate: float | None = None,
+        episodes_per_row: int = 1,
+        batch_size: int | None = 64,
+        n_epochs: int = 1,
+        clip_range: float = 0.2,
+        loss_normalization: str = "token",
+        **kwargs: Any,
+    ):
+        super().__init__(policy, env, learning_rate=learning_rate, episodes_per_row=episodes_per_row,
+                         batch_size=batch_size, n_epochs=n_epochs, clip_range=clip_range,
+                         loss_normalization=loss_normalization, **kwargs)
+
+    def compute_advantages(self, buffer: CompletionRolloutBuffer) -> None:
+        n = buffer.pos
+        buffer.advantages[:n] = reinforce_pp_advantages(buffer.returns[:n], buffer.completion_mask[:n])

@@ -1,0 +1,3 @@
+from .rloo import RLOO, rloo_advantages
+
+__all__ = ["RLOO", "rloo_advantages"]
