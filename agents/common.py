@@ -150,6 +150,13 @@ class LMAlgorithm:
         return [*super()._excluded_save_params(), "_episode_stats", "_update_logs", "kl_coef_used",
                 "_ptx_batches"]
 
+    def start_fresh_episodes(self) -> None:
+        """Reset every env row, so the next rollout starts from new episodes (prompts drawn with the
+        env's seeded RNGs) instead of continuing the running ones: ``textgym train`` starts each
+        iteration this way, which is what makes a resumed run repeat the uninterrupted one."""
+        self._last_obs = self.env.reset()
+        self._last_episode_starts = np.ones((self.n_envs,), dtype=bool)
+
     def collect_rollouts(self, env, callback, rollout_buffer, n_rollout_steps: int) -> bool:
         self._episode_stats = []
         self.kl_coef_used = float(self.core.kl_controller.value)  # the coefficient of this whole rollout

@@ -194,3 +194,19 @@ def test_wheel_installs_no_top_level_agents(tmp_path):
     tops = {n.split("/")[0] for n in names}
     assert tops == {"textgym", next(t for t in tops if t.endswith(".dist-info"))}, tops
     assert "textgym/agents/ppo/ppo.py" in names and "textgym/pipeline/cli.py" in names
+
+
+def test_one_sampling_path():
+    """Completions are sampled in one place (``textgym.sampling`` over the env engine, and the
+    agents' rollouts): no Hugging Face ``generate`` anywhere in the package, and nothing outside the
+    agents touches SB3's private rollout state."""
+    offenders = []
+    for m, path in MODULES.items():
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "generate":
+                offenders.append(f"{path.relative_to(ROOT)}:{node.lineno} calls .generate()")
+            if (isinstance(node, ast.Attribute) and node.attr in ("_last_obs", "_last_episode_starts")
+                    and isinstance(node.ctx, ast.Store) and not m.startswith("textgym.agents")):
+                offenders.append(f"{path.relative_to(ROOT)}:{node.lineno} sets {node.attr}")
+    assert not offenders, "\n".join(offenders)

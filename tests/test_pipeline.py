@@ -89,7 +89,7 @@ def test_killed_run_resumes_with_the_same_iterations(tmp_path, monkeypatch, lora
 
     def dies_in_iteration_3(self, it):
         if it == 2:
-            self.agent._last_obs = self.agent.env.reset()
+            self.agent.start_fresh_episodes()
             self.agent.learn(8, reset_num_timesteps=False)  # half-done work that must not count
             raise KeyboardInterrupt("killed")
         return original(self, it)

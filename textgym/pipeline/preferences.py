@@ -15,10 +15,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import gymnasium as gym
 import torch
 
-from textgym import models, rewards
-from textgym.prompts import load_prompts, sentiment_prompts
+from textgym import models, sampling
+from textgym.prompts import PromptSet, load_prompts, sentiment_prompts
 
 __all__ = ["synthesize", "to_pairs", "write_jsonl"]
 
@@ -33,44 +34,46 @@ def synthesize(
     batch_size: int = 16,
     device: str | torch.device | None = None,
 ) -> list[dict]:
-    """Sample ``k`` completions per prompt from ``model`` (the full distribution: temperature 1, no
-    top-k/top-p) and score them with the ``gold`` reward (a registered name or a reward callable).
+    """Sample ``k`` completions per prompt from ``model`` and score them with the ``gold`` reward.
 
-    ``prompts``: anything ``textgym.prompts.load_prompts`` takes (default: the shipped movie-review
-    openings, train split); their metadata columns are passed to the gold reward. ``batch_size``:
-    prompts per ``generate`` call, each repeated ``k`` times. The same arguments give the same records.
+    Completions are played through textgym's one sampling path (``textgym.sampling``) on a
+    ``textgym/TextGen-v0`` engine whose reward is ``gold``: the full distribution (temperature 1, no
+    top-k/top-p), one KV-cached forward per token, the score on the finished completion exactly as
+    an RL run would score it.
 
-    Returns one record per prompt: ``{"prompt", "completions", "scores", "ranks"}`` with rank 0 for
-    the best score; equal scores get consecutive ranks in sample order (``textgym.pipeline.rm`` compares by
-    scores, so it does not compare them). Prompts whose ``k`` completions all score the same are dropped.
+    :param model: a model name or directory (``textgym.models.load``).
+    :param prompts: anything ``textgym.prompts.load_prompts`` takes (default: the shipped movie-review
+        openings, train split); their metadata columns are passed to the gold reward.
+    :param k: completions per prompt (>= 2).
+    :param gold: a registered reward name or a reward callable.
+    :param max_new_tokens: the length limit of a completion.
+    :param seed: the sampling seed; the same arguments give the same records.
+    :param batch_size: prompts played at once (``batch_size * k`` engine rows).
+    :param device: where the model runs.
+    :return: one record per prompt: ``{"prompt", "completions", "scores", "ranks"}`` with rank 0 for
+        the best score; equal scores get consecutive ranks in sample order (``textgym.pipeline.rm``
+        compares by scores, so it does not compare them). Prompts whose ``k`` completions all score
+        the same are dropped.
     """
-    if k < 2:
-        raise ValueError(f"k must be >= 2 to rank completions, got {k}")
-    if batch_size < 1 or max_new_tokens < 1:
-        raise ValueError(f"batch_size and max_new_tokens must be >= 1, got {batch_size} and {max_new_tokens}")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 2:
+        raise ValueError(f"k must be an integer >= 2 to rank completions, got {k!r}")
+    for key, value in (("batch_size", batch_size), ("max_new_tokens", max_new_tokens)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{key} must be an integer >= 1, got {value!r}")
     prompt_set = sentiment_prompts("train") if prompts is None else load_prompts(prompts)
-    lm, tokenizer = models.load(model, device=device)  # left padding, pad token set
-    reward = rewards.as_reward(gold)
+    env = gym.make_vec("textgym/TextGen-v0", num_envs=min(batch_size, len(prompt_set)) * k,
+                       vectorization_mode="vector_entry_point", model=model, reward=gold, prompts=prompt_set,
+                       max_new_tokens=max_new_tokens, device=device)
+    core = env.unwrapped.core
+    rows = [i for i in range(len(prompt_set)) for _ in range(k)]  # each prompt k times, in order
+    repeated = PromptSet([prompt_set.prompts[i] for i in rows], prompt_set.metadata_for(rows))
+    infos = sampling.complete_prompts(core, repeated, seed=seed)
     records = []
-    with torch.random.fork_rng(devices=[]):  # leave the caller's RNG alone
-        torch.manual_seed(seed)
-        for start in range(0, len(prompt_set), batch_size):
-            indices = list(range(start, min(start + batch_size, len(prompt_set))))
-            rows = [i for i in indices for _ in range(k)]
-            texts = [prompt_set.prompts[i] for i in rows]
-            batch = tokenizer(texts, return_tensors="pt", padding=True).to(lm.device)
-            with torch.no_grad():
-                out = lm.generate(
-                    **batch, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
-                    max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                )
-            completions = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
-            scores = reward(texts, completions, **prompt_set.metadata_for(rows))
-            for n, i in enumerate(indices):
-                group = slice(n * k, (n + 1) * k)
-                record = _ranking(prompt_set.prompts[i], completions[group], scores[group])
-                if record is not None:
-                    records.append(record)
+    for i in range(len(prompt_set)):
+        group = infos[i * k:(i + 1) * k]
+        record = _ranking(prompt_set.prompts[i], [e["completion"] for e in group], [e["score"] for e in group])
+        if record is not None:
+            records.append(record)
     return records
 
 

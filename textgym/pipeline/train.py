@@ -165,8 +165,7 @@ class Run:
         """One rollout and one update, from fresh episodes seeded by the iteration."""
         agent = self.agent
         agent.set_random_seed(self.cfg.training.seed + it)
-        agent._last_obs = agent.env.reset()
-        agent._last_episode_starts = np.ones((agent.n_envs,), dtype=bool)
+        agent.start_fresh_episodes()
         start = time.time()
         agent.learn(agent.n_steps * agent.n_envs, reset_num_timesteps=False)
         stats = agent._episode_stats
