@@ -40,6 +40,11 @@ def test_bench_rewards_end_to_end(tmp_path):
     assert "| keyword |" in table
     assert "test_broken | failed: RewardError: reward 'test_broken' raised RuntimeError: scorer crashed" in table
     assert (tmp_path / "overoptimization.png").read_bytes()[:4] == b"\x89PNG"
+    # Gao et al.'s fit over the curve's three points (iterations 0, 1, 2), reported in the table
+    fit = ok["fit"]
+    assert fit["n"] == 3 and fit["alpha"] is not None
+    assert fit["gold_0"] == pytest.approx(ok["runs"][0]["curve"][0]["gold"])
+    assert "Over-optimisation: Gao et al." in table and "| keyword | " in table.split("Over-optimisation")[1]
     assert json.loads((tmp_path / "results.json").read_text())["seeds"] == [0]
 
 

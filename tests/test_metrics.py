@@ -1,8 +1,18 @@
 import math
 
+import numpy as np
 import pytest
 
-from textgym.metrics import distinct_n, elo_bootstrap, elo_ratings, perplexity, spearman
+from textgym.metrics import (
+    distinct_n,
+    elo_bootstrap,
+    elo_ratings,
+    gao_rl_curve,
+    gao_rl_fit,
+    mean_ci,
+    perplexity,
+    spearman,
+)
 
 
 def test_distinct_n():
@@ -74,3 +84,40 @@ def test_elo_bootstrap_intervals():
     assert narrow["a"]["high"] - narrow["a"]["low"] < result["a"]["high"] - result["a"]["low"]
     with pytest.raises(ValueError, match="ci"):
         elo_bootstrap(players, matches, ci=1.5)
+
+
+def test_mean_ci_is_student_t():
+    mean, half = mean_ci([1.0, 2.0, 3.0])
+    # t(0.975, 2) = 4.303; sd = 1; sem = 1/sqrt(3)
+    assert mean == 2.0 and half == pytest.approx(4.3027 / math.sqrt(3), rel=1e-4)
+    mean, half = mean_ci([5.0])
+    assert mean == 5.0 and math.isnan(half)
+    with pytest.raises(ValueError, match="at least one"):
+        mean_ci([])
+
+
+def test_gao_fit_recovers_known_parameters():
+    alpha, beta, gold_0 = 0.6, 0.25, 0.1
+    kl = np.array([0.0, 0.5, 1, 2, 4, 8, 16, 32, 64])
+    d = np.sqrt(kl)
+    gold = gold_0 + np.where(d > 0, d * (alpha - beta * np.log(np.where(d > 0, d, 1))), 0.0)
+    fit = gao_rl_fit(kl, gold)
+    assert fit["alpha"] == pytest.approx(alpha, abs=1e-9) and fit["beta"] == pytest.approx(beta, abs=1e-9)
+    assert fit["r2"] == pytest.approx(1.0) and fit["gold_0"] == pytest.approx(gold_0)
+    d_peak = math.exp(alpha / beta - 1)
+    assert fit["kl_peak"] == pytest.approx(d_peak ** 2) and fit["gold_peak"] == pytest.approx(gold_0 + beta * d_peak)
+    # the peak is the curve's maximum
+    grid = np.linspace(0, 200, 20001)
+    assert grid[np.argmax(gao_rl_curve(fit, grid))] == pytest.approx(fit["kl_peak"], abs=0.02)
+    np.testing.assert_allclose(gao_rl_curve(fit, kl), gold, atol=1e-9)
+
+    # with noise, close; a still-rising curve has no peak; too few points, no fit
+    noisy = gold + np.random.default_rng(0).normal(0, 0.005, size=gold.shape)
+    fit = gao_rl_fit(kl, noisy)
+    assert fit["alpha"] == pytest.approx(alpha, abs=0.05) and fit["beta"] == pytest.approx(beta, abs=0.03)
+    for still_rising in (0.3 * d, d ** 1.5):  # linear in d: beta = 0; convex: beta < 0
+        fit = gao_rl_fit(kl, still_rising)
+        assert fit["beta"] < 1e-9 and fit["kl_peak"] is None and fit["gold_peak"] is None
+    assert gao_rl_fit([0, 1], [0, 1])["alpha"] is None
+    with pytest.raises(ValueError, match="kl has 2 values but gold has 3"):
+        gao_rl_fit([0, 1], [0, 1, 2])

@@ -1,6 +1,6 @@
 """Evaluation metrics of generated text and of rankings: diversity, perplexity, rank correlation,
-and Elo ratings with bootstrap confidence intervals. Plain Python and numpy; Spearman's rho from
-scipy."""
+Elo ratings with bootstrap confidence intervals, confidence intervals over seeds, and Gao et al.'s
+over-optimisation fit. Plain Python and numpy; Spearman's rho and Student's t from scipy."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["distinct_n", "perplexity", "spearman", "elo_ratings", "elo_bootstrap"]
+__all__ = ["distinct_n", "perplexity", "spearman", "elo_ratings", "elo_bootstrap", "mean_ci", "gao_rl_fit",
+           "gao_rl_curve"]
 
 Match = tuple[str, str, float]  # (player a, player b, score of a: 1 win, 0.5 draw, 0 loss)
 
@@ -104,3 +105,66 @@ def elo_bootstrap(players: Sequence[str], matches: Sequence[Match], n_bootstrap:
             "high": float(np.percentile(samples[p], 100 - tail))}
         for p in players
     }
+
+
+def mean_ci(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float]:
+    """The mean of ``values`` and the half-width of its Student-t confidence interval (over seeds,
+    say); the half-width is NaN with fewer than two values (one seed says nothing about noise)."""
+    values = [float(v) for v in values]
+    if not values:
+        raise ValueError("mean_ci needs at least one value")
+    mean = float(np.mean(values))
+    if len(values) < 2:
+        return mean, float("nan")
+    from scipy.stats import t  # imported here: scipy's import is slow and only this needs it
+
+    sem = float(np.std(values, ddof=1)) / math.sqrt(len(values))
+    return mean, float(t.ppf(0.5 + confidence / 2, len(values) - 1) * sem)
+
+
+def gao_rl_fit(kl: Sequence[float], gold: Sequence[float]) -> dict:
+    """Fit Gao et al. 2022's RL over-optimisation form to a gold-score curve.
+
+    With ``d = sqrt(KL)`` to the initial policy, "Scaling Laws for Reward Model Overoptimization"
+    (eq. 2) models the gold score gained under RL as ``R(d) = d (alpha - beta log d)``. The form is
+    linear in ``(alpha, beta)``, so it is fitted by least squares on the gains over the point with
+    the smallest KL (the initial policy). With ``beta > 0`` the gold score peaks at
+    ``d* = exp(alpha / beta - 1)``, i.e. KL* = d*^2, where the gain is ``beta d*``.
+
+    :param kl: KL to the reference (nats) at each point of the curve, the initial policy included.
+    :param gold: gold score at each point.
+    :return: ``{"alpha", "beta", "r2", "gold_0", "kl_peak", "gold_peak", "n"}``; ``kl_peak`` and
+        ``gold_peak`` are None when the fit has no maximum (``beta <= 0``: the gold score keeps rising),
+        all fit values None with fewer than 3 points.
+    """
+    if len(kl) != len(gold):
+        raise ValueError(f"kl has {len(kl)} values but gold has {len(gold)}")
+    kl_arr, gold_arr = np.asarray(kl, dtype=float), np.asarray(gold, dtype=float)
+    keep = np.isfinite(kl_arr) & np.isfinite(gold_arr)
+    kl_arr, gold_arr = np.maximum(kl_arr[keep], 0.0), gold_arr[keep]
+    out: dict = {"alpha": None, "beta": None, "r2": None, "gold_0": None, "kl_peak": None, "gold_peak": None,
+                 "n": int(kl_arr.size)}
+    if kl_arr.size < 3:
+        return out
+    start = int(np.argmin(kl_arr))
+    gold_0 = float(gold_arr[start])
+    d = np.sqrt(kl_arr)
+    d_log_d = np.where(d > 0, d * np.log(np.where(d > 0, d, 1.0)), 0.0)  # d log d -> 0 as d -> 0
+    design = np.stack([d, -d_log_d], axis=1)
+    gain = gold_arr - gold_0
+    (alpha, beta), *_ = np.linalg.lstsq(design, gain, rcond=None)
+    residual = gain - design @ np.array([alpha, beta])
+    total = float(np.sum((gain - gain.mean()) ** 2))
+    out.update(alpha=float(alpha), beta=float(beta), gold_0=gold_0,
+               r2=1.0 - float(np.sum(residual ** 2)) / total if total > 0 else float("nan"))
+    if beta > 0 and alpha / beta - 1.0 < 50:  # a peak beyond d = e^50 is no peak at any reachable KL
+        d_peak = math.exp(alpha / beta - 1.0)
+        out.update(kl_peak=d_peak ** 2, gold_peak=gold_0 + beta * d_peak)
+    return out
+
+
+def gao_rl_curve(fit: dict, kl: Sequence[float]) -> np.ndarray:
+    """The fitted gold score ``gold_0 + d (alpha - beta log d)`` at each ``kl`` (see ``gao_rl_fit``)."""
+    d = np.sqrt(np.maximum(np.asarray(kl, dtype=float), 0.0))
+    d_log_d = np.where(d > 0, d * np.log(np.where(d > 0, d, 1.0)), 0.0)
+    return fit["gold_0"] + fit["alpha"] * d - fit["beta"] * d_log_d

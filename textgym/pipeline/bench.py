@@ -103,7 +103,7 @@ def bench_rewards(cfg: BenchRewardsConfig, progress: bool = True) -> dict:
                 runs.append({"seed": seed, "after": summary["after"], "seconds": time.time() - start,
                              "curve": [{"iteration": it, "kl": m["kl"], "gold": m["reward/gold"], "proxy": m["score"]}
                                        for it, m in curve]})
-            results["rewards"][label] = {"spec": spec, "runs": runs, **_aggregate(runs)}
+            results["rewards"][label] = {"spec": spec, "runs": runs, **_aggregate(runs), "fit": _gao_fit(runs)}
         except Exception as err:  # one broken reward must not stop the benchmark
             results["rewards"][label] = {"spec": spec, "runs": runs,
                                          "error": f"{type(err).__name__}: {err}",
@@ -122,6 +122,12 @@ def _aggregate(runs: list[dict]) -> dict:
     return {"proxy": mean("score"), "gold": mean("reward/gold"), "kl": mean("kl"),
             "perplexity_ref": mean("perplexity_ref"), "distinct_1": mean("distinct_1"),
             "distinct_2": mean("distinct_2"), "seconds": float(np.mean([r["seconds"] for r in runs]))}
+
+
+def _gao_fit(runs: list[dict]) -> dict:
+    """Gao et al.'s RL form fitted to the gold-score curve of every seed together (``metrics.gao_rl_fit``)."""
+    points = [p for run in runs for p in run["curve"]]
+    return metrics.gao_rl_fit([p["kl"] for p in points], [p["gold"] for p in points])
 
 
 def speed_and_agreement(cfg: BenchRewardsConfig) -> dict:
@@ -171,18 +177,39 @@ def markdown_report(results: dict) -> str:
         rows.append(f"| {a} | " + " | ".join(f"{spearman[a][b]:.2f}" for b in labels) + " |")
     for label, error in results["speed_agreement"]["errors"].items():
         rows.append(f"\n{label} could not be scored: {error}")
+    rows += ["", "Over-optimisation: Gao et al. 2022's RL form gold(d) = gold_0 + d (alpha - beta log d), "
+             "d = sqrt(KL), fitted to each proxy's held-out gold curve (all seeds):", "",
+             "| proxy | alpha | beta | R^2 | KL at the gold peak | gold at the peak | points |",
+             "|---|---|---|---|---|---|---|"]
+    for label, r in results["rewards"].items():
+        fit = r.get("fit")
+        if not fit or fit["alpha"] is None:
+            rows.append(f"| {label} | too few points | | | | | {fit['n'] if fit else 0} |")
+            continue
+        peak = ("no peak (still rising)", "") if fit["kl_peak"] is None else (f"{fit['kl_peak']:.2f}",
+                                                                             f"{fit['gold_peak']:.3f}")
+        rows.append(f"| {label} | {fit['alpha']:.3f} | {fit['beta']:.3f} | {fit['r2']:.2f} | {peak[0]} | {peak[1]} | "
+                    f"{fit['n']} |")
     return "\n".join(rows) + "\n"
 
 
 def plot_overoptimization(results: dict, path: Path) -> None:
-    """Gold score against sqrt(KL) through training, one line per proxy reward and seed."""
+    """Gold score against sqrt(KL) through training, one line per proxy reward and seed, with each
+    proxy's fitted Gao et al. curve dashed."""
     plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6.5, 4))
-    for label, r in results["rewards"].items():
+    for n, (label, r) in enumerate(results["rewards"].items()):
+        color = f"C{n % 10}"
         for run in r.get("runs", []):
             kl = np.sqrt(np.maximum([p["kl"] for p in run["curve"]], 0.0))
-            ax.plot(kl, [p["gold"] for p in run["curve"]], marker="o", label=f"{label} (seed {run['seed']})")
+            ax.plot(kl, [p["gold"] for p in run["curve"]], marker="o", color=color,
+                    label=f"{label} (seed {run['seed']})")
+        fit = r.get("fit")
+        if fit and fit["alpha"] is not None:
+            top = max(p["kl"] for run in r["runs"] for p in run["curve"])
+            grid = np.linspace(0.0, max(top, 1e-6), 100)
+            ax.plot(np.sqrt(grid), metrics.gao_rl_curve(fit, grid), linestyle="--", color=color, alpha=0.7)
     ax.set_xlabel("sqrt(KL to the reference)")
     ax.set_ylabel("gold score (held-out)")
     ax.set_title("Optimising each proxy: gold score against KL")
