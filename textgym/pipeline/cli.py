@@ -15,6 +15,7 @@ from rich.table import Table
 import textgym
 from textgym import agents, models, rewards, sampling
 from textgym.pipeline.bench import BenchRewardsConfig, bench_elo, bench_rewards
+from textgym.pipeline.bench_algos import BenchAlgosConfig, bench_algos
 from textgym.pipeline.config import load_config
 from textgym.pipeline.evaluate import evaluate_target
 from textgym.pipeline.rm import RMConfig, train_reward_model
@@ -133,6 +134,14 @@ def cmd_bench_rewards(args) -> int:
     return 0
 
 
+def cmd_bench_algos(args) -> int:
+    cfg = load_config(BenchAlgosConfig, *_config_and_overrides(args))
+    bench_algos(cfg)
+    print((Path(cfg.output_dir) / "results.md").read_text())
+    print(f"plot: {Path(cfg.output_dir) / 'score_vs_kl.png'}")
+    return 0
+
+
 def cmd_bench_elo(args) -> int:
 
     bench_elo(args.policies, judge=args.judge, env_id=args.env, n=args.n, seed=args.seed, n_envs=args.n_envs,
@@ -190,12 +199,16 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", default=None, help="where to write the JSON (default: RUN_DIR/eval.json or ./eval.json)")
     ev.set_defaults(func=cmd_eval)
 
-    bench = sub.add_parser("bench", help="benchmark reward functions (rewards) or rate policies (elo)")
+    bench = sub.add_parser("bench", help="benchmark rewards, algorithms (algos), or rate policies (elo)")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
     br = bench_sub.add_parser("rewards", help="train against each reward; gold score, KL, agreement, speed, plot")
     br.add_argument("config", nargs="?", default=None, help="YAML config (rewards, gold, seeds, train, ...)")
     br.add_argument("overrides", nargs="*", help="key=value overrides")
     br.set_defaults(func=cmd_bench_rewards)
+    ba = bench_sub.add_parser("algos", help="train with each algorithm on one task and budget; score, KL, table, plot")
+    ba.add_argument("config", nargs="?", default=None, help="YAML config (algos, seeds, train, output_dir)")
+    ba.add_argument("overrides", nargs="*", help="key=value overrides")
+    ba.set_defaults(func=cmd_bench_algos)
     be = bench_sub.add_parser("elo", help="Elo ratings of policies from pairwise comparisons under a judge reward")
     be.add_argument("policies", nargs="+", help="run directories or model names/paths")
     be.add_argument("--judge", default="vader", help="registered reward that judges each pair of completions")

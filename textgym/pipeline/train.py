@@ -169,7 +169,8 @@ class Run:
         start = time.time()
         agent.learn(agent.n_steps * agent.n_envs, reset_num_timesteps=False)
         stats = agent._episode_stats
-        record: dict[str, Any] = {"iteration": it + 1, "timesteps": int(agent.num_timesteps)}
+        record: dict[str, Any] = {"iteration": it + 1, "timesteps": int(agent.num_timesteps),
+                                  "episodes": len(stats)}
         for key in ("score", "kl", "length"):
             record[key] = float(np.mean([s[key] for s in stats])) if stats else float("nan")
         record["reward"] = float(np.mean([s["episode"]["r"] for s in stats])) if stats else float("nan")
@@ -206,7 +207,6 @@ class Run:
             self.close()
 
     def _run(self) -> dict:
-
         t = self.cfg.training
         if self.state["before"] is None:
             summary, episodes = self.evaluate()

@@ -1,0 +1,75 @@
+"""``textgym bench algos`` end to end on the tiny model: two algorithms, one seed."""
+
+import json
+
+import pytest
+
+from textgym.pipeline.bench_algos import BenchAlgosConfig, aggregate, markdown_report
+from textgym.pipeline.cli import main
+from textgym.pipeline.config import ConfigError, load_config
+
+TRAIN = {
+    "model": {"name": "textgym/tiny", "lora": None},
+    "env": {"id": "textgym/TextGen-v0", "n_envs": 4,
+            "kwargs": {"max_new_tokens": 6, "max_prompt_tokens": 16}},
+    "reward": {"name": "keyword", "kwargs": {"keywords": ["the"]}},
+    "agent": {"hyperparameters": {"n_steps": 6, "batch_size": 24, "learning_rate": 3e-3}},
+    "training": {"iterations": 2, "eval_n": 8, "eval_every": 1},
+}
+
+
+def test_bench_algos_end_to_end(tmp_path, capsys):
+    config = tmp_path / "bench.json"  # YAML is a superset of JSON
+    config.write_text(json.dumps({"algos": ["ppo", {"name": "grpo", "label": "grpo-g2",
+                                                    "hyperparameters": {"n_epochs": 2}}],
+                                  "seeds": [0], "train": TRAIN, "output_dir": str(tmp_path / "out")}))
+    assert main(["bench", "algos", str(config), "train.env.kwargs.group_size=2"]) == 0
+    out = tmp_path / "out"
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["algos"]) == ["ppo", "grpo-g2"]
+    for label, r in results["algos"].items():
+        assert "error" not in r, r
+        run = r["runs"][0]
+        # the same budget: 2 iterations of 4 rows; the curve holds the untrained and each evaluation
+        assert [p["iteration"] for p in run["curve"]] == [0, 1, 2]
+        assert run["episodes"] >= 8 and run["peak_mb"] > 50 and run["seconds"] > 0
+        assert r["gain"] == pytest.approx(run["after"]["score"] - run["before"]["score"])
+        assert (out / label / "seed0" / "summary.json").exists()
+    grpo_config = (out / "configs" / "grpo-g2-seed0.yaml").read_text()
+    assert "algo: grpo" in grpo_config and "n_epochs: 2" in grpo_config
+    table = (out / "results.md").read_text()
+    assert "| ppo |" in table and "| grpo-g2 |" in table and "one seed: no interval" in table
+    assert (out / "score_vs_kl.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| grpo-g2 |" in capsys.readouterr().out
+
+
+def test_bench_algos_reports_a_failed_run(tmp_path):
+    cfg = load_config(BenchAlgosConfig, base={"algos": ["a2c"], "seeds": [0], "output_dir": str(tmp_path),
+                                              "train": {**TRAIN, "model": {"name": str(tmp_path / "no-model"),
+                                                                          "lora": None}}})
+    from textgym.pipeline.bench_algos import bench_algos
+
+    results = bench_algos(cfg)
+    assert "no-model" in results["algos"]["a2c"]["error"]
+    assert "| a2c | failed:" in (tmp_path / "results.md").read_text()
+
+
+def test_bench_algos_config_errors():
+    with pytest.raises(ConfigError, match="'dqn' is not an algorithm; valid: a2c, grpo"):
+        load_config(BenchAlgosConfig, base={"algos": ["dqn"], "train": TRAIN})
+    with pytest.raises(ConfigError, match="labels must be unique"):
+        load_config(BenchAlgosConfig, base={"algos": ["ppo", "ppo"], "train": TRAIN})
+    with pytest.raises(ConfigError, match="set by the benchmark"):
+        load_config(BenchAlgosConfig, base={"algos": ["ppo"], "train": {**TRAIN, "agent": {"algo": "a2c"}}})
+    with pytest.raises(ConfigError, match="seeds must be a non-empty list of integers"):
+        load_config(BenchAlgosConfig, base={"seeds": [], "train": TRAIN})
+
+
+def test_confidence_interval_over_seeds_in_the_table():
+    runs = [{"seed": s, "before": {"score": 0.0, "distinct_1": 0.5},
+             "after": {"score": v, "kl": 1.0, "perplexity_ref": 5.0, "distinct_1": 0.4, "distinct_2": 0.6},
+             "episodes": 8, "seconds": 1.0, "peak_mb": 100.0} for s, v in ((0, 1.0), (1, 2.0), (2, 3.0))]
+    r = aggregate(runs)
+    assert r["score"] == 2.0 and r["score_ci"] == pytest.approx(4.3027 / 3 ** 0.5, rel=1e-4)
+    table = markdown_report({"seeds": [0, 1, 2], "algos": {"ppo": {"spec": {}, "runs": runs, **r}}})
+    assert "| ppo | 2.000 ± 2.484 |" in table and "95% CI over seeds" in table

@@ -1,0 +1,212 @@
+"""``textgym bench algos``: several RL algorithms on one task, with the same budget and seeds.
+
+Every algorithm trains the same model on the same env for the same number of iterations of
+``n_envs`` fresh episodes (``train.training.iterations``; the table reports the episodes each one
+actually generated), once per seed. Each run is a ``textgym train`` run of its own, in a child
+process (its run directory under ``output_dir/LABEL/seedN``), so that its wall time and peak
+memory are its own. The report: a Markdown table (held-out score with a Student-t confidence
+interval over seeds, its gain over the untrained model, KL to the reference, perplexity under the
+reference, distinct-1/2, episodes, wall time, peak memory) and a plot of held-out score against KL
+through training, one line per algorithm and seed.
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from textgym import agents, metrics
+from textgym.pipeline.config import ConfigError, defaults, from_dict, merge, save_config
+from textgym.pipeline.plots import pyplot
+from textgym.pipeline.train_config import TrainConfig
+
+
+@dataclass
+class BenchAlgosConfig:
+    """``textgym bench algos``'s config.
+
+    ``train`` is a ``textgym train`` config (sections model, env, reward, agent, training) shared by
+    every run; each entry of ``algos`` (a name, or ``{name, label, hyperparameters}``) sets its
+    ``agent`` section.
+    """
+
+    algos: list = field(default_factory=lambda: ["ppo", "grpo"])
+    seeds: list = field(default_factory=lambda: [0])
+    train: dict = field(default_factory=dict)
+    output_dir: str = "runs/bench_algos"
+
+    def validate(self) -> None:
+        if not self.seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in self.seeds):
+            raise ConfigError(f"seeds must be a non-empty list of integers, got {self.seeds!r}")
+        for spec in self.specs():
+            self.train_config(spec, self.seeds[0], Path(self.output_dir))  # checks every run's config
+
+    def specs(self) -> list[dict]:
+        """The ``algos`` entries as ``{name, label, hyperparameters}``."""
+        if not self.algos:
+            raise ConfigError("algos must list at least one algorithm")
+        out = []
+        for spec in self.algos:
+            if isinstance(spec, str):
+                spec = {"name": spec}
+            if not isinstance(spec, dict) or "name" not in spec or set(spec) - {"name", "label", "hyperparameters"}:
+                raise ConfigError(f"each entry of algos must be a name or {{name:, label:, hyperparameters:}}, "
+                                  f"got {spec!r}")
+            if spec["name"] not in agents.names():
+                raise ConfigError(f"algos: {spec['name']!r} is not an algorithm; valid: {', '.join(agents.names())}")
+            out.append({"name": spec["name"], "label": str(spec.get("label", spec["name"])),
+                        "hyperparameters": dict(spec.get("hyperparameters") or {})})
+        labels = [s["label"] for s in out]
+        if len(set(labels)) != len(labels):
+            raise ConfigError(f"algorithm labels must be unique (give each a label:), got {labels}")
+        return out
+
+    def train_config(self, spec: dict, seed: int, out_dir: Path) -> TrainConfig:
+        if "agent" in self.train and set(self.train["agent"]) - {"hyperparameters"}:
+            raise ConfigError("train.agent.algo is set by the benchmark: list the algorithms under algos:")
+        shared = dict((self.train.get("agent") or {}).get("hyperparameters") or {})
+        # Shared hyperparameters apply where the algorithm takes them (GRPO has no vf_coef).
+        accepted = agents.accepted_hyperparameters(spec["name"])
+        hyperparameters = {**{k: v for k, v in shared.items() if k in accepted}, **spec["hyperparameters"]}
+        data = merge(self.train, {
+            "agent": {"algo": spec["name"], "hyperparameters": hyperparameters},
+            "training": {"seed": seed, "output_dir": str(out_dir)},
+        })
+        return from_dict(TrainConfig, merge(defaults(TrainConfig), data), "train.")
+
+
+def bench_algos(cfg: BenchAlgosConfig) -> dict:
+    """Run the benchmark; writes ``results.json``, ``results.md`` and ``score_vs_kl.png`` into
+    ``cfg.output_dir`` and returns the results. A run that fails is reported, not fatal."""
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {"seeds": cfg.seeds, "algos": {}}
+    specs = cfg.specs()
+    for n, spec in enumerate(specs):
+        runs = []
+        for seed in cfg.seeds:
+            run_dir = out / spec["label"] / f"seed{seed}"
+            print(f"textgym bench algos: {spec['label']}, seed {seed} ({n * len(cfg.seeds) + len(runs) + 1}/"
+                  f"{len(specs) * len(cfg.seeds)}) -> {run_dir}", file=sys.stderr, flush=True)
+            runs.append({"seed": seed, **train_in_child(cfg.train_config(spec, seed, run_dir), out / "configs")})
+        results["algos"][spec["label"]] = {"spec": spec, "runs": runs, **aggregate(runs)}
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    (out / "results.md").write_text(markdown_report(results))
+    plot_score_vs_kl(results, out / "score_vs_kl.png")
+    return results
+
+
+def train_in_child(train_cfg: TrainConfig, config_dir: Path) -> dict:
+    """``textgym train`` in a child process: its summary, held-out curve, wall time and peak
+    resident memory (the child's own, from ``os.wait4``), or the error it ended with."""
+    run_dir = Path(train_cfg.training.output_dir)
+    config_dir.mkdir(parents=True, exist_ok=True)
+    config_file = config_dir / f"{run_dir.parent.name}-{run_dir.name}.yaml"
+    save_config(train_cfg, config_file)
+    start = time.time()
+    child = subprocess.Popen([sys.executable, "-m", "textgym", "train", str(config_file)], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE)
+    tail, decoder = "", codecs.getincrementaldecoder("utf-8")(errors="replace")
+    while chunk := os.read(child.stderr.fileno(), 4096):  # the child's progress bars pass through; its end is kept
+        text = decoder.decode(chunk)
+        sys.stderr.write(text)
+        sys.stderr.flush()
+        tail = (tail + text)[-4000:]
+    child.stderr.close()
+    _, status, usage = os.wait4(child.pid, 0)
+    child.returncode = os.waitstatus_to_exitcode(status)
+    seconds = time.time() - start
+    peak_mb = usage.ru_maxrss / 1024  # Linux reports kilobytes
+    if child.returncode != 0 or not (run_dir / "summary.json").exists():
+        lines = [line for line in tail.replace("\r", "\n").splitlines() if line.strip()]
+        return {"error": lines[-1] if lines else f"exit status {child.returncode}", "seconds": seconds,
+                "peak_mb": peak_mb}
+    summary = json.loads((run_dir / "summary.json").read_text())
+    history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    curve = [{"iteration": 0, "score": summary["before"]["score"], "kl": summary["before"]["kl"]}]
+    curve += [{"iteration": r["iteration"], "score": r["eval/score"], "kl": r["eval/kl"]}
+              for r in history if "eval/score" in r]
+    if curve[-1]["iteration"] != summary["iterations"]:
+        curve.append({"iteration": summary["iterations"], "score": summary["after"]["score"],
+                      "kl": summary["after"]["kl"]})
+    return {"before": summary["before"], "after": summary["after"], "curve": curve, "seconds": seconds,
+            "peak_mb": peak_mb, "episodes": int(sum(r.get("episodes", 0) for r in history))}
+
+
+def aggregate(runs: list[dict]) -> dict:
+    """Means over the seeds that finished, with a confidence interval for the held-out score."""
+    done = [r for r in runs if "error" not in r]
+    if not done:
+        return {"error": "; ".join(sorted({r["error"] for r in runs}))}
+    score, score_ci = metrics.mean_ci([r["after"]["score"] for r in done])
+    gain, gain_ci = metrics.mean_ci([r["after"]["score"] - r["before"]["score"] for r in done])
+
+    def mean(key: str) -> float:
+        return float(np.mean([r["after"][key] for r in done]))
+
+    return {"score": score, "score_ci": score_ci, "gain": gain, "gain_ci": gain_ci, "kl": mean("kl"),
+            "perplexity_ref": mean("perplexity_ref"), "distinct_1": mean("distinct_1"),
+            "distinct_2": mean("distinct_2"), "untrained_distinct_1": float(np.mean([r["before"]["distinct_1"]
+                                                                                     for r in done])),
+            "untrained_score": float(np.mean([r["before"]["score"] for r in done])),
+            "episodes": float(np.mean([r["episodes"] for r in done])),
+            "seconds": float(np.mean([r["seconds"] for r in done])),
+            "peak_mb": float(np.max([r["peak_mb"] for r in done])), "seeds_done": len(done),
+            "failed": [f"seed {r['seed']}: {r['error']}" for r in runs if "error" in r]}
+
+
+def _pm(mean: float, half: float, digits: int = 3) -> str:
+    return f"{mean:.{digits}f}" if np.isnan(half) else f"{mean:.{digits}f} ± {half:.{digits}f}"
+
+
+def markdown_report(results: dict) -> str:
+    seeds = results["seeds"]
+    ci = "95% CI over seeds" if len(seeds) > 1 else "one seed: no interval"
+    rows = [f"| algorithm | held-out score ({ci}) | gain over untrained | KL | perplexity (ref) | distinct-1 | "
+            "distinct-2 | episodes | wall time (s) | peak memory (MB) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    untrained = []
+    for label, r in results["algos"].items():
+        if "error" in r:
+            rows.append(f"| {label} | failed: {r['error']} | | | | | | | | |")
+            continue
+        untrained.append((r["untrained_score"], r["untrained_distinct_1"]))
+        rows.append(f"| {label} | {_pm(r['score'], r['score_ci'])} | {_pm(r['gain'], r['gain_ci'])} | {r['kl']:.2f} | "
+                    f"{r['perplexity_ref']:.1f} | {r['distinct_1']:.3f} | {r['distinct_2']:.3f} | {r['episodes']:.0f} "
+                    f"| {r['seconds']:.0f} | {r['peak_mb']:.0f} |")
+        for failure in r["failed"]:
+            rows.append(f"| {label} | failed, {failure} | | | | | | | | |")
+    if untrained:
+        rows.append(f"\nUntrained model: held-out score {np.mean([u[0] for u in untrained]):.3f}, distinct-1 "
+                    f"{np.mean([u[1] for u in untrained]):.3f} (seeds {', '.join(map(str, seeds))}).")
+    return "\n".join(rows) + "\n"
+
+
+def plot_score_vs_kl(results: dict, path: Path) -> None:
+    """Held-out score against KL to the reference through training, one line per algorithm and
+    seed (the last point of each line is the final evaluation)."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for n, (label, r) in enumerate(results["algos"].items()):
+        for k, run in enumerate(x for x in r["runs"] if "error" not in x):
+            kl, score = [p["kl"] for p in run["curve"]], [p["score"] for p in run["curve"]]
+            ax.plot(kl, score, marker="o", markersize=3, color=f"C{n % 10}", alpha=0.8,
+                    label=label if k == 0 else None)
+            ax.plot(kl[-1:], score[-1:], marker="*", markersize=11, color=f"C{n % 10}")
+    ax.set_xlabel("KL to the reference (nats, held-out)")
+    ax.set_ylabel("held-out score")
+    ax.set_title("Score against KL through training (star: final)")
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
