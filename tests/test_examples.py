@@ -30,6 +30,14 @@ def test_bench_config_is_valid():
     assert cfg.gold == "vader"
 
 
+def test_bench_algos_config_is_valid():
+    from textgym import agents
+    from textgym.pipeline.bench_algos import BenchAlgosConfig
+
+    cfg = load_config(BenchAlgosConfig, EXAMPLES / "bench_algos.yaml")
+    assert sorted(s["name"] for s in cfg.specs()) == agents.names()  # every algorithm, the same budget
+
+
 def test_rm_config_is_valid():
     assert load_config(RMConfig, EXAMPLES / "rm_from_preferences.yaml").backbone == "minilm"
 
