@@ -1,4 +1,4 @@
-"""The same task under PPO, A2C and NLPO: only the algorithm's name changes.
+"""The same task under all six algorithms (PPO, A2C, NLPO, GRPO, RLOO, REINFORCE++): only the name changes.
 
     python examples/compare_algorithms.py [--model textgym/smollm2-135m] [--steps 4096]
 """
@@ -17,17 +17,21 @@ def main() -> None:
                       max_new_tokens=8, max_prompt_tokens=24)
     lr = 3e-3 if args.model == "textgym/tiny" else 1e-4
     results = {}
-    for algo in ("ppo", "a2c", "nlpo"):
-        hp = {"batch_size": 64} if algo != "a2c" else {}
-        model = agents.make(algo, "textgym/TextGen-v0", n_envs=8, env_kwargs=env_kwargs, seed=0, n_steps=16,
-                            learning_rate=lr, **hp)
+    for algo in agents.names():
+        # n_steps (tokens per row per rollout) belongs to the actor-critic algorithms; the critic-free
+        # ones play whole rounds of episodes. batch_size: transitions (PPO, NLPO) or tokens (critic-free).
+        hp = {"n_steps": 16} if algo in ("ppo", "a2c", "nlpo") else {}
+        if algo != "a2c":
+            hp["batch_size"] = 64
+        model = agents.make(algo, "textgym/TextGen-v0", n_envs=8, env_kwargs=env_kwargs, seed=0, learning_rate=lr,
+                            **hp)
         before = agents.evaluate(model, 32)["score"]
         model.learn(args.steps)
         after = agents.evaluate(model, 32)
         results[algo] = (before, after["score"], after["kl"])
-    print(f"{'algo':6} {'before':>8} {'after':>8} {'KL':>8}")
+    print(f"{'algo':12} {'before':>8} {'after':>8} {'KL':>8}")
     for algo, (before, after, kl) in results.items():
-        print(f"{algo:6} {before:8.2f} {after:8.2f} {kl:8.2f}")
+        print(f"{algo:12} {before:8.2f} {after:8.2f} {kl:8.2f}")
 
 
 if __name__ == "__main__":

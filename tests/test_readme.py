@@ -27,7 +27,8 @@ def test_readme_python_example_runs():
 
 
 def test_readme_agents_example_runs(tmp_path):
-    code = blocks("python")[1].replace("/tmp/nlpo_agent", str(tmp_path / "nlpo_agent"))
+    code = blocks("python")[1].replace("/tmp/reinforce_pp_agent", str(tmp_path / "agent"))
+    assert str(tmp_path) in code
     namespace: dict = {}
     exec(compile(code, "README.md", "exec"), namespace)
-    assert namespace["model"].textgym_algo == "nlpo"
+    assert namespace["model"].textgym_algo == "reinforce++"
