@@ -1,11 +1,17 @@
+import dataclasses
 import json
+import re
+import typing
 
 import pytest
 import torch
 
 from textgym import models
+from textgym.pipeline.bench import BenchRewardsConfig
 from textgym.pipeline.cli import main
 from textgym.pipeline.config import ConfigError, load_config
+from textgym.pipeline.rm import RMConfig
+from textgym.pipeline.sft import SFTConfig
 from textgym.pipeline.train import Run, TrainConfig, train
 
 TINY_RUN = [
@@ -43,6 +49,35 @@ def test_yaml_config_and_cli_overrides(tmp_path):
     path.write_text("agent:\n  algo: a2c\ntraining:\n  iterations: 7\n")
     cfg = load_config(TrainConfig, path, ["training.iterations=9"])
     assert cfg.agent.algo == "a2c" and cfg.training.iterations == 9 and cfg.env.id == "textgym/Sentiment-v0"
+
+
+COMMANDS = [(["train"], TrainConfig), (["sft"], SFTConfig), (["rm"], RMConfig),
+            (["bench", "rewards"], BenchRewardsConfig)]
+
+
+def _declared(cls, prefix=""):
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            yield from _declared(hints[f.name], f"{prefix}{f.name}.")
+        else:
+            yield prefix + f.metadata.get("label", f.name), f.metadata["help"]
+
+
+@pytest.mark.parametrize("command, cls", COMMANDS, ids=[" ".join(c) for c, _ in COMMANDS])
+def test_help_lists_every_config_key_with_type_default_and_help(command, cls, capsys):
+    with pytest.raises(SystemExit) as info:
+        main([*command, "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    flat = " ".join(out.split())
+    for key, help_ in _declared(cls):
+        assert re.search(rf"^  {re.escape(key)} \(", out, re.M), key
+        assert " ".join(help_.split()) in flat, key
+    if cls is TrainConfig:
+        assert "training.iterations (int; default 20; >= 1): RL iterations" in flat
+    if cls is SFTConfig:
+        assert "learning_rate (float; default 5.0e-05; > 0): AdamW's learning rate" in flat
 
 
 def test_train_writes_the_run_directory(tmp_path):

@@ -1,4 +1,7 @@
-"""``textgym train``'s config (``TrainConfig``): sections model, env, reward, agent, training."""
+"""``textgym train``'s config (``TrainConfig``): sections model, env, reward, agent, training.
+
+Every key is declared once below (type, default, help, bounds); ``textgym train --help`` lists them.
+"""
 
 from __future__ import annotations
 
@@ -6,63 +9,64 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from textgym import agents
-from textgym.pipeline.config import ConfigError, load_config, yaml_load_file
+from textgym.pipeline.config import ConfigError, load_config, option, yaml_load_file
 
 
 @dataclass
 class ModelSection:
-    """The policy LM (``name``: anything ``textgym.models.load`` accepts) and optional LoRA."""
+    """The policy LM and optional LoRA."""
 
-    name: str = "textgym/smollm2-135m"
-    # peft.LoraConfig options; null = full fine-tuning. LoRA keeps one LM copy in memory (the
-    # reference is the adapter-free model) and makes an update about twice as fast on a CPU.
-    lora: dict | None = field(default_factory=lambda: {"r": 16})
+    name: str = option("textgym/smollm2-135m", "the policy LM: anything textgym.models.load accepts (a textgym "
+                       "name, a model directory or a hub id)", nonempty=True, what="a model name or path")
+    # LoRA keeps one LM copy in memory (the reference is the adapter-free model) and makes an
+    # update about twice as fast on a CPU.
+    lora: dict | None = option({"r": 16}, "peft.LoraConfig options (LoRA adapters are trained, the LM is frozen); "
+                               "null: full fine-tuning")
 
 
 @dataclass
 class EnvSection:
     """The environment: a textgym env id, batched as ``n_envs`` rows; ``kwargs`` are its arguments."""
 
-    id: str = "textgym/Sentiment-v0"
-    n_envs: int = 16
-    kwargs: dict = field(default_factory=lambda: {"max_new_tokens": 20, "max_prompt_tokens": 40, "kl_coef": 0.05})
+    id: str = option("textgym/Sentiment-v0", "the env id (textgym list shows them)", nonempty=True,
+                     what="an env id")
+    n_envs: int = option(16, "episodes generated together, one row of a batch each", min=1)
+    kwargs: dict = option({"max_new_tokens": 20, "max_prompt_tokens": 40, "kl_coef": 0.05},
+                          "the env's keyword arguments (max_new_tokens, kl_coef, prompts, ...: see TextGenEnv); "
+                          "model, reward and reward_kwargs come from their sections")
 
 
 @dataclass
 class RewardSection:
     """The reward the agent optimises, and extra rewards reported at evaluation."""
 
-    name: str = "vader"
-    kwargs: dict = field(default_factory=dict)
-    eval: list = field(default_factory=lambda: ["length"])  # names or {name:, kwargs:} reported by evaluations
+    name: str = option("vader", "the registered reward the agent optimises (textgym list shows them)",
+                       nonempty=True, what="a reward name")
+    kwargs: dict = option({}, "the reward's options")
+    eval: list = option(["length"], "rewards also reported by the evaluations: names or {name:, kwargs:, label:}")
 
 
 @dataclass
 class AgentSection:
     """The algorithm (``agents.names()``) and its hyperparameters (see ``agents.PPO`` etc.)."""
 
-    algo: str = "ppo"
-    hyperparameters: dict = field(default_factory=lambda: {
-        "learning_rate": 3e-4, "n_steps": 20, "batch_size": 80, "n_epochs": 4, "target_kl": 0.1,
-    })
+    algo: str = option("ppo", "the algorithm (--algo is a shortcut)", choices=agents.names, what="an algorithm")
+    hyperparameters: dict = option({"learning_rate": 3e-4, "n_steps": 20, "batch_size": 80, "n_epochs": 4,
+                                    "target_kl": 0.1}, "keyword arguments of the algorithm's constructor")
 
 
 @dataclass
 class TrainingSection:
     """Length of the run, evaluation and output."""
 
-    iterations: int = 20
-    seed: int = 0
-    output_dir: str = "runs/sentiment"
-    eval_prompts: str | None = None  # held-out prompts; null: the env's test split (or its prompts)
-    eval_n: int = 32
-    eval_every: int = 5
-    samples: int = 8
-
-    def validate(self) -> None:
-        for key in ("iterations", "eval_n", "eval_every", "samples"):
-            if getattr(self, key) < (0 if key == "eval_every" else 1):
-                raise ConfigError(f"training.{key} must be >= 1, got {getattr(self, key)!r}")
+    iterations: int = option(20, "RL iterations, each one rollout and one update", min=1)
+    seed: int = option(0, "seed of the agent, the env and the evaluations")
+    output_dir: str = option("runs/sentiment", "the run directory", nonempty=True, what="a directory path")
+    eval_prompts: str | None = option(None, "held-out prompts (anything textgym.prompts.load_prompts reads); "
+                                      "null: the env's test split (or its prompts)")
+    eval_n: int = option(32, "held-out prompts per evaluation", min=1)
+    eval_every: int = option(5, "evaluate every this many iterations; 0: only before and after training", min=0)
+    samples: int = option(8, "held-out completions written to samples_before/after.jsonl", min=1)
 
 
 # Constructor arguments of the algorithms that textgym train sets itself.
@@ -82,16 +86,14 @@ class TrainConfig:
     agent: AgentSection = field(default_factory=AgentSection)
     training: TrainingSection = field(default_factory=TrainingSection)
 
-    def validate(self) -> None:
-        if self.agent.algo not in agents.names():
-            raise ConfigError(f"agent.algo {self.agent.algo!r} is not an algorithm; valid: {', '.join(agents.names())}")
+    def resolve(self) -> None:
+        """Checks across sections: the env's model and reward come from their own sections; the
+        hyperparameters are the algorithms'."""
         reserved = sorted({"model", "reward", "reward_kwargs"} & set(self.env.kwargs))
         if reserved:
             raise ConfigError(
                 f"env.kwargs.{reserved[0]} is set by the {reserved[0].split('_')[0]} section, not env.kwargs"
             )
-        if isinstance(self.env.n_envs, bool) or not isinstance(self.env.n_envs, int) or self.env.n_envs < 1:
-            raise ConfigError(f"env.n_envs must be an integer >= 1, got {self.env.n_envs!r}")
         set_elsewhere = sorted(set(self.agent.hyperparameters) & set(NOT_HYPERPARAMETERS))
         if set_elsewhere:
             raise ConfigError(f"agent.hyperparameters.{set_elsewhere[0]} is set by textgym train "
