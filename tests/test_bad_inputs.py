@@ -230,9 +230,13 @@ def test_misspelt_hyperparameter_is_an_error_listing_valid_names():
     with pytest.raises(ConfigError, match=r"agent.hyperparameters.lernrate is not a hyperparameter of any algorithm; "
                                           r"valid for ppo: batch_size, clip_range, .*learning_rate"):
         load_config(TrainConfig, overrides=["agent.hyperparameters.lernrate=1e-3"])
-    # a hyperparameter of another algorithm is still accepted (Run warns and sets it aside)
-    cfg = load_config(TrainConfig, overrides=["agent.algo=a2c", "agent.hyperparameters.batch_size=8"])
-    assert cfg.agent.hyperparameters["batch_size"] == 8
+    # Issue 10 changed this: a hyperparameter that only another algorithm takes used to be set aside
+    # with a warning; now it is an error naming who takes it. agent.<algo> keeps it for that one.
+    with pytest.raises(ConfigError, match=r"agent.hyperparameters.batch_size is not a hyperparameter of a2c, only of "
+                                          r"grpo, nlpo, ppo, reinforce\+\+, rloo .*; valid for a2c: ent_coef, "):
+        load_config(TrainConfig, overrides=["agent.algo=a2c", "agent.hyperparameters.batch_size=8"])
+    cfg = load_config(TrainConfig, overrides=["agent.algo=a2c", "agent.ppo.batch_size=8"])
+    assert "batch_size" not in cfg.agent.hyperparameters and cfg.agent.algorithms["ppo"]["batch_size"] == 8
     with pytest.raises(ConfigError, match=r"agent.hyperparameters.seed is set by textgym train \(training.seed\)"):
         load_config(TrainConfig, overrides=["agent.hyperparameters.seed=3"])
 
@@ -333,6 +337,56 @@ def test_sft_and_rm_config_errors_are_config_errors_also_from_python(tmp_path):
     with pytest.raises(ConfigError, match=r"RMConfig.learning_rate must be a number > 0, got -1.0"):
         train_reward_model(RMConfig(data=missing, learning_rate=-1.0))
     assert issubclass(ConfigError, ValueError)  # callers catching ValueError still do
+
+
+def test_hyperparameters_are_checked_against_the_chosen_algorithm():
+    # misspelt, in the running algorithm's section: the valid ones are that algorithm's
+    with pytest.raises(ConfigError, match=r"agent.grpo.n_step is not a hyperparameter of any algorithm; "
+                                          r"valid for grpo: batch_size, clip_range, ent_coef, episodes_per_row, "):
+        load_config(TrainConfig, overrides=["agent.algo=grpo", "agent.grpo.n_step=3"])
+    # a section of an algorithm that is not running is checked too: found now, not when you switch
+    with pytest.raises(ConfigError, match=r"agent.a2c.batch_size is not a hyperparameter of a2c, only of grpo, nlpo"):
+        load_config(TrainConfig, overrides=["agent.a2c.batch_size=8"])
+    with pytest.raises(ConfigError, match=r"agent.hyperparameters.top_p is not a hyperparameter of ppo, only of nlpo "):
+        load_config(TrainConfig, overrides=["agent.hyperparameters.top_p=0.5"])
+    with pytest.raises(ConfigError, match=r"agent.nlpo.seed is set by textgym train \(training.seed\)"):
+        load_config(TrainConfig, overrides=["agent.nlpo.seed=3"])
+    with pytest.raises(ConfigError, match=r"unknown config key 'agent.trpo'; valid keys of agent: algo, "
+                                          r"hyperparameters, a2c, grpo, nlpo, ppo, reinforce\+\+, rloo"):
+        load_config(TrainConfig, overrides=["agent.trpo.n_steps=3"])
+    # types come from the constructors' annotations
+    for override, message in [
+            ("agent.hyperparameters.n_steps=many", "'agent.hyperparameters.n_steps' must be an integer, got 'many'"),
+            ("agent.ppo.n_epochs=true", "'agent.ppo.n_epochs' must be an integer, got True"),
+            ("agent.ppo.normalize_advantage=maybe", "'agent.ppo.normalize_advantage' must be true or false"),
+            ("agent.hyperparameters.target_kl=[1]", "'agent.hyperparameters.target_kl' must be float or null, got"),
+            ("agent.nlpo.top_p=high", "'agent.nlpo.top_p' must be a number, got 'high'"),
+            ("agent.rloo.loss_normalization=3", "'agent.rloo.loss_normalization' must be a string, got 3")]:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load_config(TrainConfig, overrides=[override])
+    cfg = load_config(TrainConfig, overrides=["agent.hyperparameters.learning_rate=1", "agent.ppo.target_kl=null"])
+    assert cfg.agent.hyperparameters["learning_rate"] == 1.0 and isinstance(cfg.agent.hyperparameters["learning_rate"],
+                                                                            float)
+    assert cfg.agent.hyperparameters["target_kl"] is None
+
+
+def test_a_registered_algorithm_is_checked_against_its_own_constructor():
+    class Knobbed(agents.PPO):
+        def __init__(self, *args, knob: int = 3, **kwargs):
+            self.knob = knob
+            super().__init__(*args, **kwargs)
+
+    agents.register("knobbed", Knobbed)
+    try:
+        cfg = load_config(TrainConfig, overrides=["agent.algo=knobbed", "agent.knobbed.knob=5"])
+        assert cfg.agent.hyperparameters == {"knob": 5}  # textgym's presets are for the built-in algorithms
+        with pytest.raises(ConfigError, match=r"'agent.hyperparameters.knob' must be an integer, got 'x'"):
+            load_config(TrainConfig, overrides=["agent.algo=knobbed", "agent.hyperparameters.knob=x"])
+        with pytest.raises(ConfigError, match=r"agent.hyperparameters.knob is not a hyperparameter of ppo, only of "
+                                              r"knobbed"):
+            load_config(TrainConfig, overrides=["agent.hyperparameters.knob=5"])
+    finally:
+        agents.registry._REGISTRY.pop("knobbed")
 
 
 @pytest.mark.parametrize("value", ["-3", "0", "two"])

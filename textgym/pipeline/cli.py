@@ -14,6 +14,7 @@ from rich.table import Table
 
 import textgym
 from textgym import agents, models, rewards, sampling
+from textgym.pipeline import hyperparameters
 from textgym.pipeline.bench import BenchRewardsConfig, bench_elo, bench_rewards
 from textgym.pipeline.config import describe, load_config
 from textgym.pipeline.evaluate import evaluate_target
@@ -153,11 +154,15 @@ def positive_int(text: str) -> int:
     return value
 
 
-def config_help(cls: type) -> dict:
+def config_help(cls: type, hyperparameter_help: str | None = None) -> dict:
     """``add_parser`` arguments whose ``--help`` lists every key of config ``cls`` (type, default,
     valid values, help), generated from its declaration."""
-    return {"epilog": f"config keys (in the YAML file, or key=value):\n{describe(cls)}",
-            "formatter_class": argparse.RawDescriptionHelpFormatter}
+    epilog = f"config keys (in the YAML file, or key=value):\n{describe(cls)}"
+    if hyperparameter_help is not None:
+        epilog += ("\n\nhyperparameters (agent.<algo>.NAME applies when that algorithm runs, "
+                   "agent.hyperparameters.NAME to the running one), from the algorithms' constructors:\n"
+                   + hyperparameter_help)
+    return {"epilog": epilog, "formatter_class": argparse.RawDescriptionHelpFormatter}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -177,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     lst.set_defaults(func=cmd_list)
 
     tr = sub.add_parser("train", help="RL fine-tuning from a YAML config (default: PPO on Sentiment-v0 with SmolLM2)",
-                        **config_help(TrainConfig))
+                        **config_help(TrainConfig, hyperparameters.describe()))
     tr.add_argument("config", nargs="?", default=None,
                     help="YAML config (sections model, env, reward, agent, training)")
     tr.add_argument("overrides", nargs="*", help="key=value overrides, e.g. training.iterations=5 agent.algo=a2c")
