@@ -1,14 +1,20 @@
 """Every bad input refused by name, and an env that survives a failing reward."""
 
+import dataclasses
+import re
+import typing
 
 import gymnasium as gym
 import numpy as np
 import pytest
 
 from textgym import agents, rewards
+from textgym.pipeline.bench import BenchRewardsConfig
 from textgym.pipeline.cli import main, parse_args
 from textgym.pipeline.config import ConfigError, load_config
 from textgym.pipeline.evaluate import evaluate_target
+from textgym.pipeline.rm import RMConfig, train_reward_model
+from textgym.pipeline.sft import SFTConfig, train_sft
 from textgym.pipeline.train import TrainConfig
 from textgym.rewards import RewardError
 
@@ -224,9 +230,13 @@ def test_misspelt_hyperparameter_is_an_error_listing_valid_names():
     with pytest.raises(ConfigError, match=r"agent.hyperparameters.lernrate is not a hyperparameter of any algorithm; "
                                           r"valid for ppo: batch_size, clip_range, .*learning_rate"):
         load_config(TrainConfig, overrides=["agent.hyperparameters.lernrate=1e-3"])
-    # a hyperparameter of another algorithm is still accepted (Run warns and sets it aside)
-    cfg = load_config(TrainConfig, overrides=["agent.algo=a2c", "agent.hyperparameters.batch_size=8"])
-    assert cfg.agent.hyperparameters["batch_size"] == 8
+    # Issue 10 changed this: a hyperparameter that only another algorithm takes used to be set aside
+    # with a warning; now it is an error naming who takes it. agent.<algo> keeps it for that one.
+    with pytest.raises(ConfigError, match=r"agent.hyperparameters.batch_size is not a hyperparameter of a2c, only of "
+                                          r"grpo, nlpo, ppo, reinforce\+\+, rloo .*; valid for a2c: ent_coef, "):
+        load_config(TrainConfig, overrides=["agent.algo=a2c", "agent.hyperparameters.batch_size=8"])
+    cfg = load_config(TrainConfig, overrides=["agent.algo=a2c", "agent.ppo.batch_size=8"])
+    assert "batch_size" not in cfg.agent.hyperparameters and cfg.agent.algorithms["ppo"]["batch_size"] == 8
     with pytest.raises(ConfigError, match=r"agent.hyperparameters.seed is set by textgym train \(training.seed\)"):
         load_config(TrainConfig, overrides=["agent.hyperparameters.seed=3"])
 
@@ -235,6 +245,148 @@ def test_misspelt_hyperparameter_is_an_error_listing_valid_names():
 def test_n_envs_zero_is_refused_in_configs(value):
     with pytest.raises(ConfigError, match=rf"env.n_envs must be an integer >= 1, got {value}"):
         load_config(TrainConfig, overrides=[f"env.n_envs={value}"])
+
+
+def _bounded(cls, prefix=""):
+    """(key, metadata, type) of every field of config ``cls``, sections included, that declares bounds."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            yield from _bounded(hints[f.name], f"{prefix}{f.name}.")
+        elif any(f.metadata.get(k) is not None for k in ("min", "max", "gt", "lt")):
+            yield prefix + f.name, f.metadata, hints[f.name]
+
+
+REQUIRED = {TrainConfig: [], SFTConfig: ["data=pairs.jsonl"], RMConfig: ["data=prefs.jsonl"], BenchRewardsConfig: []}
+BOUNDED = [(cls, key, meta, hint) for cls in REQUIRED for key, meta, hint in _bounded(cls)]
+
+
+@pytest.mark.parametrize("cls, key, meta, hint", BOUNDED, ids=[f"{c.__name__}.{k}" for c, k, _, _ in BOUNDED])
+def test_every_declared_bound_is_enforced_naming_key_and_range(cls, key, meta, hint):
+    step = 1 if hint is int else 0.5
+    kind = "an integer" if hint is int else "a number"
+    cases = [(meta["min"] - step, ">=", meta["min"]) if meta["min"] is not None else None,
+             (meta["gt"], ">", meta["gt"]) if meta["gt"] is not None else None,
+             (meta["max"] + step, "<=", meta["max"]) if meta["max"] is not None else None,
+             (meta["lt"], "<", meta["lt"]) if meta["lt"] is not None else None]
+    assert any(cases)
+    for bad, op, bound in filter(None, cases):
+        bad = hint(bad)
+        # "x >= 1" alone, or "x in [0, 1)" when bounded on both sides
+        shown = rf"{op} {bound:g}" if sum(c is not None for c in cases) == 1 else rf"in [\[(].*{bound:g}.*[\])]"
+        with pytest.raises(ConfigError, match=rf"{cls.__name__}\.{re.escape(key)} must be {kind} {shown}, "
+                                              rf"got {re.escape(repr(bad))}"):
+            load_config(cls, overrides=[*REQUIRED[cls], f"{key}={bad}"])
+    for edge in (meta["min"], meta["max"]):  # inclusive bounds are valid values
+        if edge is not None:
+            assert _get(load_config(cls, overrides=[*REQUIRED[cls], f"{key}={edge}"]), key) == edge
+
+
+def _nonempty(cls, prefix=""):
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            yield from _nonempty(hints[f.name], f"{prefix}{f.name}.")
+        elif f.metadata.get("nonempty"):
+            yield prefix + f.name, f.metadata
+
+
+NONEMPTY = [(cls, key, meta) for cls in REQUIRED for key, meta in _nonempty(cls)]
+
+
+@pytest.mark.parametrize("cls, key, meta", NONEMPTY, ids=[f"{c.__name__}.{k}" for c, k, _ in NONEMPTY])
+def test_every_required_or_nonempty_key_refuses_blank_naming_what_is_valid(cls, key, meta):
+    messages = []
+    for blank in ('""', "[]", "null"):  # whichever the field's type allows is refused as blank, the others by type
+        with pytest.raises(ConfigError) as info:
+            load_config(cls, overrides=[*REQUIRED[cls], f"{key}={blank}"])
+        messages.append(str(info.value))
+        assert key in messages[-1]
+    assert any(m.startswith(f"{cls.__name__}.{key} must be {meta['what']}, got") for m in messages), messages
+
+
+def _get(cfg, key):
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def test_eval_every_zero_means_before_and_after_only():
+    """Issue 10: eval_every said ">= 1" and allowed 0; 0 is valid (evaluate only before and after)."""
+    assert load_config(TrainConfig, overrides=["training.eval_every=0"]).training.eval_every == 0
+    with pytest.raises(ConfigError, match=r"TrainConfig.training.eval_every must be an integer >= 0, got -1"):
+        load_config(TrainConfig, overrides=["training.eval_every=-1"])
+
+
+def test_floats_must_be_finite():
+    for value in (".nan", ".inf"):
+        with pytest.raises(ConfigError, match=r"SFTConfig.learning_rate must be a finite number > 0, got (nan|inf)"):
+            load_config(SFTConfig, overrides=["data=pairs.jsonl", f"learning_rate={value}"])
+
+
+def test_sft_and_rm_config_errors_are_config_errors_also_from_python(tmp_path):
+    """SFT raised ValueError where the others raised ConfigError; a config built in Python gets the
+    loader's checks before any data is read."""
+    with pytest.raises(ConfigError, match=r"SFTConfig.data must be a file or dataset of \(prompt, completion\) pairs"):
+        load_config(SFTConfig, overrides=["epochs=3"])
+    missing = str(tmp_path / "nowhere.jsonl")
+    with pytest.raises(ConfigError, match=r"SFTConfig.epochs must be an integer >= 1, got 0"):
+        train_sft(SFTConfig(data=missing, epochs=0))
+    with pytest.raises(ConfigError, match=r"config key 'batch_size' must be an integer, got '8'"):
+        train_sft(SFTConfig(data=missing, batch_size="8"))
+    with pytest.raises(ConfigError, match=r"RMConfig.learning_rate must be a number > 0, got -1.0"):
+        train_reward_model(RMConfig(data=missing, learning_rate=-1.0))
+    assert issubclass(ConfigError, ValueError)  # callers catching ValueError still do
+
+
+def test_hyperparameters_are_checked_against_the_chosen_algorithm():
+    # misspelt, in the running algorithm's section: the valid ones are that algorithm's
+    with pytest.raises(ConfigError, match=r"agent.grpo.n_step is not a hyperparameter of any algorithm; "
+                                          r"valid for grpo: batch_size, clip_range, ent_coef, episodes_per_row, "):
+        load_config(TrainConfig, overrides=["agent.algo=grpo", "agent.grpo.n_step=3"])
+    # a section of an algorithm that is not running is checked too: found now, not when you switch
+    with pytest.raises(ConfigError, match=r"agent.a2c.batch_size is not a hyperparameter of a2c, only of grpo, nlpo"):
+        load_config(TrainConfig, overrides=["agent.a2c.batch_size=8"])
+    with pytest.raises(ConfigError, match=r"agent.hyperparameters.top_p is not a hyperparameter of ppo, only of nlpo "):
+        load_config(TrainConfig, overrides=["agent.hyperparameters.top_p=0.5"])
+    with pytest.raises(ConfigError, match=r"agent.nlpo.seed is set by textgym train \(training.seed\)"):
+        load_config(TrainConfig, overrides=["agent.nlpo.seed=3"])
+    with pytest.raises(ConfigError, match=r"unknown config key 'agent.trpo'; valid keys of agent: algo, "
+                                          r"hyperparameters, a2c, grpo, nlpo, ppo, reinforce\+\+, rloo"):
+        load_config(TrainConfig, overrides=["agent.trpo.n_steps=3"])
+    # types come from the constructors' annotations
+    for override, message in [
+            ("agent.hyperparameters.n_steps=many", "'agent.hyperparameters.n_steps' must be an integer, got 'many'"),
+            ("agent.ppo.n_epochs=true", "'agent.ppo.n_epochs' must be an integer, got True"),
+            ("agent.ppo.normalize_advantage=maybe", "'agent.ppo.normalize_advantage' must be true or false"),
+            ("agent.hyperparameters.target_kl=[1]", "'agent.hyperparameters.target_kl' must be float or null, got"),
+            ("agent.nlpo.top_p=high", "'agent.nlpo.top_p' must be a number, got 'high'"),
+            ("agent.rloo.loss_normalization=3", "'agent.rloo.loss_normalization' must be a string, got 3")]:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load_config(TrainConfig, overrides=[override])
+    cfg = load_config(TrainConfig, overrides=["agent.hyperparameters.learning_rate=1", "agent.ppo.target_kl=null"])
+    assert cfg.agent.hyperparameters["learning_rate"] == 1.0 and isinstance(cfg.agent.hyperparameters["learning_rate"],
+                                                                            float)
+    assert cfg.agent.hyperparameters["target_kl"] is None
+
+
+def test_a_registered_algorithm_is_checked_against_its_own_constructor():
+    class Knobbed(agents.PPO):
+        def __init__(self, *args, knob: int = 3, **kwargs):
+            self.knob = knob
+            super().__init__(*args, **kwargs)
+
+    agents.register("knobbed", Knobbed)
+    try:
+        cfg = load_config(TrainConfig, overrides=["agent.algo=knobbed", "agent.knobbed.knob=5"])
+        assert cfg.agent.hyperparameters == {"knob": 5}  # textgym's presets are for the built-in algorithms
+        with pytest.raises(ConfigError, match=r"'agent.hyperparameters.knob' must be an integer, got 'x'"):
+            load_config(TrainConfig, overrides=["agent.algo=knobbed", "agent.hyperparameters.knob=x"])
+        with pytest.raises(ConfigError, match=r"agent.hyperparameters.knob is not a hyperparameter of ppo, only of "
+                                              r"knobbed"):
+            load_config(TrainConfig, overrides=["agent.hyperparameters.knob=5"])
+    finally:
+        agents.registry._REGISTRY.pop("knobbed")
 
 
 @pytest.mark.parametrize("value", ["-3", "0", "two"])

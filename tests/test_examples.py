@@ -42,7 +42,8 @@ def test_rm_config_is_valid():
     assert load_config(RMConfig, EXAMPLES / "rm_from_preferences.yaml").backbone == "minilm"
 
 
-@pytest.mark.parametrize("script, expect", [("custom_reward.py", "politeness:"), ("compare_algorithms.py", "reinforce++")])
+@pytest.mark.parametrize("script, expect", [("custom_reward.py", "politeness:"),
+                                            ("compare_algorithms.py", "reinforce++")])
 def test_python_examples_run_on_the_tiny_model(script, expect):
     out = subprocess.run([sys.executable, str(EXAMPLES / script), "--steps", "256"], capture_output=True, text=True,
                          timeout=300)

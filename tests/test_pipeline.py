@@ -1,12 +1,21 @@
+import dataclasses
 import json
+import re
+import typing
+from pathlib import Path
 
 import pytest
 import torch
 
-from textgym import models
+from textgym import agents, models
+from textgym.pipeline import hyperparameters
+from textgym.pipeline.bench import BenchRewardsConfig
 from textgym.pipeline.cli import main
-from textgym.pipeline.config import ConfigError, load_config
+from textgym.pipeline.config import ConfigError, load_config, save_config
+from textgym.pipeline.rm import RMConfig
+from textgym.pipeline.sft import SFTConfig
 from textgym.pipeline.train import Run, TrainConfig, train
+from textgym.pipeline.train_config import PRESETS, config_from_cli
 
 TINY_RUN = [
     "model.name=textgym/tiny", "model.lora=null", "env.id=textgym/TextGen-v0", "env.n_envs=4",
@@ -43,6 +52,63 @@ def test_yaml_config_and_cli_overrides(tmp_path):
     path.write_text("agent:\n  algo: a2c\ntraining:\n  iterations: 7\n")
     cfg = load_config(TrainConfig, path, ["training.iterations=9"])
     assert cfg.agent.algo == "a2c" and cfg.training.iterations == 9 and cfg.env.id == "textgym/Sentiment-v0"
+
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "sentiment_ppo.yaml"
+
+
+@pytest.mark.parametrize("algo", agents.names())
+def test_algo_switch_applies_that_algorithms_section(algo):
+    """One file holds every algorithm's settings; --algo picks whose apply, agent.hyperparameters goes on top."""
+    cfg = config_from_cli(str(EXAMPLE), ["agent.hyperparameters.learning_rate=1e-4"], algo=algo)
+    assert cfg.agent.algo == algo
+    assert cfg.agent.hyperparameters == {**PRESETS[algo], "learning_rate": 1e-4}
+    assert set(cfg.agent.hyperparameters) <= set(hyperparameters.of(algo))
+
+
+def test_hyperparameters_go_on_top_of_the_section_and_the_run_config_round_trips(tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_text("agent:\n  ppo: {batch_size: 40, n_epochs: 2}\n  hyperparameters: {batch_size: 24}\n")
+    cfg = load_config(TrainConfig, path)
+    assert cfg.agent.hyperparameters == {**PRESETS["ppo"], "batch_size": 24, "n_epochs": 2}
+    save_config(cfg, tmp_path / "config.yaml")
+    saved = (tmp_path / "config.yaml").read_text()
+    assert "\n  ppo:\n" in saved and "\n  reinforce++:\n" in saved and "algorithms" not in saved
+    assert load_config(TrainConfig, tmp_path / "config.yaml") == cfg
+
+
+COMMANDS = [(["train"], TrainConfig), (["sft"], SFTConfig), (["rm"], RMConfig),
+            (["bench", "rewards"], BenchRewardsConfig)]
+
+
+def _declared(cls, prefix=""):
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            yield from _declared(hints[f.name], f"{prefix}{f.name}.")
+        else:
+            yield prefix + f.metadata.get("label", f.name), f.metadata["help"]
+
+
+@pytest.mark.parametrize("command, cls", COMMANDS, ids=[" ".join(c) for c, _ in COMMANDS])
+def test_help_lists_every_config_key_with_type_default_and_help(command, cls, capsys):
+    with pytest.raises(SystemExit) as info:
+        main([*command, "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    flat = " ".join(out.split())
+    for key, help_ in _declared(cls):
+        assert re.search(rf"^  {re.escape(key)} \(", out, re.M), key
+        assert " ".join(help_.split()) in flat, key
+    if cls is TrainConfig:
+        assert "training.iterations (int; default 20; >= 1): RL iterations" in flat
+        assert "agent.ppo default {learning_rate: 0.0003, n_steps: 20, batch_size: 80" in flat
+        for algo in agents.names():
+            for name in hyperparameters.of(algo):
+                assert re.search(rf"^  {name}$", out, re.M), (algo, name)
+        assert "nlpo (float; default 0.9): the masking policy's top-p" in flat
+    if cls is SFTConfig:
+        assert "learning_rate (float; default 5.0e-05; > 0): AdamW's learning rate" in flat
 
 
 def test_train_writes_the_run_directory(tmp_path):
@@ -124,11 +190,13 @@ def test_cli_sft_rm_train_eval_end_to_end(tmp_path, capsys):
     assert main(["sft", f"model={models.TINY}", f"data={demos}", f"output_dir={tmp_path / 'sft'}", "epochs=2"]) == 0
     assert main(["rm", "backbone=textgym/tiny", f"data={prefs}", f"output_dir={tmp_path / 'rm'}", "epochs=2"]) == 0
     run = tmp_path / "run"
-    args = [o for o in TINY_RUN if not o.startswith(("model.name", "reward."))]
-    with pytest.warns(UserWarning, match="batch_size, n_epochs, target_kl do not apply to a2c: ignored"):
-        assert main(["train", f"model.name={tmp_path / 'sft'}", "reward.name=reward_model",
-                     f"reward.kwargs.model={tmp_path / 'rm'}", *args, "training.iterations=2",
-                     f"training.output_dir={run}", "--algo", "a2c"]) == 0
+    # A2C takes no batch_size: since issue 10 giving it one is an error, no longer a warning.
+    args = [o for o in TINY_RUN if not o.startswith(("model.name", "reward.", "agent.hyperparameters.batch_size"))]
+    assert main(["train", f"model.name={tmp_path / 'sft'}", "reward.name=reward_model",
+                 f"reward.kwargs.model={tmp_path / 'rm'}", *args, "training.iterations=2",
+                 f"training.output_dir={run}", "--algo", "a2c"]) == 0
+    saved = load_config(TrainConfig, run / "config.yaml")
+    assert saved.agent.hyperparameters == {"learning_rate": 3e-3, "n_steps": 6}  # A2C's section, then the overrides
     assert main(["eval", str(run), "--n", "4"]) == 0
     report = json.loads((run / "eval.json").read_text())
     assert report["metrics"]["n"] == 4 and len(report["episodes"]) == 4

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ import gymnasium as gym
 import numpy as np
 
 from textgym import metrics
-from textgym.pipeline.config import ConfigError, defaults, from_dict, merge
+from textgym.pipeline.config import ConfigError, defaults, from_dict, merge, option
 from textgym.pipeline.evaluate import generate, held_out_prompts, make_rewards
 from textgym.pipeline.plots import pyplot
 from textgym.pipeline.train import Run
@@ -39,22 +39,23 @@ class BenchRewardsConfig:
     run; its reward section is replaced by each entry of ``rewards`` (``{name, kwargs, label}``).
     """
 
-    rewards: list = field(default_factory=lambda: [{"name": "vader"}, {"name": "length"}])
-    gold: Any = "vader"  # a reward name or {name:, kwargs:}
-    seeds: list = field(default_factory=lambda: [0])
-    train: dict = field(default_factory=dict)
-    agreement_n: int = 64  # completions scored for the speed and agreement measurements
-    output_dir: str = "runs/bench_rewards"
+    rewards: list[str | dict] = option([{"name": "vader"}, {"name": "length"}],
+                                       "the proxy rewards trained against: names or {name:, kwargs:, label:}",
+                                       nonempty=True, what="a list of at least one reward")
+    gold: str | dict = option("vader", "the reward every run is judged by: a name or {name:, kwargs:}")
+    seeds: list[int] = option([0], "training seeds, one run per reward and seed", nonempty=True,
+                              what="a list of at least one integer")
+    train: dict = option({}, "a textgym train config (sections model, env, agent, training) shared by every run")
+    agreement_n: int = option(64, "completions scored for the speed and agreement measurements", min=1)
+    output_dir: str = option("runs/bench_rewards", "where the results go", nonempty=True, what="a directory path")
 
-    def validate(self) -> None:
-        if not self.rewards:
-            raise ConfigError("rewards must list at least one reward")
+    def resolve(self) -> None:
+        """Each reward entry names a reward, labels are unique, and ``train`` makes a valid train config."""
         for spec in self.rewards:
-            if not (isinstance(spec, str) or (isinstance(spec, dict) and "name" in spec)):
+            if isinstance(spec, dict) and "name" not in spec:
                 raise ConfigError(f"each entry of rewards must be a name or {{name:, kwargs:, label:}}, got {spec!r}")
-        if not self.seeds or not all(isinstance(s, int) for s in self.seeds):
-            raise ConfigError(f"seeds must be a non-empty list of integers, got {self.seeds!r}")
         self.train_config(self.specs()[0], self.seeds[0], Path(self.output_dir))  # checks the train section
+
     def specs(self) -> list[dict]:
         out = []
         for spec in self.rewards:

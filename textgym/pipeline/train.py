@@ -17,7 +17,6 @@ import os
 import shutil
 import tempfile
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -118,14 +117,8 @@ class Run:
 
     def _setup(self, cfg: TrainConfig, resume: bool, progress: bool) -> None:
         self.cfg, self.progress = cfg, progress
+        # The loader checked every one against the algorithm (textgym.pipeline.train_config).
         hp = {**cfg.agent.hyperparameters, "seed": cfg.training.seed}
-        # Switching algorithms is one word: hyperparameters of another algorithm (PPO's batch_size
-        # under A2C, say) are set aside with a warning instead of failing.
-        foreign = sorted(set(hp) - agents.accepted_hyperparameters(cfg.agent.algo))
-        if foreign:
-            warnings.warn(f"agent.hyperparameters {', '.join(foreign)} do not apply to {cfg.agent.algo}: ignored",
-                          stacklevel=3)
-            hp = {k: v for k, v in hp.items() if k not in foreign}
         if cfg.model.lora is not None:
             hp["lora"] = cfg.model.lora
         env_kwargs = cfg.env_kwargs()

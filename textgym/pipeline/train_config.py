@@ -1,4 +1,20 @@
-"""``textgym train``'s config (``TrainConfig``): sections model, env, reward, agent, training."""
+"""``textgym train``'s config (``TrainConfig``): sections model, env, reward, agent, training.
+
+Every key is declared once below (type, default, help, bounds); ``textgym train --help`` lists them.
+The agent's hyperparameters are not declared here but read from the algorithms' constructors
+(``textgym.pipeline.hyperparameters``), and checked against the chosen algorithm:
+
+- ``agent.<algo>`` (``agent.ppo``, ``agent.grpo``, ...) holds one algorithm's hyperparameters and
+  applies only when that algorithm runs, so one file can hold settings for several and ``--algo``
+  switches between them. textgym's defaults for a short CPU run live there (``PRESETS``).
+- ``agent.hyperparameters`` applies to the running algorithm, whichever it is, on top of its
+  section: the place for ``key=value`` overrides (``agent.hyperparameters.learning_rate=1e-4``).
+  Once loaded it holds every hyperparameter the run passes to the algorithm, so a run's
+  ``config.yaml`` records them.
+
+A hyperparameter the algorithm does not take, in either place, is an error naming those it takes
+(and the algorithms that take it, if any): nothing is silently dropped when switching algorithms.
+"""
 
 from __future__ import annotations
 
@@ -6,70 +22,87 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from textgym import agents
-from textgym.pipeline.config import ConfigError, load_config, yaml_load_file
+from textgym.pipeline import hyperparameters as algo_hyperparameters
+from textgym.pipeline.config import ConfigError, keyed_sections, load_config, option, read_layers, yaml_load_file
+
+# textgym train's defaults per algorithm: short rollouts of 20-token completions on 16 envs, sized
+# for a CPU (a PPO iteration is 20 x 16 = 320 tokens in minibatches of 80); each algorithm gets the
+# ones it takes (GRPO, RLOO and REINFORCE++ roll out whole episodes, so no n_steps).
+_PPO = {"learning_rate": 3e-4, "n_steps": 20, "batch_size": 80, "n_epochs": 4, "target_kl": 0.1}
+_CRITIC_FREE = {"learning_rate": 3e-4, "batch_size": 80, "n_epochs": 4, "target_kl": 0.1}
+PRESETS = {"ppo": _PPO, "nlpo": _PPO, "a2c": {"learning_rate": 3e-4, "n_steps": 20},
+           "grpo": _CRITIC_FREE, "rloo": _CRITIC_FREE, "reinforce++": _CRITIC_FREE}
 
 
 @dataclass
 class ModelSection:
-    """The policy LM (``name``: anything ``textgym.models.load`` accepts) and optional LoRA."""
+    """The policy LM and optional LoRA."""
 
-    name: str = "textgym/smollm2-135m"
-    # peft.LoraConfig options; null = full fine-tuning. LoRA keeps one LM copy in memory (the
-    # reference is the adapter-free model) and makes an update about twice as fast on a CPU.
-    lora: dict | None = field(default_factory=lambda: {"r": 16})
+    name: str = option("textgym/smollm2-135m", "the policy LM: anything textgym.models.load accepts (a textgym "
+                       "name, a model directory or a hub id)", nonempty=True, what="a model name or path")
+    # LoRA keeps one LM copy in memory (the reference is the adapter-free model) and makes an
+    # update about twice as fast on a CPU.
+    lora: dict | None = option({"r": 16}, "peft.LoraConfig options (LoRA adapters are trained, the LM is frozen); "
+                               "null: full fine-tuning")
 
 
 @dataclass
 class EnvSection:
     """The environment: a textgym env id, batched as ``n_envs`` rows; ``kwargs`` are its arguments."""
 
-    id: str = "textgym/Sentiment-v0"
-    n_envs: int = 16
-    kwargs: dict = field(default_factory=lambda: {"max_new_tokens": 20, "max_prompt_tokens": 40, "kl_coef": 0.05})
+    id: str = option("textgym/Sentiment-v0", "the env id (textgym list shows them)", nonempty=True,
+                     what="an env id")
+    n_envs: int = option(16, "episodes generated together, one row of a batch each", min=1)
+    kwargs: dict = option({"max_new_tokens": 20, "max_prompt_tokens": 40, "kl_coef": 0.05},
+                          "the env's keyword arguments (max_new_tokens, kl_coef, prompts, ...: see TextGenEnv); "
+                          "model, reward and reward_kwargs come from their sections")
 
 
 @dataclass
 class RewardSection:
     """The reward the agent optimises, and extra rewards reported at evaluation."""
 
-    name: str = "vader"
-    kwargs: dict = field(default_factory=dict)
-    eval: list = field(default_factory=lambda: ["length"])  # names or {name:, kwargs:} reported by evaluations
+    name: str = option("vader", "the registered reward the agent optimises (textgym list shows them)",
+                       nonempty=True, what="a reward name")
+    kwargs: dict = option({}, "the reward's options")
+    eval: list = option(["length"], "rewards also reported by the evaluations: names or {name:, kwargs:, label:}")
+
+
+def _check_section(algo: str, values: object, key: str) -> dict:
+    return algo_hyperparameters.check(algo, {} if values is None else values, key + ".")
 
 
 @dataclass
 class AgentSection:
-    """The algorithm (``agents.names()``) and its hyperparameters (see ``agents.PPO`` etc.)."""
+    """The algorithm and its hyperparameters (module docstring)."""
 
-    algo: str = "ppo"
-    hyperparameters: dict = field(default_factory=lambda: {
-        "learning_rate": 3e-4, "n_steps": 20, "batch_size": 80, "n_epochs": 4, "target_kl": 0.1,
-    })
+    algo: str = option("ppo", "the algorithm (--algo is a shortcut)", choices=agents.names, what="an algorithm")
+    algorithms: dict = keyed_sections(
+        "one algorithm's hyperparameters (agent.ppo.batch_size=80), applied only when it runs",
+        keys=agents.names, check=_check_section, label="<algo>",
+        default=lambda: {algo: dict(values) for algo, values in PRESETS.items()})
+    hyperparameters: dict = option({}, "hyperparameters of the running algorithm, whichever it is, on top of "
+                                   "agent.<algo>; once loaded, all that the run passes to it")
+
+    def resolve(self) -> None:
+        """The running algorithm's hyperparameters: its section, then ``hyperparameters`` on top,
+        each checked against it."""
+        self.hyperparameters = {**self.algorithms.get(self.algo, {}),
+                                **algo_hyperparameters.check(self.algo, self.hyperparameters, "agent.hyperparameters.")}
 
 
 @dataclass
 class TrainingSection:
     """Length of the run, evaluation and output."""
 
-    iterations: int = 20
-    seed: int = 0
-    output_dir: str = "runs/sentiment"
-    eval_prompts: str | None = None  # held-out prompts; null: the env's test split (or its prompts)
-    eval_n: int = 32
-    eval_every: int = 5
-    samples: int = 8
-
-    def validate(self) -> None:
-        for key in ("iterations", "eval_n", "eval_every", "samples"):
-            if getattr(self, key) < (0 if key == "eval_every" else 1):
-                raise ConfigError(f"training.{key} must be >= 1, got {getattr(self, key)!r}")
-
-
-# Constructor arguments of the algorithms that textgym train sets itself.
-NOT_HYPERPARAMETERS = {"policy": "the algorithm's LM policy", "env": "the env section", "device": "the env's model",
-                       "seed": "training.seed", "lora": "model.lora", "tensorboard_log": "training.output_dir",
-                       **dict.fromkeys(("_init_setup_model", "monitor_wrapper", "support_multi_env",
-                                        "supported_action_spaces", "rollout_buffer_class"), "stable-baselines3")}
+    iterations: int = option(20, "RL iterations, each one rollout and one update", min=1)
+    seed: int = option(0, "seed of the agent, the env and the evaluations")
+    output_dir: str = option("runs/sentiment", "the run directory", nonempty=True, what="a directory path")
+    eval_prompts: str | None = option(None, "held-out prompts (anything textgym.prompts.load_prompts reads); "
+                                      "null: the env's test split (or its prompts)")
+    eval_n: int = option(32, "held-out prompts per evaluation", min=1)
+    eval_every: int = option(5, "evaluate every this many iterations; 0: only before and after training", min=0)
+    samples: int = option(8, "held-out completions written to samples_before/after.jsonl", min=1)
 
 
 @dataclass
@@ -82,28 +115,13 @@ class TrainConfig:
     agent: AgentSection = field(default_factory=AgentSection)
     training: TrainingSection = field(default_factory=TrainingSection)
 
-    def validate(self) -> None:
-        if self.agent.algo not in agents.names():
-            raise ConfigError(f"agent.algo {self.agent.algo!r} is not an algorithm; valid: {', '.join(agents.names())}")
+    def resolve(self) -> None:
+        """The env's model and reward come from their own sections, never from ``env.kwargs``."""
         reserved = sorted({"model", "reward", "reward_kwargs"} & set(self.env.kwargs))
         if reserved:
             raise ConfigError(
                 f"env.kwargs.{reserved[0]} is set by the {reserved[0].split('_')[0]} section, not env.kwargs"
             )
-        if isinstance(self.env.n_envs, bool) or not isinstance(self.env.n_envs, int) or self.env.n_envs < 1:
-            raise ConfigError(f"env.n_envs must be an integer >= 1, got {self.env.n_envs!r}")
-        set_elsewhere = sorted(set(self.agent.hyperparameters) & set(NOT_HYPERPARAMETERS))
-        if set_elsewhere:
-            raise ConfigError(f"agent.hyperparameters.{set_elsewhere[0]} is set by textgym train "
-                              f"({NOT_HYPERPARAMETERS[set_elsewhere[0]]}), not by the config")
-        # A misspelt hyperparameter is an error; one that only another algorithm takes (PPO's
-        # batch_size under --algo a2c) is set aside with a warning when the run starts.
-        known = set().union(*(agents.accepted_hyperparameters(a) for a in agents.names())) - set(NOT_HYPERPARAMETERS)
-        unknown = sorted(set(self.agent.hyperparameters) - known)
-        if unknown:
-            valid = sorted(agents.accepted_hyperparameters(self.agent.algo) - set(NOT_HYPERPARAMETERS))
-            raise ConfigError(f"agent.hyperparameters.{unknown[0]} is not a hyperparameter of any algorithm; "
-                              f"valid for {self.agent.algo}: {', '.join(valid)}")
 
     def env_kwargs(self) -> dict:
         return {**self.env.kwargs, "model": self.model.name, "reward": self.reward.name,
@@ -119,5 +137,19 @@ def config_from_cli(path: str | None, overrides: list[str], algo: str | None = N
     cfg = load_config(TrainConfig, path, overrides)
     saved = Path(cfg.training.output_dir) / "config.yaml"
     if resume and saved.exists():
-        cfg = load_config(TrainConfig, path, overrides, base=yaml_load_file(saved))
+        base = yaml_load_file(saved)
+        # Refused first: the saved agent.hyperparameters are the saved algorithm's, and would only
+        # be reported as foreign to the requested one.
+        was, asked = _algo_in(base), _algo_in(read_layers(path, overrides))
+        if asked is not None and was is not None and asked != was:
+            raise ConfigError(f"--resume continues the run with its saved config.yaml, so it cannot change "
+                              f"agent.algo ({was!r} -> {asked!r}); start a new run (another training.output_dir) "
+                              "to change it")
+        cfg = load_config(TrainConfig, path, overrides, base=base)
     return cfg
+
+
+def _algo_in(data: object) -> object:
+    """``agent.algo`` as a raw config mapping sets it, or None."""
+    agent = data.get("agent") if isinstance(data, dict) else None
+    return agent.get("algo") if isinstance(agent, dict) else None
