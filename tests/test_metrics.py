@@ -121,3 +121,15 @@ def test_gao_fit_recovers_known_parameters():
     assert gao_rl_fit([0, 1], [0, 1])["alpha"] is None
     with pytest.raises(ValueError, match="kl has 2 values but gold has 3"):
         gao_rl_fit([0, 1], [0, 1, 2])
+
+
+def test_proxy_up_gold_down():
+    from textgym.metrics import proxy_up_gold_down
+
+    assert proxy_up_gold_down([0.1, 0.2, 0.3], [0.5, 0.4, 0.3])
+    assert proxy_up_gold_down([0.0, 9.0, 0.1, 0.2, 0.3], [0.0, 0.0, 0.5, 0.4, 0.3])  # the last three
+    assert not proxy_up_gold_down([0.1, 0.2, 0.3], [0.5, 0.4, 0.4])  # gold flat once
+    assert not proxy_up_gold_down([0.1, 0.1, 0.3], [0.5, 0.4, 0.3])  # proxy flat once
+    assert not proxy_up_gold_down([0.1, 0.2], [0.5, 0.4])  # too few evaluations
+    with pytest.raises(ValueError, match="window must be >= 2"):
+        proxy_up_gold_down([1, 2], [2, 1], window=1)

@@ -288,3 +288,33 @@ def test_envs_own_their_held_out_split():
     assert env.unwrapped.core.test_prompts.prompts == ["a", "b"]  # no split given: its own prompts
     env = gym.make("textgym/TextGen-v0", prompts=["a", "b"], test_prompts=["c"])
     assert env.unwrapped.core.test_prompts.prompts == ["c"]
+
+
+def test_gold_reward_is_reported_plotted_and_reward_hacking_warned(tmp_path, monkeypatch):
+    """reward.gold: every evaluation reports it beside the proxy; when the proxy rises over three
+    evaluations while the gold falls, the run warns and flags it, and gold.png shows both."""
+    from textgym import rewards
+    from textgym.pipeline import train as train_module
+
+    keyword = rewards.make("keyword", keywords=["the"])
+    rewards.register("test_minus_the", lambda prompts, completions: [-s for s in keyword(prompts, completions)],
+                     overwrite=True)
+    real = train_module.summarise
+    scripted = iter([(0.1, 0.5), (0.2, 0.45), (0.3, 0.4), (0.4, 0.35), (0.5, 0.3)])  # before, 3 evals, final
+
+    def summarise(*args, **kwargs):
+        out = real(*args, **kwargs)
+        assert out["reward/gold"] == pytest.approx(-out["score"])  # the real gold, on the same completions
+        out["score"], out["reward/gold"] = next(scripted)
+        return out
+
+    monkeypatch.setattr(train_module, "summarise", summarise)
+    cfg = tiny_config(tmp_path, "training.iterations=3", "training.eval_every=1", "reward.gold=test_minus_the")
+    with pytest.warns(UserWarning, match=r"reward hacking\? over the evaluations at iterations 1, 2, 3 the proxy rose "
+                                         r"\(0.200 -> 0.300 -> 0.400\) while the gold reward fell"):
+        train(cfg, progress=False)
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r.get("eval/reward_hacking") for r in lines] == [None, 1.0, 1.0]  # from the third evaluation on
+    assert (tmp_path / "gold.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(ConfigError, match="already has a reward labelled 'gold'"):
+        tiny_config(tmp_path, "reward.gold=vader", "reward.eval=[{name: length, label: gold}]")

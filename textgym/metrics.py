@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import numpy as np
 
 __all__ = ["distinct_n", "perplexity", "spearman", "elo_ratings", "elo_bootstrap", "mean_ci", "gao_rl_fit",
-           "gao_rl_curve"]
+           "gao_rl_curve", "proxy_up_gold_down"]
 
 Match = tuple[str, str, float]  # (player a, player b, score of a: 1 win, 0.5 draw, 0 loss)
 
@@ -168,3 +168,16 @@ def gao_rl_curve(fit: dict, kl: Sequence[float]) -> np.ndarray:
     d = np.sqrt(np.maximum(np.asarray(kl, dtype=float), 0.0))
     d_log_d = np.where(d > 0, d * np.log(np.where(d > 0, d, 1.0)), 0.0)
     return fit["gold_0"] + fit["alpha"] * d - fit["beta"] * d_log_d
+
+
+def proxy_up_gold_down(proxy: Sequence[float], gold: Sequence[float], window: int = 3) -> bool:
+    """Reward hacking, as the evaluations show it: over the last ``window`` evaluations the proxy
+    score rose at every step while the gold score fell at every step."""
+    if len(proxy) != len(gold):
+        raise ValueError(f"proxy has {len(proxy)} values but gold has {len(gold)}")
+    if window < 2:
+        raise ValueError(f"window must be >= 2 evaluations, got {window}")
+    if len(proxy) < window:
+        return False
+    p, g = np.asarray(proxy[-window:], dtype=float), np.asarray(gold[-window:], dtype=float)
+    return bool(np.all(np.diff(p) > 0) and np.all(np.diff(g) < 0))

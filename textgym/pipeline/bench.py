@@ -73,7 +73,7 @@ class BenchRewardsConfig:
         if "reward" in self.train:
             raise ConfigError("train.reward is set by the benchmark: list the rewards under rewards:")
         data = merge(self.train, {
-            "reward": {"name": spec["name"], "kwargs": spec["kwargs"], "eval": [{**self.gold_spec(), "label": "gold"}]},
+            "reward": {"name": spec["name"], "kwargs": spec["kwargs"], "gold": self.gold_spec()},
             "training": {"seed": seed, "output_dir": str(out_dir)},
         })
         return from_dict(TrainConfig, merge(defaults(TrainConfig), data), "train.")

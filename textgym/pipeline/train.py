@@ -17,6 +17,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ import numpy as np
 from stable_baselines3.common.logger import configure
 from tqdm.auto import tqdm
 
-from textgym import agents
+from textgym import agents, metrics
 from textgym.assets import atomic_dir
 from textgym.pipeline.config import ConfigError, check_no_code_options, load_config, save_config, to_dict
 from textgym.pipeline.evaluate import generate, held_out_prompts, make_rewards, summarise
@@ -132,14 +133,13 @@ class Run:
         self.core = self.agent.env.core
         self.eval_prompts = self._eval_prompts()
 
-        self.eval_rewards = make_rewards(cfg.reward.eval)
+        self.eval_rewards = make_rewards(cfg.reward.eval_specs())
 
     def close(self) -> None:
         """Release the run directory (``run`` does it when it ends, however it ends)."""
         self.lock.release()
 
     def _eval_prompts(self):
-
         t = self.cfg.training
         return held_out_prompts(self.core, t.eval_prompts, t.eval_n)
 
@@ -147,6 +147,21 @@ class Run:
 
         episodes = generate(self.core, self.eval_prompts, seed=self.cfg.training.seed)
         return summarise(episodes, self.eval_rewards, self.eval_prompts), episodes
+
+    def _reward_hacking(self, history: list[dict]) -> bool:
+        """Warn when, over the last three evaluations (the one before training included), the proxy
+        rose at every step while the gold score fell at every step."""
+        points = [(0, self.state["before"])] + [(r["iteration"], {"score": r["eval/score"],
+                                                                  "reward/gold": r["eval/reward/gold"]})
+                                                for r in history if "eval/reward/gold" in r]
+        proxy, gold = [p["score"] for _, p in points], [p["reward/gold"] for _, p in points]
+        if not metrics.proxy_up_gold_down(proxy, gold):
+            return False
+        its = ", ".join(str(it) for it, _ in points[-3:])
+        warnings.warn(f"reward hacking? over the evaluations at iterations {its} the proxy rose "
+                      f"({' -> '.join(f'{v:.3f}' for v in proxy[-3:])}) while the gold reward fell "
+                      f"({' -> '.join(f'{v:.3f}' for v in gold[-3:])}); see gold.png", stacklevel=2)
+        return True
 
     def _write_samples(self, name: str, episodes: list[dict]) -> None:
         keep = ("prompt", "completion", "score", "kl", "length")
@@ -177,6 +192,8 @@ class Run:
         if (every and (it + 1) % every == 0) or it + 1 == self.cfg.training.iterations:
             summary, _ = self.evaluate()
             record.update({f"eval/{k}": v for k, v in summary.items() if k != "n"})
+            if "reward/gold" in summary and self._reward_hacking([*self.state["history"], record]):
+                record["eval/reward_hacking"] = 1.0
         return record
 
     def save_checkpoint(self) -> None:
@@ -248,6 +265,25 @@ def plot_history(history: list[dict], out_dir: Path, before: dict | None = None)
         ax.grid(alpha=0.3)
         fig.tight_layout()
         path = Path(out_dir) / f"{key}.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        paths.append(path)
+    evals = [(0, before)] if before and "reward/gold" in before else []
+    evals += [(r["iteration"], {"score": r["eval/score"], "reward/gold": r["eval/reward/gold"]})
+              for r in history if "eval/reward/gold" in r]
+    if evals:  # reward.gold: the proxy and the gold score at each evaluation, on their own scales
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        its_eval = [it for it, _ in evals]
+        ax.plot(its_eval, [m["score"] for _, m in evals], marker="s", color="C0", label="proxy (trained on)")
+        ax.set_ylabel("proxy score", color="C0")
+        gold_ax = ax.twinx()
+        gold_ax.plot(its_eval, [m["reward/gold"] for _, m in evals], marker="o", color="C3", label="gold")
+        gold_ax.set_ylabel("gold score", color="C3")
+        ax.set_xlabel("iteration")
+        ax.set_title("held-out proxy and gold scores")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        path = Path(out_dir) / "gold.png"
         fig.savefig(path, dpi=100)
         plt.close(fig)
         paths.append(path)

@@ -66,6 +66,25 @@ class RewardSection:
                        nonempty=True, what="a reward name")
     kwargs: dict = option({}, "the reward's options")
     eval: list = option(["length"], "rewards also reported by the evaluations: names or {name:, kwargs:, label:}")
+    gold: str | dict | None = option(None, "a gold reward the evaluations also report (a name or {name:, kwargs:}): "
+                                     "textgym train then warns when the proxy keeps rising while the gold score "
+                                     "falls (reward hacking), and plots both in gold.png")
+
+    def resolve(self) -> None:
+        """The gold reward is reported as the evaluation reward labelled ``gold``."""
+        if isinstance(self.gold, dict) and "name" not in self.gold:
+            raise ConfigError(f"reward.gold must be a reward name or {{name:, kwargs:}}, got {self.gold!r}")
+        labels = [e if isinstance(e, str) else e.get("label", e.get("name")) for e in self.eval if e is not None]
+        if self.gold is not None and "gold" in labels:
+            raise ConfigError("reward.eval already has a reward labelled 'gold': set the gold reward in reward.gold "
+                              "only")
+
+    def eval_specs(self) -> list:
+        """The evaluation rewards, the gold one (labelled ``gold``) included."""
+        if self.gold is None:
+            return list(self.eval)
+        gold = {"name": self.gold} if isinstance(self.gold, str) else dict(self.gold)
+        return [*self.eval, {**gold, "label": "gold"}]
 
 
 def _check_section(algo: str, values: object, key: str) -> dict:
