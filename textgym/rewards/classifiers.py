@@ -109,15 +109,19 @@ class ClassifierReward(Reward):
 
         if isinstance(model, (str, os.PathLike)):
             tokenizer = model if tokenizer is None else tokenizer
-            model = AutoModelForSequenceClassification.from_pretrained(model, **(model_kwargs or {}))
+            loaded: PreTrainedModel = AutoModelForSequenceClassification.from_pretrained(model, **(model_kwargs or {}))
         elif tokenizer is None:
             raise ValueError("a loaded `model` needs `tokenizer=` as well")
+        else:
+            loaded = model
         if isinstance(tokenizer, (str, os.PathLike)):
             tokenizer = AutoTokenizer.from_pretrained(tokenizer)
         if max_length is None:
-            max_length = int(getattr(model.config, "textgym_max_length", None) or 512)
+            max_length = int(getattr(loaded.config, "textgym_max_length", None) or 512)
         self.max_length = max_length
-        self.model = model.to(device).eval()
+        # transformers wraps PreTrainedModel.to with functools.wraps(nn.Module.to), whose typed
+        # signature then takes the device for ``self``
+        self.model = loaded.to(device).eval()  # type: ignore[arg-type]
         self.tokenizer = tokenizer
         self._check_model(self.model)
         self._setup_padding()
