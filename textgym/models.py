@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -41,7 +42,7 @@ CHAT_TEMPLATE = (
 
 
 def load(
-    name_or_path: str | Path,
+    name_or_path: str | os.PathLike[str],
     *,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,

@@ -101,7 +101,7 @@ def from_dict(cls: type, data: dict | None, prefix: str = "") -> Any:
 
 
 def _convert(hint: Any, value: Any, key: str) -> Any:
-    if dataclasses.is_dataclass(hint):
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         return from_dict(hint, value, key + ".")
     origin = typing.get_origin(hint)
     if origin in (Union, types.UnionType):
@@ -196,7 +196,8 @@ def defaults(cls: type) -> dict:
             out[f.name] = f.default
         elif f.default_factory is not dataclasses.MISSING:
             value = f.default_factory()
-            out[f.name] = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+            out[f.name] = (dataclasses.asdict(value) if dataclasses.is_dataclass(value) and not isinstance(value, type)
+                           else value)
     return out
 
 
