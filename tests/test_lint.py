@@ -1,9 +1,11 @@
 """Lint, import order (ruff) and types (mypy), configured in pyproject.toml, are part of the test suite, so CI
-runs them."""
+runs them; and one docstring style, stable-baselines3's ``:param name:``."""
 
+import ast
 import hashlib
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -53,3 +55,26 @@ def test_types():
     report = (out.stdout + out.stderr).replace("textgym/agents/", "agents/")  # the checkout's paths
     assert out.returncode == 0, f"mypy found type errors:\n{report[-6000:]}"
 
+
+# Google ("Args:") and numpy ("Parameters" over dashes) sections: the styles the code base does not use.
+OTHER_DOCSTRING_SECTIONS = re.compile(
+    r"^[ \t]*(?:(?:Args|Arguments|Keyword Args|Returns|Raises|Yields):[ \t]*$"
+    r"|(?:Parameters|Other Parameters|Returns|Raises|Yields)[ \t]*\n[ \t]*-{3,}[ \t]*$)",
+    re.MULTILINE,
+)
+
+
+def test_docstrings_use_param_style():
+    """Parameters are documented as ``:param name: ...`` (SB3's style), never in Google or numpy sections."""
+    assert OTHER_DOCSTRING_SECTIONS.search("f.\n\n    Args:\n        x: y\n")  # the pattern does match them
+    assert OTHER_DOCSTRING_SECTIONS.search("f.\n\n    Parameters\n    ----------\n    x : int\n")
+    found = []
+    for top in ("textgym", "agents"):
+        for path in sorted((ROOT / top).rglob("*.py")):
+            tree = ast.parse(path.read_text())
+            for node in ast.walk(tree):
+                if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                    doc = ast.get_docstring(node, clean=False)
+                    if doc and OTHER_DOCSTRING_SECTIONS.search(doc):
+                        found.append(f"{path.relative_to(ROOT)}: {getattr(node, 'name', '(module)')}")
+    assert not found, "docstrings with Google/numpy sections (write ':param name: ...'):\n" + "\n".join(found)
