@@ -50,7 +50,8 @@ class EpisodeRolloutBuffer(DictRolloutBuffer):
         bounds = np.append(np.flatnonzero(starts), starts.size)
         return [np.arange(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
 
-    def get(self, batch_size: int | None = None) -> Generator[LMRolloutSamples, None, None]:
+    # LMRolloutSamples is DictRolloutBufferSamples plus a field, which no NamedTuple subclass can add
+    def get(self, batch_size: int | None = None) -> Generator[LMRolloutSamples, None, None]:  # type: ignore[override]
         assert self.full, "the rollout buffer is not full"
         segments = self.segments()
         total = self.buffer_size * self.n_envs

@@ -22,7 +22,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -32,8 +32,16 @@ from textgym import kl as klmod
 from textgym.lora import lora_config
 
 from . import serialization
+from .buffer import EpisodeRolloutBuffer
 from .ptx import lm_loss, ptx_batches
 from .vec_env import LMVecEnv, as_vec_env
+
+if TYPE_CHECKING:  # what the mixin is mixed into, so its uses of the algorithm's attributes are checked
+    from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm as _MixedInto
+
+    from .policy import LMActorCriticPolicy
+else:
+    _MixedInto = object
 
 
 def default_learning_rate(model, lora: bool) -> float:
@@ -60,7 +68,7 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
     return torch.max(unclipped, (returns - clipped).square()).mean()
 
 
-class LMAlgorithm:
+class LMAlgorithm(_MixedInto):
     """Mixin placed before an SB3 ``OnPolicyAlgorithm`` subclass in the bases."""
 
     algo_name = "custom"
@@ -71,6 +79,7 @@ class LMAlgorithm:
     # kl_in="loss", ``ptx_loss_term`` for PPO-ptx); a plain SB3 class registered through
     # ``agents.register`` keeps SB3's update, so neither is available to it.
     adds_loss_terms = False
+    policy: LMActorCriticPolicy  # (or a subclass): agents.make gives a plain SB3 class this policy too
 
     def __init__(self, policy, env, *args, lora: Any = None, ptx_coef: float = 0.0, ptx_data: Any = None,
                  ptx_batch_size: int = 8, ptx_max_length: int = 128, **kwargs):
@@ -188,6 +197,8 @@ class LMAlgorithm:
                 actions, values, log_probs = self.policy(obs_tensor, engine_rows=env.engine_rows(self._last_obs))
             actions = actions.cpu().numpy()
             new_obs, rewards, dones, infos = env.step(actions)
+            if not isinstance(new_obs, dict):  # VecEnv's type admits arrays and tuples: not from an LMVecEnv
+                raise TypeError(f"textgym agents step an LMVecEnv, whose observations are dicts; got {type(new_obs)}")
             self.num_timesteps += env.num_envs
             callback.update_locals(locals())  # callbacks read the loop's locals, as in SB3
             if not callback.on_step():
@@ -198,9 +209,9 @@ class LMAlgorithm:
             rollout_buffer.add(self._last_obs, actions, rewards, self._last_episode_starts, values, log_probs)
             self._last_obs = new_obs
             self._last_episode_starts = dones
-        with torch.no_grad():  # the value of the last observations, for unfinished episodes
-            values = self.policy.predict_values(obs_as_tensor(new_obs, self.device),
-                                                engine_rows=env.engine_rows(new_obs), bootstrap=True)
+        with torch.no_grad():  # the value of the last observations (new_obs), for unfinished episodes
+            values = self.policy.predict_values(obs_as_tensor(self._last_obs, self.device),
+                                                engine_rows=env.engine_rows(self._last_obs), bootstrap=True)
         rollout_buffer.compute_returns_and_advantage(last_values=values, dones=dones)
         callback.update_locals(locals())
         callback.on_rollout_end()
@@ -216,6 +227,9 @@ class LMAlgorithm:
         """Work done once per rollout before its epochs: with the KL in the loss, the reference
         log-prob of every sampled token (one teacher-forced forward per episode segment)."""
         if self.kl_in_loss:
+            if not isinstance(self.rollout_buffer, EpisodeRolloutBuffer):
+                raise ValueError(f"kl_in='loss' needs an EpisodeRolloutBuffer (it carries the reference log-probs), "
+                                 f"got rollout_buffer_class={type(self.rollout_buffer).__name__}")
             self.rollout_buffer.ref_log_probs = self.policy.reference_log_probs(self.rollout_buffer)
 
     def kl_loss_term(self, data, log_prob: torch.Tensor, reduce=None) -> torch.Tensor | float:
@@ -243,7 +257,7 @@ class LMAlgorithm:
         self._update_logs.setdefault(name, []).append(float(value))
 
     def start_update_logs(self) -> None:
-        self._update_logs: dict[str, list[float]] = {}
+        self._update_logs = {}
 
     def record_update_logs(self) -> None:
         for name, values in self._update_logs.items():

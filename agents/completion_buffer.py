@@ -58,7 +58,10 @@ class CompletionRolloutBuffer(BaseBuffer):
         if prompt_len is None:
             raise ValueError("CompletionRolloutBuffer needs prompt_len (the env's max_prompt_tokens)")
         self.P = int(prompt_len)
-        self.T = int(observation_space["input_ids"].shape[0]) - self.P
+        ids_space = observation_space["input_ids"]
+        if not isinstance(ids_space, spaces.Box):
+            raise ValueError(f"CompletionRolloutBuffer needs a Box 'input_ids' observation space, got {ids_space!r}")
+        self.T = int(ids_space.shape[0]) - self.P
         self.capacity = buffer_size * n_envs
         self.reset()
 

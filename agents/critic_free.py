@@ -49,6 +49,7 @@ from stable_baselines3.common.utils import FloatSchedule
 from .common import LMAlgorithm
 from .completion_buffer import CompletionRolloutBuffer
 from .policy import LMActorCriticPolicy
+from .vec_env import LMVecEnv
 
 LOSS_NORMALIZATIONS = ("sequence", "token", "sum")
 # OnPolicyAlgorithm arguments that whole-episode, critic-free rollouts fix.
@@ -96,6 +97,8 @@ class WholeEpisodeOnPolicy(OnPolicyAlgorithm):
 
     # OnPolicyAlgorithm's arguments that this class sets itself (not hyperparameters of it).
     fixed_hyperparameters = tuple(_FIXED)
+    # Whole episodes, not SB3's transitions: the buffer is no RolloutBuffer, which SB3 declares
+    rollout_buffer: CompletionRolloutBuffer  # type: ignore[assignment]
 
     def __init__(self, policy, env, learning_rate, episodes_per_row: int = 1, batch_size: int | None = 64,
                  n_epochs: int = 1, clip_range: Any = 0.2, ent_coef: float = 0.0, max_grad_norm: float = 1.0,
@@ -128,6 +131,8 @@ class WholeEpisodeOnPolicy(OnPolicyAlgorithm):
             self._setup_model()
 
     def _setup_model(self) -> None:
+        if not isinstance(self.env, LMVecEnv):
+            raise ValueError("textgym agents need a textgym env: pass env= (an env id, textgym env or vector env)")
         self.rollout_buffer_kwargs = {"prompt_len": self.env.core.P, **self.rollout_buffer_kwargs}
         super()._setup_model()
         self.clip_range = FloatSchedule(self.clip_range)

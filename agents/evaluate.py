@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from textgym import sampling
@@ -19,7 +21,7 @@ def evaluate(model, n_episodes: int = 32, deterministic: bool = False, seed: int
     """
     core = model.env.core
     episodes = sampling.episodes_per_row(core, n_episodes, seed=seed, greedy=deterministic)
-    summary = {key: float(np.mean([e[key] for e in episodes])) for key in ("score", "kl", "length")}
+    summary: dict[str, Any] = {key: float(np.mean([e[key] for e in episodes])) for key in ("score", "kl", "length")}
     summary["reward"] = float(np.mean([sampling.episode_return(core, e) for e in episodes]))
     summary["episodes"] = episodes
     return summary

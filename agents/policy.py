@@ -80,6 +80,16 @@ def grouped_forward(model, ids, mask, prompt_len: int, *, logits: bool = True):
     return next_logits, hidden
 
 
+def _hidden_width(model: nn.Module, role: str) -> int:
+    """Width of ``model``'s hidden states, read off its input embeddings (transformers'
+    ``get_input_embeddings``, which a wrapper such as peft's forwards)."""
+    get_embeddings = getattr(model, "get_input_embeddings", None)
+    if get_embeddings is None:
+        raise ValueError(f"the {role} must be a transformers model; {type(model).__name__} has no "
+                         "get_input_embeddings()")
+    return int(get_embeddings().weight.shape[1])
+
+
 def _is_causal_lm(model) -> bool:
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     return head is not None
@@ -138,7 +148,7 @@ class LMActorCriticPolicy(ActorCriticPolicy):
         if not with_value_head:
             self._build_optimizer(lr_schedule)
             return
-        hidden = lm_model.get_input_embeddings().weight.shape[1]
+        hidden = _hidden_width(lm_model, "lm")
         if critic == "copy":
             self.critic = models.disable_dropout(copy.deepcopy(lm_model))
         elif isinstance(critic, str):
@@ -152,7 +162,7 @@ class LMActorCriticPolicy(ActorCriticPolicy):
             raise ValueError(f"critic must be None, 'copy', a model path or a model, got {critic!r}")
         if self.critic is not None:
             self.critic.requires_grad_(True)
-            hidden = self.critic.get_input_embeddings().weight.shape[1]
+            hidden = _hidden_width(self.critic, "critic")
         self.value_head = nn.Linear(hidden, 1)
         nn.init.normal_(self.value_head.weight, std=value_head_std)
         nn.init.zeros_(self.value_head.bias)
@@ -168,7 +178,8 @@ class LMActorCriticPolicy(ActorCriticPolicy):
     def _build_optimizer(self, lr_schedule) -> None:
         # The reference model is not a submodule: it is never optimised and never saved.
         trainable = [p for p in self.parameters() if p.requires_grad]
-        self.optimizer = self.optimizer_class(trainable, lr=lr_schedule(1), **self.optimizer_kwargs)
+        # Optimizer's own __init__ takes no lr, every optimizer class does (SB3 has the same ignore)
+        self.optimizer = self.optimizer_class(trainable, lr=lr_schedule(1), **self.optimizer_kwargs)  # type: ignore[call-arg]
 
     # --- the three SB3 entry points ---------------------------------------------------------------
 
@@ -289,7 +300,10 @@ class LMActorCriticPolicy(ActorCriticPolicy):
                                              logits=need_dist or self.critic is None)
         if self.critic is not None:
             hidden = grouped_forward(self.critic, ids, mask, self.prompt_len, logits=False)[1]
-        values = None if self.value_head is None else self.value_head(hidden.float())
+        values = None
+        if self.value_head is not None:
+            assert hidden is not None, "the value head's hidden states (a cache without them was dropped above)"
+            values = self.value_head(hidden.float())
         if not need_dist:
             return None, values
         logits = self.shape_logits(logits, ids, mask, cached, actions)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
 
@@ -20,10 +20,10 @@ from .reinforce_pp import ReinforcePP
 from .rloo import RLOO
 from .vec_env import LMVecEnv, as_vec_env
 
-_REGISTRY: dict[str, type] = {}
+_REGISTRY: dict[str, type[LMAlgorithm]] = {}
 
 
-def register(name: str, algo_class: type, *, overwrite: bool = False) -> type:
+def register(name: str, algo_class: type, *, overwrite: bool = False) -> type[LMAlgorithm]:
     """Register an SB3 on-policy algorithm class under ``name``. A plain SB3 class (say a PPO
     variant of yours) is combined with textgym's ``LMAlgorithm`` mixin; returns the class used."""
     if not isinstance(algo_class, type) or not issubclass(algo_class, OnPolicyAlgorithm):
@@ -32,17 +32,19 @@ def register(name: str, algo_class: type, *, overwrite: bool = False) -> type:
         )
     if name in _REGISTRY and not overwrite:
         raise ValueError(f"algorithm {name!r} is already registered; pass overwrite=True to replace it")
-    if not issubclass(algo_class, LMAlgorithm):
-        algo_class = type(algo_class.__name__, (LMAlgorithm, algo_class), {"algo_name": name})
-    _REGISTRY[name] = algo_class
-    return algo_class
+    if issubclass(algo_class, LMAlgorithm):
+        cls = algo_class
+    else:  # type() cannot say that the class it makes has LMAlgorithm among its bases
+        cls = cast(type[LMAlgorithm], type(algo_class.__name__, (LMAlgorithm, algo_class), {"algo_name": name}))
+    _REGISTRY[name] = cls
+    return cls
 
 
 def names() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def get_class(name: str) -> type:
+def get_class(name: str) -> type[LMAlgorithm]:
     if name not in _REGISTRY:
         raise ValueError(f"unknown algorithm {name!r}; valid: {', '.join(names())}")
     return _REGISTRY[name]

@@ -60,8 +60,8 @@ def plain(value: Any) -> Any:
     if type(value) is dict:
         if not all(isinstance(k, str) for k in value):
             return _SKIP
-        items = {k: plain(v) for k, v in value.items()}
-        return _SKIP if any(v is _SKIP for v in items.values()) else items
+        entries = {k: plain(v) for k, v in value.items()}
+        return _SKIP if any(v is _SKIP for v in entries.values()) else entries
     return _SKIP
 
 

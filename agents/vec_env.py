@@ -66,6 +66,8 @@ class LMVecEnv(VecEnv):
         self._actions = np.asarray(actions).reshape(self.num_envs)
 
     def step_wait(self):
+        if self._actions is None:
+            raise RuntimeError("step_wait() without step_async(): call step(actions)")
         rewards, done, infos = self.step_rows(self._actions, np.ones(self.num_envs, dtype=bool))
         rows = np.flatnonzero(done).tolist()
         self.core.reset_rows(rows, [self._rngs[i] for i in rows])

@@ -7,6 +7,8 @@ token's position (a bug class in several RLHF codebases).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from transformers import TopPLogitsWarper
@@ -17,9 +19,12 @@ def position_ids(mask: torch.Tensor) -> torch.Tensor:
     return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def forward(model, input_ids, mask, past=None, *, keep: int | None = None, hidden: bool = False):
+def forward(model, input_ids: torch.Tensor, mask: torch.Tensor, past: Any = None, *, keep: int | None = None,
+            hidden: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, Any]:
     """One forward. ``mask`` covers the cached columns plus ``input_ids``. Returns (fp32 logits,
-    last hidden states or None, cache) for the last ``keep`` positions (all when None)."""
+    last hidden states or None, cache) for the last ``keep`` positions (all when None). The cache is
+    the model's transformers ``Cache`` (typed ``Any``: ``IncrementalLM`` edits its layers' key/value
+    tensors in place, which transformers types as optional, or absent on linear-attention layers)."""
     new = input_ids.shape[1]
     positions = position_ids(mask)[:, -new:]
     out = model(
@@ -27,8 +32,8 @@ def forward(model, input_ids, mask, past=None, *, keep: int | None = None, hidde
         use_cache=past is not None or keep is not None, output_hidden_states=hidden,
         logits_to_keep=keep or 0,
     )
-    states = out.hidden_states[-1] if hidden else None
-    if hidden and keep:
+    states: torch.Tensor | None = out.hidden_states[-1] if hidden else None
+    if states is not None and keep:
         states = states[:, -keep:]
     return out.logits.float(), states, out.past_key_values
 
@@ -62,12 +67,19 @@ class IncrementalLM:
 
     def __init__(self, model, n: int, *, hidden: bool = False):
         self.model, self.n, self.hidden = model, n, hidden
-        self.cache = None
+        self.cache: Any = None  # the model's Cache (see ``forward``), None while no row is live
         self.mask: torch.Tensor | None = None  # [n, L]
         self.width = torch.zeros(n, dtype=torch.long)  # columns of live content per row
-        self.logits: torch.Tensor | None = None  # [n, V] next-token logits (fp32)
+        self._logits: torch.Tensor | None = None  # [n, V] next-token logits (fp32), from the first start on
         self.states: torch.Tensor | None = None  # [n, H] last hidden state, with hidden=True
         self.version = 0  # bumped whenever logits/states change, so what is derived from them can be cached
+
+    @property
+    def logits(self) -> torch.Tensor:
+        """Next-token logits ``[n, V]`` (fp32) of every row (zeros for rows never started)."""
+        if self._logits is None:
+            raise RuntimeError("no row was started yet: start() some first")
+        return self._logits
 
     @torch.no_grad()
     def start(self, rows: list[int], ids: torch.Tensor, mask: torch.Tensor) -> None:
@@ -76,14 +88,14 @@ class IncrementalLM:
         rows_t = torch.as_tensor(rows, dtype=torch.long, device=ids.device)
         P = ids.shape[1]
         new_kv = [(layer.keys, layer.values) for layer in cache.layers]
-        if self.cache is None:
+        if self.cache is None or self.mask is None or self._logits is None:  # first start, or all rows ended
             # Every row starts empty: zero-filled columns with a zero mask.
             for layer in cache.layers:
                 layer.keys = layer.keys.new_zeros((self.n, *layer.keys.shape[1:]))
                 layer.values = layer.values.new_zeros((self.n, *layer.values.shape[1:]))
             self.cache, self.mask = cache, torch.zeros(self.n, P, dtype=torch.long, device=ids.device)
-            self.logits = logits.new_zeros(self.n, logits.shape[-1])
-            if self.hidden:
+            self._logits = logits.new_zeros(self.n, logits.shape[-1])
+            if states is not None:  # hidden=True
                 self.states = states.new_zeros(self.n, states.shape[-1])
         L = self.mask.shape[1]
         for layer, new in zip(self.cache.layers, new_kv):
@@ -92,8 +104,8 @@ class IncrementalLM:
         self.mask[rows_t] = 0
         self.mask[rows_t, L - P :] = mask
         self.width[rows_t] = P
-        self.logits[rows_t] = logits[:, -1]
-        if self.hidden:
+        self._logits[rows_t] = logits[:, -1]
+        if self.states is not None and states is not None:  # hidden=True
             self.states[rows_t] = states[:, -1]
         self.version += 1
 
@@ -102,6 +114,8 @@ class IncrementalLM:
         """Append one token per row. Rows where ``live`` is False must have been stopped: they get a
         placeholder token (attended, so no row is ever fully masked, which makes SDPA return NaN)
         and keep their logits unchanged."""
+        if self.cache is None or self.mask is None or self._logits is None:
+            raise RuntimeError("advance() needs live rows: start() some first")
         live = live.to(self.mask.device)
         mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
         ids = torch.where(live, tokens.to(self.mask.device), 0).unsqueeze(1)
@@ -109,8 +123,8 @@ class IncrementalLM:
         self.mask = mask
         self.width[live.cpu()] += 1  # rows that are not live were stopped and stay empty
         live_rows = live.nonzero().squeeze(1)
-        self.logits[live_rows] = logits[live_rows, -1]
-        if self.hidden:
+        self._logits[live_rows] = logits[live_rows, -1]
+        if self.states is not None and states is not None:  # hidden=True
             self.states[live_rows] = states[live_rows, -1]
         self.version += 1
 
@@ -126,6 +140,8 @@ class IncrementalLM:
         self._trim()
 
     def _trim(self) -> None:
+        if self.cache is None or self.mask is None:
+            return  # nothing cached (every row stopped already, or cleared)
         keep = int(self.width.max())
         L = self.mask.shape[1]
         if keep == 0:

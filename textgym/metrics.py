@@ -94,9 +94,9 @@ def elo_bootstrap(players: Sequence[str], matches: Sequence[Match], n_bootstrap:
         raise ValueError(f"ci must be in (0, 1), got {ci}")
     point = elo_ratings(players, matches, **elo_kwargs)
     rng = np.random.default_rng(seed)
-    samples = {p: [] for p in players}
+    samples: dict[str, list[float]] = {p: [] for p in players}
     for _ in range(n_bootstrap):
-        idx = rng.integers(0, len(matches), len(matches)) if matches else []
+        idx: np.ndarray | list[int] = rng.integers(0, len(matches), len(matches)) if matches else []
         for p, r in elo_ratings(players, [matches[i] for i in idx], **elo_kwargs).items():
             samples[p].append(r)
     tail = (1 - ci) / 2 * 100

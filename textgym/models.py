@@ -14,13 +14,18 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from textgym.assets import atomic_dir, cache_dir, wheel_path
 from textgym.prompts import corpus_path
+
+if TYPE_CHECKING:  # transformers is imported on use (a slow import)
+    from transformers import PreTrainedModel
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +42,7 @@ CHAT_TEMPLATE = (
 
 
 def load(
-    name_or_path: str | Path,
+    name_or_path: str | os.PathLike[str],
     *,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
@@ -46,6 +51,7 @@ def load(
     """Return ``(model, tokenizer)``: the model in eval mode with dropout disabled, the tokenizer
     left-padding with a pad token. ``device`` defaults to CPU."""
     name = str(name_or_path)
+    path: str | Path
     if name == TINY:
         path = tiny_path()
     elif name == SMOLLM2:
@@ -106,7 +112,7 @@ def disable_dropout(model: nn.Module) -> nn.Module:
     return model
 
 
-def logits_width(model: nn.Module) -> int:
+def logits_width(model: PreTrainedModel) -> int:
     """Number of logits the model emits per position (the action space size)."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is not None and getattr(head, "weight", None) is not None:

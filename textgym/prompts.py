@@ -185,7 +185,7 @@ def _column_records(columns: Mapping[str, Any], where: str) -> list[dict]:
             f"{where} holds an object of columns, whose values must be lists of one length; "
             f"got lengths {lengths}"
         )
-    n = next(iter(lengths.values()), 0)
+    n = len(next(iter(columns.values()), []))
     return [{str(k): v[i] for k, v in columns.items()} for i in range(n)]
 
 

@@ -50,7 +50,7 @@ class NLPOPolicy(LMActorCriticPolicy):
         the masking model in lockstep) when ``cached`` holds its outputs for them, else from one
         teacher-forced forward of the masking model."""
         core = self._core
-        if cached is not None:
+        if cached is not None and cached.allowed is not None:
             return cached.allowed
         with torch.no_grad():
             logits, _ = grouped_forward(core.nucleus_model, ids, mask, self.prompt_len)

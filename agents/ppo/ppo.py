@@ -79,8 +79,10 @@ class PPO(LMAlgorithm, sb3.PPO):
         """One PPO update: ``n_epochs`` passes over the rollout in minibatches of whole episodes."""
         self.policy.set_training_mode(True)
         self._update_learning_rate(self.policy.optimizer)
-        clip_range = self.clip_range(self._current_progress_remaining)
-        clip_range_vf = None if self.clip_range_vf is None else self.clip_range_vf(self._current_progress_remaining)
+        # SB3 types clip_range(_vf) by the constructor's float; _setup_model made them schedules (SB3's ignores too)
+        clip_range = self.clip_range(self._current_progress_remaining)  # type: ignore[operator]
+        clip_range_vf = (None if self.clip_range_vf is None
+                         else self.clip_range_vf(self._current_progress_remaining))  # type: ignore[operator]
         self.prepare_update()
         self.start_update_logs()
         continue_training = True

@@ -1,5 +1,7 @@
 """Gymnasium environments, registered in the ``textgym`` namespace on ``import textgym``."""
 
+from typing import Any
+
 import gymnasium as gym
 
 from textgym.envs.core import TextGenConfig, TextGenCore
@@ -19,5 +21,13 @@ def register_envs() -> None:
             )
 
 
+def core_of(env: Any) -> TextGenCore:
+    """The engine under a textgym env or vector env (``gym.make``/``gym.make_vec``, wrappers included)."""
+    unwrapped = getattr(env, "unwrapped", None)
+    if not isinstance(unwrapped, (TextGenEnv, TextGenVectorEnv)):
+        raise ValueError(f"not a textgym env: {type(unwrapped or env).__name__}; textgym envs: {', '.join(ENV_IDS)}")
+    return unwrapped.core
+
+
 __all__ = ["ENV_IDS", "SentimentEnv", "SentimentVectorEnv", "TextGenConfig", "TextGenCore", "TextGenEnv",
-           "TextGenVectorEnv", "register_envs"]
+           "TextGenVectorEnv", "core_of", "register_envs"]

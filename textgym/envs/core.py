@@ -24,6 +24,7 @@ import copy
 import dataclasses
 import json
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -252,6 +253,8 @@ class TextGenCore:
 
     def allowed_tokens(self, mask_logits: torch.Tensor) -> torch.Tensor:
         """The nucleus mask ``[N, V]`` that the masking model's logits give."""
+        if self.nucleus is None:
+            raise RuntimeError("no nucleus mask is set: call set_nucleus_mask() first")
         return lm.top_p_mask(mask_logits, self.nucleus["top_p"], self.nucleus["min_tokens_to_keep"])
 
     def nucleus_allowed(self, rows=slice(None)) -> torch.Tensor:
@@ -400,7 +403,10 @@ class TextGenCore:
     def _load_model(cfg: TextGenConfig):
         device = cfg.device
         if isinstance(cfg.model, torch.nn.Module):
-            model, tokenizer = cfg.model, cfg.tokenizer
+            # Any: a transformers model, or a wrapper forwarding its attributes (peft's); nn.Module's
+            # typing would see ``model.config`` as a tensor or a submodule
+            model: Any = cfg.model
+            tokenizer = cfg.tokenizer
             if tokenizer is None:
                 # imported on use: a slow import, needed only for a model object given without tokenizer
                 from transformers import AutoTokenizer
@@ -458,11 +464,13 @@ class TextGenCore:
             )
             self._warned_long_prompt = True
 
-    def reset_rows(self, rows: list[int], rngs: list[np.random.Generator], options: dict | None = None) -> None:
+    def reset_rows(self, rows: list[int], rngs: Sequence[np.random.Generator | None],
+                   options: dict | None = None) -> None:
         """Start new episodes in ``rows``: sample a prompt with the rows' RNGs (or take the one in
-        ``options``: ``prompt`` text or ``prompt_index``). With ``group_size`` > 1 rows share
-        prompts by groups, as ``textgym.envs.groups`` describes (seeding included). Their prompts
-        are encoded, all in one forward, when their logits are first needed (``ensure_started``)."""
+        ``options``: ``prompt`` text or ``prompt_index``, where the RNGs may be None). With
+        ``group_size`` > 1 rows share prompts by groups, as ``textgym.envs.groups`` describes
+        (seeding included). Their prompts are encoded, all in one forward, when their logits are
+        first needed (``ensure_started``)."""
         options = check_reset_options(options, len(self.prompts))
         if not rows:
             return

@@ -23,7 +23,7 @@ own RNG: exactly the ungrouped env, RNG streams included.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -56,11 +56,11 @@ class PromptGroups:
         self.offset = np.zeros(n // group_size, dtype=np.int64)
         self.taken = np.zeros(n, dtype=np.int64)  # episodes each row started since its group was in step
 
-    def pick(self, rows: list[int], rngs: list, draw: Callable[[np.random.Generator], Prompt],
-             fixed: Prompt | None = None) -> list[tuple[int, Prompt]]:
-        """``(group id, prompt)`` for each of ``rows`` (in order), ``rngs`` aligned with them.
-        ``draw(rng)`` draws a prompt; ``fixed`` (a prompt given through reset options) is given to
-        every row reset, one new group id per group."""
+    def pick(self, rows: list[int], rngs: Sequence[np.random.Generator | None],
+             draw: Callable[[np.random.Generator], Prompt], fixed: Prompt | None = None) -> list[tuple[int, Prompt]]:
+        """``(group id, prompt)`` for each of ``rows`` (in order), ``rngs`` aligned with them (None
+        only with ``fixed``: nothing is drawn). ``draw(rng)`` draws a prompt; ``fixed`` (a prompt given
+        through reset options) is given to every row reset, one new group id per group."""
         out: list[tuple[int, Prompt] | None] = [None] * len(rows)
         by_group: dict[int, list[int]] = {}
         for j, row in enumerate(rows):
@@ -80,7 +80,10 @@ class PromptGroups:
                 row = rows[j]
                 k = int(self.taken[row] - self.offset[g])
                 if k == len(queue):  # the first of the group's rows to need this prompt draws it
-                    queue.append((self._new_id(), draw(rngs[j])))
+                    rng = rngs[j]
+                    if rng is None:
+                        raise ValueError(f"row {row} draws its prompt but has no RNG: give one, or a prompt in options")
+                    queue.append((self._new_id(), draw(rng)))
                 out[j] = queue[k]
                 self.taken[row] += 1
             done = int(self.taken[members].min() - self.offset[g])  # prompts every row has taken

@@ -24,6 +24,7 @@ import gymnasium as gym
 import numpy as np
 
 from textgym import metrics
+from textgym.envs import core_of
 from textgym.pipeline.config import ConfigError, defaults, from_dict, merge, option
 from textgym.pipeline.evaluate import generate, held_out_prompts, make_rewards
 from textgym.pipeline.plots import pyplot
@@ -139,7 +140,7 @@ def speed_and_agreement(cfg: BenchRewardsConfig) -> dict:
     kwargs = {**train_cfg.env_kwargs(), "reward": "length", "reward_kwargs": {}}
     vec = gym.make_vec(train_cfg.env.id, num_envs=train_cfg.env.n_envs, vectorization_mode="vector_entry_point",
                        **kwargs)
-    core = vec.unwrapped.core
+    core = core_of(vec)
     prompts = held_out_prompts(core, train_cfg.training.eval_prompts, cfg.agreement_n)
     episodes = generate(core, prompts, seed=cfg.seeds[0])
     texts = ([e["prompt"] for e in episodes], [e["completion"] for e in episodes])
@@ -243,11 +244,12 @@ def bench_elo(targets: list[str], *, judge: Any = "vader", env_id: str = "textgy
         # By path, so a saved acting distribution (NLPO's mask) is loaded with the model.
         vec = gym.make_vec(env_id, num_envs=n_envs, vectorization_mode="vector_entry_point", model=str(model_path),
                            **(env_kwargs or {}))
-        core = vec.unwrapped.core
+        core = core_of(vec)
         prompts = prompts or held_out_prompts(core, None, n)
         episodes = generate(core, prompts, seed=seed)
         completions[name] = [e["completion"] for e in episodes]
         names.append(name)
+    assert prompts is not None  # targets holds at least two
     meta = prompts.metadata_for(list(range(len(prompts))))
     scores = {name: judge_fn(prompts.prompts, completions[name], **meta) for name in names}
     matches = judge_matches(names, scores)

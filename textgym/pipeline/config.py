@@ -209,7 +209,7 @@ def describe_range(min: float | None = None, max: float | None = None, gt: float
 
 def convert(hint: Any, value: Any, key: str, owner: str = "") -> Any:
     """``value`` as type ``hint`` (an int becomes a float where a float is due), or ``ConfigError``."""
-    if dataclasses.is_dataclass(hint):
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         return from_dict(hint, value, key + ".", owner=owner)
     origin = typing.get_origin(hint)
     if origin in (Union, types.UnionType):

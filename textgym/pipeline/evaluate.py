@@ -11,6 +11,7 @@ import gymnasium as gym
 import numpy as np
 
 from textgym import metrics, rewards, sampling
+from textgym.envs import core_of
 from textgym.envs.core import TextGenCore
 from textgym.pipeline.config import load_config
 from textgym.pipeline.train_config import TrainConfig
@@ -48,9 +49,9 @@ def summarise(episodes: list[dict], extra_rewards: dict[str, Any] | None = None,
     return out
 
 
-def make_rewards(specs: list) -> dict[str, Any]:
+def make_rewards(specs: list[str | dict[str, Any]]) -> dict[str, Any]:
     """``["length", {"name": "keyword", "kwargs": {...}}]`` -> ``{label: reward}``."""
-    out = {}
+    out: dict[str, Any] = {}
     for spec in specs:
         if isinstance(spec, str):
             out[spec] = rewards.make(spec)
@@ -97,7 +98,7 @@ def evaluate_target(target: str, *, env_id: str | None = None, n: int | None = N
         out = out or "eval.json"
         n_envs = 16 if n_envs is None else n_envs
     vec = gym.make_vec(env_id, num_envs=n_envs, vectorization_mode="vector_entry_point", **kwargs)
-    core = vec.unwrapped.core
+    core = core_of(vec)
     prompts = held_out_prompts(core, source, n)
     episodes = generate(core, prompts, seed=seed)
     summary = summarise(episodes, make_rewards(extra), prompts)

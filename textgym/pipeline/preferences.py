@@ -91,7 +91,7 @@ def to_pairs(records: Sequence[dict], all_pairs: bool = False) -> list[dict]:
     """Ranking records -> ``{"prompt", "chosen", "rejected"}`` records: the best against the worst
     completion of each prompt, or with ``all_pairs`` every pair whose scores (or, without scores,
     ranks) differ, better first."""
-    pairs = []
+    pairs: list[dict] = []
     for record in records:
         completions = record["completions"]
         # Higher is better: scores as they are, ranks negated.

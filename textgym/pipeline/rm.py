@@ -226,13 +226,14 @@ def _record_comparisons(record: Any, where: str) -> tuple[str, list[str], list[t
     except (ValueError, TypeError) as err:
         raise ValueError(f"{where}: {err}") from None
     if scores is None:
+        assert by_rank is not None  # a ranking record has ranks or scores
         return prompt, list(texts), by_rank
     if not all(isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(s) for s in scores):
         raise ValueError(f"{where}: scores must be finite numbers, got {scores!r}")
     by_score = comparisons_from_scores(scores)
     if not by_score:
         raise ValueError(f"{where}: all scores are equal ({scores[0]}), so it holds no comparison")
-    if by_rank is not None and not set(by_score) <= set(by_rank):
+    if by_rank is not None and ranks is not None and not set(by_score) <= set(by_rank):
         raise ValueError(f"{where}: ranks {list(ranks)} disagree with scores {list(scores)}")
     return prompt, list(texts), by_score
 

@@ -32,8 +32,7 @@ def _vader_analyzer() -> Any:
 class VaderReward(Reward):
     """VADER compound sentiment in [-1, 1] of the completion (or prompt + completion).
 
-    Args:
-        include_prompt: score ``prompt + completion`` instead of the completion alone.
+    :param include_prompt: score ``prompt + completion`` instead of the completion alone.
     """
 
     name = "vader"
@@ -55,22 +54,21 @@ class VaderReward(Reward):
 class ClassifierReward(Reward):
     """Score texts with a Hugging Face sequence-classification model.
 
-    Args:
-        model: a model directory or hub id (loaded with
-            ``AutoModelForSequenceClassification.from_pretrained``), or an already
-            loaded model, in which case ``tokenizer`` is required.
-        label: the class to score, as an index or a name from ``config.id2label``.
-            May be omitted for single-output models (``num_labels == 1``).
-        output: ``"prob"`` (softmax probability of ``label``; sigmoid when
-            ``num_labels == 1``) or ``"logit"`` (the raw logit).
-        include_prompt: score ``prompt + completion`` instead of the completion alone.
-        max_length: inputs are truncated to this many tokens. None: the length the model was
-            trained with by ``textgym rm`` / ``train_classifier`` (saved in its config as
-            ``textgym_max_length``), else 512.
-        device: torch device to run the model on.
-        batch_size: number of texts per forward pass.
-        tokenizer: a tokenizer or tokenizer path/id; defaults to ``model``.
-        model_kwargs: extra keyword arguments for ``from_pretrained`` (e.g. ``dtype``).
+    :param model: a model directory or hub id (loaded with
+        ``AutoModelForSequenceClassification.from_pretrained``), or an already
+        loaded model, in which case ``tokenizer`` is required.
+    :param label: the class to score, as an index or a name from ``config.id2label``.
+        May be omitted for single-output models (``num_labels == 1``).
+    :param output: ``"prob"`` (softmax probability of ``label``; sigmoid when
+        ``num_labels == 1``) or ``"logit"`` (the raw logit).
+    :param include_prompt: score ``prompt + completion`` instead of the completion alone.
+    :param max_length: inputs are truncated to this many tokens. None: the length the model was
+        trained with by ``textgym rm`` / ``train_classifier`` (saved in its config as
+        ``textgym_max_length``), else 512.
+    :param device: torch device to run the model on.
+    :param batch_size: number of texts per forward pass.
+    :param tokenizer: a tokenizer or tokenizer path/id; defaults to ``model``.
+    :param model_kwargs: extra keyword arguments for ``from_pretrained`` (e.g. ``dtype``).
 
     Inputs are right-padded, which is correct for encoders and for causal-LM
     backbones (``LlamaForSequenceClassification`` etc.), which pool the last
@@ -109,15 +107,19 @@ class ClassifierReward(Reward):
 
         if isinstance(model, (str, os.PathLike)):
             tokenizer = model if tokenizer is None else tokenizer
-            model = AutoModelForSequenceClassification.from_pretrained(model, **(model_kwargs or {}))
+            loaded: PreTrainedModel = AutoModelForSequenceClassification.from_pretrained(model, **(model_kwargs or {}))
         elif tokenizer is None:
             raise ValueError("a loaded `model` needs `tokenizer=` as well")
+        else:
+            loaded = model
         if isinstance(tokenizer, (str, os.PathLike)):
             tokenizer = AutoTokenizer.from_pretrained(tokenizer)
         if max_length is None:
-            max_length = int(getattr(model.config, "textgym_max_length", None) or 512)
+            max_length = int(getattr(loaded.config, "textgym_max_length", None) or 512)
         self.max_length = max_length
-        self.model = model.to(device).eval()
+        # transformers wraps PreTrainedModel.to with functools.wraps(nn.Module.to), whose typed
+        # signature then takes the device for ``self``
+        self.model = loaded.to(device).eval()  # type: ignore[arg-type]
         self.tokenizer = tokenizer
         self._check_model(self.model)
         self._setup_padding()

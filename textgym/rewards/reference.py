@@ -65,9 +65,8 @@ class RougeReward(Reward):
 
     With several references per sample the best score is used.
 
-    Args:
-        rouge_type: one of ``rouge1``, ``rouge2``, ``rougeL``, ``rougeLsum``.
-        use_stemmer: apply the Porter stemmer before matching.
+    :param rouge_type: one of ``rouge1``, ``rouge2``, ``rougeL``, ``rougeLsum``.
+    :param use_stemmer: apply the Porter stemmer before matching.
     """
 
     name = "rouge"

@@ -271,7 +271,9 @@ def _bind_reward_fn(fn: Callable[..., Any], kwargs: Mapping[str, Any]) -> Callab
             raise TypeError(
                 f"{_callable_name(fn)} cannot be called as fn(prompts, completions{options}): {exc}"
             ) from exc
-    return functools.partial(fn, **kwargs) if kwargs else fn
+    if kwargs:
+        return functools.partial(fn, **kwargs)
+    return fn
 
 
 def as_reward(obj: Any, **kwargs: Any) -> ValidatedReward:

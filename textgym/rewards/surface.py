@@ -13,10 +13,9 @@ from textgym.rewards.registry import Reward
 class LengthReward(Reward):
     """Length of the completion, or its distance to a target length.
 
-    Args:
-        unit: ``"words"`` (whitespace-separated) or ``"chars"``.
-        target: if given, the reward is ``-abs(length - target)``.
-        scale: multiplier applied to the result.
+    :param unit: ``"words"`` (whitespace-separated) or ``"chars"``.
+    :param target: if given, the reward is ``-abs(length - target)``.
+    :param scale: multiplier applied to the result.
     """
 
     name = "length"
@@ -36,10 +35,9 @@ class LengthReward(Reward):
 class RegexReward(Reward):
     """Matches of a regular expression in the completion.
 
-    Args:
-        pattern: a regular expression (string or compiled pattern).
-        mode: ``"count"`` (number of non-overlapping matches) or ``"any"`` (1.0 / 0.0).
-        flags: ``re`` flags used when ``pattern`` is a string.
+    :param pattern: a regular expression (string or compiled pattern).
+    :param mode: ``"count"`` (number of non-overlapping matches) or ``"any"`` (1.0 / 0.0).
+    :param flags: ``re`` flags used when ``pattern`` is a string.
     """
 
     name = "regex"
@@ -63,11 +61,10 @@ class KeywordReward(RegexReward):
     Matches are non-overlapping and longer keywords win (``["new", "new york"]``
     counts ``"new york"`` once).
 
-    Args:
-        keywords: non-empty list of non-empty strings (a single string is accepted).
-        case_sensitive: match case exactly (default: ignore case).
-        mode: ``"count"`` or ``"any"`` (1.0 if any keyword occurs, else 0.0).
-        whole_word: only match keywords not embedded in a longer word.
+    :param keywords: non-empty list of non-empty strings (a single string is accepted).
+    :param case_sensitive: match case exactly (default: ignore case).
+    :param mode: ``"count"`` or ``"any"`` (1.0 if any keyword occurs, else 0.0).
+    :param whole_word: only match keywords not embedded in a longer word.
     """
 
     name = "keyword"
