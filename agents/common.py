@@ -104,10 +104,15 @@ class LMAlgorithm(_MixedInto):
         super().__init__(policy, env, *args, **kwargs)
 
     @property
-    def core(self):
+    def vec_env(self) -> LMVecEnv:
+        """The agent's env, which must be textgym's ``LMVecEnv``."""
         if not isinstance(self.env, LMVecEnv):
             raise ValueError("textgym agents need a textgym env: pass env= (an env id, textgym env or vector env)")
-        return self.env.core
+        return self.env
+
+    @property
+    def core(self):
+        return self.vec_env.core
 
     def _setup_model(self) -> None:
         core = self.core
@@ -163,7 +168,7 @@ class LMAlgorithm(_MixedInto):
         """Reset every env row, so the next rollout starts from new episodes (prompts drawn with the
         env's seeded RNGs) instead of continuing the running ones: ``textgym train`` starts each
         iteration this way, which is what makes a resumed run repeat the uninterrupted one."""
-        self._last_obs = self.env.reset()
+        self._last_obs = self.vec_env.reset()  # type: ignore[assignment]  # SB3 types it as any VecEnv's obs
         self._last_episode_starts = np.ones((self.n_envs,), dtype=bool)
 
     def collect_rollouts(self, env, callback, rollout_buffer, n_rollout_steps: int) -> bool:

@@ -163,7 +163,7 @@ def gao_rl_fit(kl: Sequence[float], gold: Sequence[float]) -> dict:
     return out
 
 
-def gao_rl_curve(fit: dict, kl: Sequence[float]) -> np.ndarray:
+def gao_rl_curve(fit: dict, kl: Sequence[float] | np.ndarray) -> np.ndarray:
     """The fitted gold score ``gold_0 + d (alpha - beta log d)`` at each ``kl`` (see ``gao_rl_fit``)."""
     d = np.sqrt(np.maximum(np.asarray(kl, dtype=float), 0.0))
     d_log_d = np.where(d > 0, d * np.log(np.where(d > 0, d, 1.0)), 0.0)

@@ -93,7 +93,7 @@ def bench_algos(cfg: BenchAlgosConfig) -> dict:
     results: dict[str, Any] = {"seeds": cfg.seeds, "algos": {}}
     specs = cfg.specs()
     for n, spec in enumerate(specs):
-        runs = []
+        runs: list[dict] = []
         for seed in cfg.seeds:
             run_dir = out / spec["label"] / f"seed{seed}"
             print(f"textgym bench algos: {spec['label']}, seed {seed} ({n * len(cfg.seeds) + len(runs) + 1}/"
@@ -116,6 +116,7 @@ def train_in_child(train_cfg: TrainConfig, config_dir: Path) -> dict:
     start = time.time()
     child = subprocess.Popen([sys.executable, "-m", "textgym", "train", str(config_file)], stdout=subprocess.DEVNULL,
                              stderr=subprocess.PIPE)
+    assert child.stderr is not None  # stderr=PIPE
     tail, decoder = "", codecs.getincrementaldecoder("utf-8")(errors="replace")
     while chunk := os.read(child.stderr.fileno(), 4096):  # the child's progress bars pass through; its end is kept
         text = decoder.decode(chunk)

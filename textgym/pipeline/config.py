@@ -158,7 +158,7 @@ def from_dict(cls: type, data: dict | None, prefix: str = "", *, owner: str | No
     hints = typing.get_type_hints(cls)
     values = {name: convert(hints[name], data[name], f"{prefix}{name}", owner) for name in fields if name in data}
     if keyed:
-        sections = keyed.default_factory()
+        sections = field_default(keyed)
         for name in section_names:
             if name in data:
                 sections[name] = keyed.metadata["check"](name, data[name], f"{prefix}{name}")
@@ -204,7 +204,8 @@ def describe_range(min: float | None = None, max: float | None = None, gt: float
     high = (f"{max:g}]", f"<= {max:g}") if max is not None else (f"{lt:g})", f"< {lt:g}") if lt is not None else None
     if low and high:
         return f" in {low[0]}, {high[0]}"
-    return f" {(low or high)[1]}" if (low or high) else ""
+    bound = low or high
+    return f" {bound[1]}" if bound else ""
 
 
 def convert(hint: Any, value: Any, key: str, owner: str = "") -> Any:
@@ -283,7 +284,7 @@ def validated(obj: Any) -> Any:
 # --- dicts, files and overrides -----------------------------------------------------------------
 
 
-def to_dict(obj: Any) -> dict:
+def to_dict(obj: Any) -> Any:
     """A config as the nested dict its YAML file holds (keyed sub-sections at their section's level)."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         out: dict = {}
@@ -333,13 +334,22 @@ def merge(base: dict, update: dict) -> dict:
     return out
 
 
+def field_default(f: dataclasses.Field) -> Any:
+    """The default value of a dataclass field (its factory called), or ``ConfigError`` for a required one."""
+    if f.default is not MISSING:
+        return f.default
+    if callable(f.default_factory):
+        return f.default_factory()
+    raise ConfigError(f"{f.name} has no default: it must be set")
+
+
 def defaults(cls: type) -> dict:
     """The default values of ``cls``'s fields as a nested dict (fields without a default left out)."""
     out = {}
     for f in dataclasses.fields(cls):
         if f.default is not MISSING:
             out[f.name] = copy.deepcopy(f.default)
-        elif f.default_factory is not MISSING:
+        elif callable(f.default_factory):
             value = to_dict(f.default_factory())
             if "keyed_sections" in f.metadata:
                 out.update(value)
@@ -394,10 +404,10 @@ def describe(cls: type, prefix: str = "", width: int = 100) -> str:
 
     for f in dataclasses.fields(cls):
         key, hint, meta = prefix + f.name, hints[f.name], f.metadata
-        if dataclasses.is_dataclass(hint):
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint):
             lines.append(describe(hint, key + ".", width))
             continue
-        default = f.default if f.default is not MISSING else f.default_factory()
+        default = field_default(f)
         if "keyed_sections" in meta:
             entry(f"{prefix}{meta['label']} (mapping; one of {', '.join(meta['keyed_sections']())}): {meta['help']}")
             for name, value in default.items():

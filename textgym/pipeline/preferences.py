@@ -19,6 +19,7 @@ import gymnasium as gym
 import torch
 
 from textgym import models, sampling
+from textgym.envs import core_of
 from textgym.prompts import PromptSet, load_prompts, sentiment_prompts
 
 __all__ = ["synthesize", "to_pairs", "write_jsonl"]
@@ -64,7 +65,7 @@ def synthesize(
     env = gym.make_vec("textgym/TextGen-v0", num_envs=min(batch_size, len(prompt_set)) * k,
                        vectorization_mode="vector_entry_point", model=model, reward=gold, prompts=prompt_set,
                        max_new_tokens=max_new_tokens, device=device)
-    core = env.unwrapped.core
+    core = core_of(env)
     rows = [i for i in range(len(prompt_set)) for _ in range(k)]  # each prompt k times, in order
     repeated = PromptSet([prompt_set.prompts[i] for i in rows], prompt_set.metadata_for(rows))
     infos = sampling.complete_prompts(core, repeated, seed=seed)
