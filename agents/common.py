@@ -78,7 +78,16 @@ def share_of_mean(n: int):
 
 
 class LMAlgorithm:
-    """Mixin placed before an SB3 ``OnPolicyAlgorithm`` subclass in the bases."""
+    """Mixin placed before an SB3 ``OnPolicyAlgorithm`` subclass in the bases. Its own keyword
+    arguments (``lora`` and PPO-ptx's are described with the algorithms):
+
+    :param micro_batch_size: episodes per forward of an update (None: a minibatch at once). The
+        micro-batches' gradients accumulate to the minibatch's, so the update is unchanged while
+        only k episodes' activations are held at once (``agents.update``).
+    :param gradient_checkpointing: during updates, recompute each layer of the trained LM in
+        backward instead of keeping its activations: less memory for about one more forward of time;
+        the update is unchanged (False).
+    """
 
     algo_name = "custom"
     # Env keyword arguments that ``agents.make``/``agents.load`` use when they make the env from an

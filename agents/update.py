@@ -85,15 +85,17 @@ def supports_checkpointing(model: nn.Module) -> bool:
     return bool(getattr(model, "supports_gradient_checkpointing", False))
 
 
-def set_checkpointing(model: nn.Module, on: bool) -> None:
+def set_checkpointing(model: Any, on: bool) -> None:
     """Turn a Hugging Face model's gradient (activation) checkpointing on or off, non-reentrant;
     turning it off also removes the input-gradient hooks that turning it on may add."""
+    kwargs = {"use_reentrant": False}
     if on:
-        model._textgym_had_input_hooks = _has_input_grad_hooks(model)  # type: ignore[assignment]
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        # Hooks that enabling adds are removed when disabling; any that were there already stay.
+        model._textgym_had_input_hooks = _has_input_grad_hooks(model)
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 (the old name is deprecated)
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
         else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         return
     if hasattr(model, "activation_checkpointing_disable"):
         model.activation_checkpointing_disable()
@@ -103,7 +105,7 @@ def set_checkpointing(model: nn.Module, on: bool) -> None:
         model.disable_input_require_grads()
 
 
-def _has_input_grad_hooks(model: nn.Module) -> bool:
+def _has_input_grad_hooks(model: Any) -> bool:
     return bool(getattr(model, "_require_grads_hooks", None)) or getattr(model, "_require_grads_hook", None) is not None
 
 

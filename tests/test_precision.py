@@ -8,6 +8,8 @@ from textgym.agents.update import micro_batches
 
 from textgym import agents, precision
 from textgym.envs.core import TextGenConfig, TextGenCore
+from textgym.pipeline.config import ConfigError, load_config
+from textgym.pipeline.train_config import TrainConfig
 
 PROMPTS = ["The film", "I saw a movie and", "My friend said that", "Today", "Last night", "Once upon a time"]
 TOY = dict(model="textgym/tiny", reward="keyword", reward_kwargs={"keywords": ["the"]}, max_new_tokens=8,
@@ -46,6 +48,17 @@ def test_an_unknown_dtype_is_refused_by_name(key):
 def test_a_bad_micro_batch_size_is_refused_by_name(value):
     with pytest.raises(ValueError, match=rf"micro_batch_size must be None .* or an integer >= 1 .*got {value!r}"):
         make("ppo", n_steps=8, batch_size=16, micro_batch_size=value)
+
+
+def test_train_config_model_dtype_is_the_envs():
+    cfg = load_config(TrainConfig, overrides=["model.dtype=bfloat16"])
+    assert cfg.env_kwargs()["dtype"] == "bfloat16"
+    assert load_config(TrainConfig).env_kwargs()["dtype"] == "float32"
+    valid = "float32, bfloat16, float16"
+    with pytest.raises(ConfigError, match=rf"model.dtype 'float8' is not a precision; valid: {valid}"):
+        load_config(TrainConfig, overrides=["model.dtype=float8"])
+    with pytest.raises(ConfigError, match=r"env.kwargs.dtype is set by the model section"):
+        load_config(TrainConfig, overrides=["env.kwargs.dtype=bfloat16"])
 
 
 def test_gradient_checkpointing_must_be_a_bool():
