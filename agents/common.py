@@ -18,6 +18,10 @@
 - Optional PPO-ptx: ``ptx_coef`` > 0 adds a language-modelling loss on ``ptx_data`` to every
   minibatch's loss, as an explicit term (``ptx_loss_term``, see ``agents.ptx``).
 - ``learning_rate=None`` picks a default by model size and LoRA (``default_learning_rate``).
+- Precision: the env's ``dtype`` is the precision of every forward (the policy autocasts to it);
+  the weights the agent trains are made float32 master weights, and a float16 update scales its
+  loss. ``micro_batch_size`` and ``gradient_checkpointing`` bound the update's memory. All three
+  live in the update's ``GradientStep`` (``agents.update``).
 """
 
 from __future__ import annotations
@@ -30,10 +34,13 @@ from stable_baselines3.common.utils import obs_as_tensor
 
 from textgym import kl as klmod
 from textgym.lora import lora_config
+from textgym.precision import autocast
 
 from . import serialization
 from .buffer import EpisodeRolloutBuffer
+from .policy import group_rows
 from .ptx import lm_loss, ptx_batches
+from .update import GradientStep, check_micro_batch_size, upcast_trainable
 from .vec_env import LMVecEnv, as_vec_env
 
 if TYPE_CHECKING:  # what the mixin is mixed into, so its uses of the algorithm's attributes are checked
@@ -56,33 +63,57 @@ def default_learning_rate(model, lora: bool) -> float:
 
 
 def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
-               clip_range_vf: float | None) -> torch.Tensor:
+               clip_range_vf: float | None, reduce=torch.mean) -> torch.Tensor:
     """Mean squared error of the values; with ``clip_range_vf``, PPO2's pessimistic form
     ``max((V - R)^2, (V_clipped - R)^2)`` with ``V_clipped`` within ``clip_range_vf`` of the
     rollout's value. (stable-baselines3 keeps only the clipped term, which stops the critic at
-    ``clip_range_vf`` per rollout whatever the reward scale, and gives it no gradient beyond.)"""
+    ``clip_range_vf`` per rollout whatever the reward scale, and gives it no gradient beyond.)
+    ``reduce`` replaces the mean (a micro-batch's share of the minibatch's mean)."""
     unclipped = (returns - values).square()
     if clip_range_vf is None:
-        return unclipped.mean()
+        return reduce(unclipped)
     clipped = old_values + (values - old_values).clamp(-clip_range_vf, clip_range_vf)
-    return torch.max(unclipped, (returns - clipped).square()).mean()
+    return reduce(torch.max(unclipped, (returns - clipped).square()))
+
+
+def share_of_mean(n: int):
+    """The reduction that gives a micro-batch's share of a mean over ``n`` rows: sum / ``n``."""
+
+    def reduce(values: torch.Tensor) -> torch.Tensor:
+        return values.sum() / n
+
+    return reduce
 
 
 class LMAlgorithm(_MixedInto):
-    """Mixin placed before an SB3 ``OnPolicyAlgorithm`` subclass in the bases."""
+    """Mixin placed before an SB3 ``OnPolicyAlgorithm`` subclass in the bases. Its own keyword
+    arguments (``lora`` and PPO-ptx's are described with the algorithms):
+
+    :param micro_batch_size: episodes per forward of an update (None: a minibatch at once). The
+        micro-batches' gradients accumulate to the minibatch's, so the update is unchanged while
+        only k episodes' activations are held at once (``agents.update``).
+    :param gradient_checkpointing: during updates, recompute each layer of the trained LM in
+        backward instead of keeping its activations: less memory for about one more forward of time;
+        the update is unchanged (False).
+    """
 
     algo_name = "custom"
     # Env keyword arguments that ``agents.make``/``agents.load`` use when they make the env from an
     # id and the caller did not set them (e.g. GRPO's group_size).
     env_defaults: dict[str, Any] = {}
-    # True where the algorithm's own ``train`` adds textgym's loss terms (``kl_loss_term`` for
+    # True where the algorithm's own ``train`` adds textgym's loss terms (``add_kl_loss`` for
     # kl_in="loss", ``ptx_loss_term`` for PPO-ptx); a plain SB3 class registered through
     # ``agents.register`` keeps SB3's update, so neither is available to it.
     adds_loss_terms = False
     policy: LMActorCriticPolicy  # (or a subclass): agents.make gives a plain SB3 class this policy too
 
     def __init__(self, policy, env, *args, lora: Any = None, ptx_coef: float = 0.0, ptx_data: Any = None,
-                 ptx_batch_size: int = 8, ptx_max_length: int = 128, **kwargs):
+                 ptx_batch_size: int = 8, ptx_max_length: int = 128, micro_batch_size: int | None = None,
+                 gradient_checkpointing: bool = False, **kwargs):
+        self.micro_batch_size = check_micro_batch_size(micro_batch_size)
+        if not isinstance(gradient_checkpointing, (bool, np.bool_)):
+            raise ValueError(f"gradient_checkpointing must be True or False, got {gradient_checkpointing!r}")
+        self.gradient_checkpointing = bool(gradient_checkpointing)
         if ptx_coef < 0 or (ptx_coef > 0 and ptx_data is None):
             raise ValueError(f"ptx_coef must be >= 0 and needs ptx_data (texts) when > 0; got ptx_coef={ptx_coef!r}, "
                              f"ptx_data={ptx_data!r}")
@@ -93,7 +124,8 @@ class LMAlgorithm(_MixedInto):
         # Saved instead of pickled objects: load() rebuilds the agent from these (agents.serialization).
         self.textgym_hyperparameters = serialization.constructor_arguments(
             {**kwargs, "lora": lora, "ptx_coef": ptx_coef, "ptx_data": ptx_data, "ptx_batch_size": ptx_batch_size,
-             "ptx_max_length": ptx_max_length})
+             "ptx_max_length": ptx_max_length, "micro_batch_size": self.micro_batch_size,
+             "gradient_checkpointing": self.gradient_checkpointing})
         self._episode_stats: list[dict] = []
         self._update_logs: dict[str, list[float]] = {}
         env = as_vec_env(env) if env is not None else None
@@ -119,10 +151,19 @@ class LMAlgorithm(_MixedInto):
         if core.cfg.kl_in == "loss" and not self.adds_loss_terms:
             raise ValueError(f"algorithm {self.algo_name!r} does not add a KL term to its loss: make the env with "
                              "kl_in='reward' (the default), or use one of ppo, a2c, nlpo")
+        own_update = {"micro_batch_size": self.micro_batch_size is not None,
+                      "gradient_checkpointing": self.gradient_checkpointing,
+                      "dtype float16": core.dtype == torch.float16}
+        if not self.adds_loss_terms and any(own_update.values()):
+            asked = ", ".join(name for name, on in own_update.items() if on)
+            raise ValueError(f"algorithm {self.algo_name!r} keeps stable-baselines3's update, which has no "
+                             f"micro-batches, checkpointing or loss scaling ({asked} asked): use one of ppo, a2c, "
+                             "nlpo, grpo, rloo, reinforce++")
         core.kl_batch_auto = False  # the coefficient moves once per rollout (collect_rollouts)
         if self.lora and core.peft_model is None:
             self.set_random_seed(self.seed)  # the adapters' initialisation must follow the seed too
             core.attach_lora(self.lora)
+        upcast_trainable(core.model)  # float32 master weights (textgym.precision); a no-op in float32
         shared_value_head = self.policy_kwargs.get("value_head", True) and self.policy_kwargs.get("critic") is None
         if shared_value_head and not core.policy.hidden:
             core.policy.hidden = True  # the shared value head reads the cached hidden states
@@ -133,6 +174,9 @@ class LMAlgorithm(_MixedInto):
             super()._setup_model()
         finally:
             self.policy_kwargs = saved
+        self.gradient_step = GradientStep(self.policy, micro_batch_size=self.micro_batch_size,
+                                          gradient_checkpointing=self.gradient_checkpointing,
+                                          loss_scaling=core.dtype == torch.float16)
         self._ptx_batches = None
         if self.ptx_coef > 0:
             if not self.adds_loss_terms:
@@ -162,7 +206,7 @@ class LMAlgorithm(_MixedInto):
 
     def _excluded_save_params(self) -> list[str]:
         return [*super()._excluded_save_params(), "_episode_stats", "_update_logs", "kl_coef_used",
-                "_ptx_batches"]
+                "_ptx_batches", "gradient_step"]
 
     def start_fresh_episodes(self) -> None:
         """Reset every env row, so the next rollout starts from new episodes (prompts drawn with the
@@ -237,26 +281,45 @@ class LMAlgorithm(_MixedInto):
                                  f"got rollout_buffer_class={type(self.rollout_buffer).__name__}")
             self.rollout_buffer.ref_log_probs = self.policy.reference_log_probs(self.rollout_buffer)
 
-    def kl_loss_term(self, data, log_prob: torch.Tensor, reduce=None) -> torch.Tensor | float:
-        """``kl_coef * mean k2`` over the minibatch's tokens, differentiable through ``log_prob``
-        (the acting distribution's); 0 when the KL sits in the reward. ``reduce`` replaces the
-        mean (the critic-free algorithms average it as their policy loss, padding excluded)."""
+    def add_kl_loss(self, loss: torch.Tensor, parts: dict, data, log_prob: torch.Tensor, reduce=None) -> torch.Tensor:
+        """``loss + kl_coef * mean k2`` over the minibatch's tokens, differentiable through
+        ``log_prob`` (the acting distribution's), with the k2 mean put in ``parts`` (logged as
+        ``train/kl_loss``); ``loss`` unchanged when the KL sits in the reward. ``reduce`` replaces
+        the mean (a micro-batch's share of it; the critic-free algorithms average it as their policy
+        loss, padding excluded)."""
         if not self.kl_in_loss:
-            return 0.0
+            return loss
         kl = klmod.kl_loss(log_prob, data.ref_log_prob)
         kl = kl.mean() if reduce is None else reduce(kl)
-        self._update_logs.setdefault("train/kl_loss", []).append(kl.item())
-        return self.kl_coef_used * kl
+        parts["train/kl_loss"] = kl.detach()
+        return loss + self.kl_coef_used * kl
 
     def ptx_loss_term(self) -> torch.Tensor | float:
         """PPO-ptx (InstructGPT eq. 2): ``ptx_coef`` times the language-modelling loss of the next
-        pretraining batch, added to the minibatch's loss so that gradient clipping and the step
-        see the combined gradient; 0 without ``ptx_coef``."""
+        pretraining batch, whose gradient joins the minibatch's (``backward_ptx``) so that gradient
+        clipping and the step see the combined gradient; 0 without ``ptx_coef``."""
         if self._ptx_batches is None:
             return 0.0
-        loss = lm_loss(self.core.model, next(self._ptx_batches))
+        with autocast(self.core.device, self.core.dtype):  # the policy's precision, as its other forwards
+            loss = lm_loss(self.core.model, next(self._ptx_batches))
         self._update_logs.setdefault("train/ptx_loss", []).append(loss.item())
         return self.ptx_coef * loss
+
+    def episode_groups(self, data) -> torch.Tensor | None:
+        """With micro-batches, the episode segment of each transition of the minibatch ``data``
+        (``policy.group_rows``: the rows one forward covers), so a micro-batch holds whole ones."""
+        if self.micro_batch_size is None:
+            return None
+        obs = data.observations
+        return group_rows(obs["input_ids"].long(), obs["attention_mask"].long(), self.policy.prompt_len)[0]
+
+    def backward_ptx(self, parts: dict[str, float]) -> None:
+        """The PPO-ptx term's backward, once per minibatch after its micro-batches (its batch is
+        its own), added to the logged ``train/loss``; nothing without ``ptx_coef``."""
+        ptx = self.ptx_loss_term()
+        if isinstance(ptx, torch.Tensor):
+            self.gradient_step.backward(ptx)
+            parts["train/loss"] = parts.get("train/loss", 0.0) + ptx.item()
 
     def log_update(self, name: str, value: float) -> None:
         self._update_logs.setdefault(name, []).append(float(value))

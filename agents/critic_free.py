@@ -19,7 +19,7 @@ REINFORCE++). That shapes the rollout:
   ``num_timesteps`` counts the tokens generated, as it does for PPO (where every row steps).
 - **The KL**: the env's ``kl_in`` placement. In the reward, the returns carry ``-kl_coef * k1``
   (summed at the end with ``kl_mode="final"``, per token with ``"per_token"``); in the loss, the
-  update adds ``kl_coef * k2`` through ``LMAlgorithm.kl_loss_term``, on reference log-probs the
+  update adds ``kl_coef * k2`` through ``LMAlgorithm.add_kl_loss``, on reference log-probs the
   env already computed for its KL figures (no extra reference forward).
 - **The update** is PPO's clipped surrogate (Schulman et al. 2017) on the per-token ratio, over
   ``n_epochs`` passes in minibatches of whole episodes, with no value loss; the token losses are
@@ -38,6 +38,7 @@ SB3 calls ``compute_returns_and_advantage``).
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -49,6 +50,7 @@ from stable_baselines3.common.utils import FloatSchedule
 from .common import LMAlgorithm
 from .completion_buffer import CompletionRolloutBuffer
 from .policy import LMActorCriticPolicy
+from .update import take_rows
 from .vec_env import LMVecEnv
 
 LOSS_NORMALIZATIONS = ("sequence", "token", "sum")
@@ -58,15 +60,18 @@ _FIXED = {"n_steps": "episodes_per_row sets the rollout size (whole rounds of ep
           "vf_coef": "there is no value loss", "use_sde": "the actions are tokens", "sde_sample_freq": "idem"}
 
 
-def aggregate(values: torch.Tensor, mask: torch.Tensor, how: str) -> torch.Tensor:
+def aggregate(values: torch.Tensor, mask: torch.Tensor, how: str, of: torch.Tensor | None = None) -> torch.Tensor:
     """Reduce per-token ``values`` ``[B, T]`` over the real tokens (``mask``) as ``how`` says (one
-    of ``LOSS_NORMALIZATIONS``, see the module docstring)."""
+    of ``LOSS_NORMALIZATIONS``, see the module docstring). ``of``: the mask of the whole minibatch
+    when ``values`` and ``mask`` are a micro-batch of it: the result is then the micro-batch's
+    share of the minibatch's figure (its counts of completions and tokens divide)."""
+    of = mask if of is None else of
     if how == "token":
-        return (values * mask).sum() / mask.sum().clamp(min=1)
+        return (values * mask).sum() / of.sum().clamp(min=1)
     per_sequence = (values * mask).sum(1)
     if how == "sequence":
         per_sequence = per_sequence / mask.sum(1).clamp(min=1)
-    return per_sequence.mean()
+    return per_sequence.sum() / len(of)
 
 
 def group_members(groups: np.ndarray, size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -228,47 +233,51 @@ class CriticFreeAlgorithm(LMAlgorithm, WholeEpisodeOnPolicy):
         clip_range = self.clip_range(self._current_progress_remaining)
         self.start_update_logs()
         continue_training = True
-        for _ in range(self.n_epochs):
-            for data in self.rollout_buffer.get(self.batch_size):
-                mask = data.completion_mask
-                log_prob, entropy = self.policy.completion_log_probs(data.prompt_ids, data.prompt_mask,
-                                                                     data.completion_ids, mask)
-
-                def reduce(values: torch.Tensor, mask=mask) -> torch.Tensor:
-                    return aggregate(values, mask, self.loss_normalization)
-
-                # Clipped surrogate (Schulman et al. 2017, eq. 7) on each token's ratio.
-                log_ratio = log_prob - data.old_log_prob  # 0 past each completion's end
-                ratio = torch.exp(log_ratio)
-                advantages = data.advantages
-                clipped = torch.clamp(ratio, 1 - clip_range, 1 + clip_range)
-                surrogate = torch.min(advantages * ratio, advantages * clipped)
-                policy_loss = -reduce(surrogate)
-                entropy_loss = -reduce(entropy)
-                loss = (policy_loss + self.ent_coef * entropy_loss + self.kl_loss_term(data, log_prob, reduce)
-                        + self.ptx_loss_term())
-
-                with torch.no_grad():
-                    n_tokens = mask.sum().clamp(min=1)
-                    approx_kl = ((torch.expm1(log_ratio) - log_ratio) * mask).sum().div(n_tokens).item()
-                    clip_fraction = (((ratio - 1).abs() > clip_range).float() * mask).sum().div(n_tokens).item()
-                for name, value in (("train/policy_gradient_loss", policy_loss.item()),
-                                    ("train/entropy_loss", entropy_loss.item()), ("train/approx_kl", approx_kl),
-                                    ("train/loss", loss.item()), ("train/clip_fraction", clip_fraction)):
-                    self.log_update(name, value)
-                if self.target_kl is not None and approx_kl > 1.5 * self.target_kl:
-                    continue_training = False
+        with self.gradient_step.training():
+            for _ in range(self.n_epochs):
+                for data in self.rollout_buffer.get(self.batch_size):
+                    loss_fn = partial(self.minibatch_loss, data, clip_range)
+                    parts = self.gradient_step.accumulate(loss_fn, len(data.completion_mask))
+                    self.backward_ptx(parts)
+                    for name, value in parts.items():
+                        self.log_update(name, value)
+                    if self.target_kl is not None and parts["train/approx_kl"] > 1.5 * self.target_kl:
+                        self.gradient_step.discard()  # the step this minibatch would take is not taken
+                        continue_training = False
+                        break
+                    self.gradient_step.step(self.max_grad_norm)
+                self._n_updates += 1
+                if not continue_training:
                     break
-
-                self.policy.optimizer.zero_grad()
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.max_grad_norm)
-                self.policy.optimizer.step()
-            self._n_updates += 1
-            if not continue_training:
-                break
 
         self.record_update_logs()
         self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
         self.logger.record("train/clip_range", clip_range)
         self.after_train()
+
+    def minibatch_loss(self, data, clip_range: float, rows: slice) -> tuple[torch.Tensor, dict]:
+        """The share of the episodes ``rows`` in the loss of the minibatch ``data`` and in its
+        logged figures (reduced over all of its completions and tokens, ``aggregate``)."""
+        part = take_rows(data, rows)
+        mask, full_mask = part.completion_mask, data.completion_mask
+        log_prob, entropy = self.policy.completion_log_probs(part.prompt_ids, part.prompt_mask, part.completion_ids,
+                                                             mask)
+
+        def reduce(values: torch.Tensor, how: str = self.loss_normalization) -> torch.Tensor:
+            return aggregate(values, mask, how, of=full_mask)
+
+        # Clipped surrogate (Schulman et al. 2017, eq. 7) on each token's ratio.
+        log_ratio = log_prob - part.old_log_prob  # 0 past each completion's end
+        ratio = torch.exp(log_ratio)
+        advantages = part.advantages
+        clipped = torch.clamp(ratio, 1 - clip_range, 1 + clip_range)
+        policy_loss = -reduce(torch.min(advantages * ratio, advantages * clipped))
+        entropy_loss = -reduce(entropy)
+        parts: dict[str, Any] = {}
+        loss = self.add_kl_loss(policy_loss + self.ent_coef * entropy_loss, parts, part, log_prob, reduce)
+        with torch.no_grad():  # per token of the minibatch
+            parts.update({"train/policy_gradient_loss": policy_loss.detach(),
+                          "train/entropy_loss": entropy_loss.detach(), "train/loss": loss.detach(),
+                          "train/approx_kl": reduce(torch.expm1(log_ratio) - log_ratio, "token"),
+                          "train/clip_fraction": reduce(((ratio - 1).abs() > clip_range).float(), "token")})
+        return loss, parts

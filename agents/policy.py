@@ -32,6 +32,7 @@ from torch import nn
 
 from textgym import lm, models
 from textgym.envs.core import CachedOutputs, EngineRows
+from textgym.precision import autocast
 
 
 class _NoFeatures(BaseFeaturesExtractor):
@@ -64,16 +65,18 @@ def group_rows(ids: torch.Tensor, mask: torch.Tensor,
     return group, last, t
 
 
-def grouped_forward(model, ids, mask, prompt_len: int, *, logits: bool = True):
-    """Next-token logits ``[N, V]`` (or None) and last hidden states ``[N, H]`` for every
-    observation row, with one forward per group of rows (see ``group_rows``)."""
+def grouped_forward(model, ids, mask, prompt_len: int, *, logits: bool = True, dtype: torch.dtype | None = None):
+    """Next-token logits ``[N, V]`` (float32, or None) and last hidden states ``[N, H]`` (in the
+    forward's precision) for every observation row, with one forward per group of rows (see
+    ``group_rows``), under autocast to ``dtype`` (``textgym.precision``; None: the weights' own)."""
     group, last, t = group_rows(ids, mask, prompt_len)
     tmax = int(t[last].max())
     width = prompt_len + tmax
     seq, seq_mask = ids[last, :width], mask[last, :width]
     kwargs: dict[str, Any] = {"logits_to_keep": tmax + 1 if logits else 1} if _is_causal_lm(model) else {}
-    out = model(input_ids=seq, attention_mask=seq_mask, position_ids=lm.position_ids(seq_mask), use_cache=False,
-                output_hidden_states=True, **kwargs)
+    with autocast(seq.device, dtype):
+        out = model(input_ids=seq, attention_mask=seq_mask, position_ids=lm.position_ids(seq_mask), use_cache=False,
+                    output_hidden_states=True, **kwargs)
     # Position prompt_len - 1 + t predicts the token after an observation with t generated tokens.
     hidden = out.hidden_states[-1][:, prompt_len - 1 : width][group, t]
     next_logits = out.logits.float()[group, t] if logits else None
@@ -251,7 +254,7 @@ class LMActorCriticPolicy(ActorCriticPolicy):
             idx = np.concatenate(segments[start : start + 8])
             ids = torch.as_tensor(buffer.observations["input_ids"][idx], device=device).long()
             mask = torch.as_tensor(buffer.observations["attention_mask"][idx], device=device).long()
-            logits, _ = grouped_forward(ref, ids, mask, self.prompt_len)
+            logits, _ = grouped_forward(ref, ids, mask, self.prompt_len, dtype=self._core.ref_dtype)
             actions = torch.as_tensor(buffer.actions[idx], device=device).long().reshape(-1, 1)
             out[idx] = torch.log_softmax(logits, -1).gather(-1, actions).squeeze(-1).cpu().numpy()
         return out
@@ -265,8 +268,9 @@ class LMActorCriticPolicy(ActorCriticPolicy):
         mask = torch.cat([prompt_mask, completion_mask], dim=1).long()
         T = completion_ids.shape[1]
         kwargs: dict[str, Any] = {"logits_to_keep": T + 1} if _is_causal_lm(self.lm) else {}
-        out = self.lm(input_ids=ids, attention_mask=mask, position_ids=lm.position_ids(mask), use_cache=False,
-                      **kwargs)
+        with autocast(ids.device, self.compute_dtype):
+            out = self.lm(input_ids=ids, attention_mask=mask, position_ids=lm.position_ids(mask), use_cache=False,
+                          **kwargs)
         # The position before completion token t predicts it (the last kept position predicts none).
         logits = out.logits[:, -(T + 1) : -1].float()
         log_probs = torch.log_softmax(logits, -1)
@@ -278,6 +282,12 @@ class LMActorCriticPolicy(ActorCriticPolicy):
     @property
     def lm_device(self) -> torch.device:
         return next(self.lm.parameters()).device
+
+    @property
+    def compute_dtype(self) -> torch.dtype | None:
+        """The precision of the LM's forwards: the env's ``dtype`` (its weights may be float32
+        master weights, ``LMAlgorithm``), or None (the weights' own) without an env engine."""
+        return None if self._core is None else self._core.dtype
 
     def get_distribution(self, obs):
         return self._dist_and_values(obs)[0]
@@ -297,9 +307,11 @@ class LMActorCriticPolicy(ActorCriticPolicy):
             logits, hidden = cached.logits, cached.states
         else:
             logits, hidden = grouped_forward(self.lm, ids, mask, self.prompt_len,
-                                             logits=need_dist or self.critic is None)
+                                             logits=need_dist or self.critic is None, dtype=self.compute_dtype)
         if self.critic is not None:
-            hidden = grouped_forward(self.critic, ids, mask, self.prompt_len, logits=False)[1]
+            hidden = grouped_forward(self.critic, ids, mask, self.prompt_len, logits=False,
+                                     dtype=self.compute_dtype)[1]
+        # The value head is a float32 layer on float32 states, outside any autocast.
         values = None
         if self.value_head is not None:
             assert hidden is not None, "the value head's hidden states (a cache without them was dropped above)"

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from transformers import TopPLogitsWarper
 
+from textgym.precision import autocast
+
 
 def position_ids(mask: torch.Tensor) -> torch.Tensor:
     """Position of each token counted over real (mask == 1) tokens; 0 on padding."""
@@ -20,34 +22,39 @@ def position_ids(mask: torch.Tensor) -> torch.Tensor:
 
 
 def forward(model, input_ids: torch.Tensor, mask: torch.Tensor, past: Any = None, *, keep: int | None = None,
-            hidden: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, Any]:
-    """One forward. ``mask`` covers the cached columns plus ``input_ids``. Returns (fp32 logits,
-    last hidden states or None, cache) for the last ``keep`` positions (all when None). The cache is
-    the model's transformers ``Cache`` (typed ``Any``: ``IncrementalLM`` edits its layers' key/value
-    tensors in place, which transformers types as optional, or absent on linear-attention layers)."""
+            hidden: bool = False, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor | None, Any]:
+    """One forward, under autocast to ``dtype`` (``textgym.precision``; None: the weights' own).
+    ``mask`` covers the cached columns plus ``input_ids``. Returns (fp32 logits, last hidden states
+    or None, cache) for the last ``keep`` positions (all when None). The cache is the model's
+    transformers ``Cache`` (typed ``Any``: ``IncrementalLM`` edits its layers' key/value tensors in
+    place, which transformers types as optional, or absent on linear-attention layers)."""
     new = input_ids.shape[1]
     positions = position_ids(mask)[:, -new:]
-    out = model(
-        input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=past,
-        use_cache=past is not None or keep is not None, output_hidden_states=hidden,
-        logits_to_keep=keep or 0,
-    )
+    with autocast(input_ids.device, dtype):
+        out = model(
+            input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=past,
+            use_cache=past is not None or keep is not None, output_hidden_states=hidden,
+            logits_to_keep=keep or 0,
+        )
     states: torch.Tensor | None = out.hidden_states[-1] if hidden else None
     if states is not None and keep:
         states = states[:, -keep:]
     return out.logits.float(), states, out.past_key_values
 
 
-def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, *, hidden: bool = False):
-    """Teacher-forced log-probs of the completion tokens: ``[B, T]`` (0 where ``completion_mask`` is 0).
+def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, *, hidden: bool = False,
+                        dtype: torch.dtype | None = None):
+    """Teacher-forced log-probs of the completion tokens: ``[B, T]`` (0 where ``completion_mask`` is 0),
+    float32 whatever the forward's ``dtype`` (autocast, as in ``forward``).
 
     With ``hidden``, also the last hidden states at the positions that predict each completion
     token, ``[B, T, H]``, and the full logits ``[B, T, V]`` (for entropies and values)."""
     ids = torch.cat([prompt_ids, completion_ids], dim=1)
     mask = torch.cat([prompt_mask, completion_mask], dim=1)
     P, T = prompt_ids.shape[1], completion_ids.shape[1]
-    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False,
-                output_hidden_states=hidden, logits_to_keep=T + 1)
+    with autocast(ids.device, dtype):
+        out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False,
+                    output_hidden_states=hidden, logits_to_keep=T + 1)
     # logits_to_keep=T+1 keeps positions P-1 .. P+T-1; the one at P-1 predicts completion token 0.
     logits = out.logits[:, :T].float()
     logp = torch.gather(F.log_softmax(logits, dim=-1), -1, completion_ids.unsqueeze(-1)).squeeze(-1)
@@ -65,8 +72,8 @@ class IncrementalLM:
     trimmed to the longest live row, so it never exceeds P + T columns.
     """
 
-    def __init__(self, model, n: int, *, hidden: bool = False):
-        self.model, self.n, self.hidden = model, n, hidden
+    def __init__(self, model, n: int, *, hidden: bool = False, dtype: torch.dtype | None = None):
+        self.model, self.n, self.hidden, self.dtype = model, n, hidden, dtype  # dtype: the forwards' autocast
         self.cache: Any = None  # the model's Cache (see ``forward``), None while no row is live
         self.mask: torch.Tensor | None = None  # [n, L]
         self.width = torch.zeros(n, dtype=torch.long)  # columns of live content per row
@@ -84,7 +91,7 @@ class IncrementalLM:
     @torch.no_grad()
     def start(self, rows: list[int], ids: torch.Tensor, mask: torch.Tensor) -> None:
         """Encode prompts (``[k, P]``, left-padded) for ``rows``, replacing whatever those rows held."""
-        logits, states, cache = forward(self.model, ids, mask, keep=1, hidden=self.hidden)
+        logits, states, cache = forward(self.model, ids, mask, keep=1, hidden=self.hidden, dtype=self.dtype)
         rows_t = torch.as_tensor(rows, dtype=torch.long, device=ids.device)
         P = ids.shape[1]
         new_kv = [(layer.keys, layer.values) for layer in cache.layers]
@@ -119,7 +126,8 @@ class IncrementalLM:
         live = live.to(self.mask.device)
         mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
         ids = torch.where(live, tokens.to(self.mask.device), 0).unsqueeze(1)
-        logits, states, self.cache = forward(self.model, ids, mask, self.cache, keep=1, hidden=self.hidden)
+        logits, states, self.cache = forward(self.model, ids, mask, self.cache, keep=1, hidden=self.hidden,
+                                             dtype=self.dtype)
         self.mask = mask
         self.width[live.cpu()] += 1  # rows that are not live were stopped and stay empty
         live_rows = live.nonzero().squeeze(1)

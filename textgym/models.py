@@ -49,7 +49,8 @@ def load(
     **from_pretrained_kwargs,
 ):
     """Return ``(model, tokenizer)``: the model in eval mode with dropout disabled, the tokenizer
-    left-padding with a pad token. ``device`` defaults to CPU."""
+    left-padding with a pad token. ``device`` defaults to CPU; ``dtype`` (a ``torch.dtype``) is
+    the weights' precision, passed to ``from_pretrained`` (None: its default)."""
     name = str(name_or_path)
     path: str | Path
     if name == TINY:

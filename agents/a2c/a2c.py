@@ -6,6 +6,7 @@ gradient step on the whole rollout, plus the KL term when the env puts it in the
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import stable_baselines3 as sb3
@@ -13,8 +14,9 @@ import torch
 from stable_baselines3.common.utils import explained_variance
 
 from ..buffer import EpisodeRolloutBuffer
-from ..common import LMAlgorithm, value_loss
+from ..common import LMAlgorithm, share_of_mean, value_loss
 from ..policy import LMActorCriticPolicy
+from ..update import take_rows
 
 
 class A2C(LMAlgorithm, sb3.A2C):
@@ -61,25 +63,17 @@ class A2C(LMAlgorithm, sb3.A2C):
         self._update_learning_rate(self.policy.optimizer)
         self.prepare_update()
         self.start_update_logs()
-        for data in self.rollout_buffer.get(batch_size=None):
-            actions = data.actions.long().flatten()
-            values, log_prob, entropy = self.policy.evaluate_actions(data.observations, actions)
-            values = values.flatten()
-            advantages = data.advantages
-            if self.normalize_advantage:
-                advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
-            policy_loss = -(advantages * log_prob).mean()
-            v_loss = value_loss(values, data.old_values, data.returns, None)
-            entropy_loss = -entropy.mean()
-            loss = (policy_loss + self.ent_coef * entropy_loss + self.vf_coef * v_loss
-                    + self.kl_loss_term(data, log_prob) + self.ptx_loss_term())
-            self.policy.optimizer.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.max_grad_norm)
-            self.policy.optimizer.step()
-            for name, value in (("train/policy_loss", policy_loss.item()), ("train/value_loss", v_loss.item()),
-                                ("train/entropy_loss", entropy_loss.item()), ("train/loss", loss.item())):
-                self.log_update(name, value)
+        with self.gradient_step.training():
+            for data in self.rollout_buffer.get(batch_size=None):
+                advantages = data.advantages
+                if self.normalize_advantage:
+                    advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+                loss_fn = partial(self.minibatch_loss, data, advantages)
+                parts = self.gradient_step.accumulate(loss_fn, len(advantages), groups=self.episode_groups(data))
+                self.backward_ptx(parts)
+                self.gradient_step.step(self.max_grad_norm)
+                for name, value in parts.items():
+                    self.log_update(name, value)
         self._n_updates += 1
         self.record_update_logs()
         buffer = self.rollout_buffer
@@ -87,3 +81,19 @@ class A2C(LMAlgorithm, sb3.A2C):
                            float(explained_variance(buffer.values.flatten(), buffer.returns.flatten())))
         self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
         self.after_train()
+
+    def minibatch_loss(self, data, advantages: torch.Tensor, rows: slice) -> tuple[torch.Tensor, dict]:
+        """The share of ``rows`` in the loss of the rollout ``data`` and in its logged figures
+        (advantages normalised over all of it; every mean over all its transitions)."""
+        part = take_rows(data, rows)
+        mean = share_of_mean(len(advantages))
+        values, log_prob, entropy = self.policy.evaluate_actions(part.observations, part.actions.long().flatten())
+        policy_loss = -mean(advantages[rows] * log_prob)
+        v_loss = value_loss(values.flatten(), part.old_values, part.returns, None, reduce=mean)
+        entropy_loss = -mean(entropy)
+        parts: dict[str, Any] = {}
+        loss = self.add_kl_loss(policy_loss + self.ent_coef * entropy_loss + self.vf_coef * v_loss, parts, part,
+                                log_prob, reduce=mean)
+        parts.update({"train/policy_loss": policy_loss.detach(), "train/value_loss": v_loss.detach(),
+                      "train/entropy_loss": entropy_loss.detach(), "train/loss": loss.detach()})
+        return loss, parts

@@ -53,7 +53,7 @@ class NLPOPolicy(LMActorCriticPolicy):
         if cached is not None and cached.allowed is not None:
             return cached.allowed
         with torch.no_grad():
-            logits, _ = grouped_forward(core.nucleus_model, ids, mask, self.prompt_len)
+            logits, _ = grouped_forward(core.nucleus_model, ids, mask, self.prompt_len, dtype=core.dtype)
         return core.allowed_tokens(logits)
 
     def shape_logits(self, logits, ids, mask, cached: CachedOutputs | None,
@@ -97,7 +97,8 @@ class NLPO(PPO):
     def _setup_model(self) -> None:
         super()._setup_model()
         core = self.core
-        mask_model = copy.deepcopy(core.model).requires_grad_(False).eval()
+        # Frozen, so stored in the env's precision (the learner may hold float32 master weights).
+        mask_model = copy.deepcopy(core.model).to(core.dtype).requires_grad_(False).eval()
         core.set_nucleus_mask(mask_model, self.policy.top_p, self.policy.min_tokens_to_keep)
 
     def _sync_mask_model(self) -> None:

@@ -7,6 +7,7 @@ puts it in the loss (``kl_in="loss"``, ``textgym.kl``).
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import stable_baselines3 as sb3
@@ -14,8 +15,9 @@ import torch
 from stable_baselines3.common.utils import explained_variance
 
 from ..buffer import EpisodeRolloutBuffer
-from ..common import LMAlgorithm, value_loss
+from ..common import LMAlgorithm, share_of_mean, value_loss
 from ..policy import LMActorCriticPolicy
+from ..update import take_rows
 
 
 class PPO(LMAlgorithm, sb3.PPO):
@@ -86,45 +88,25 @@ class PPO(LMAlgorithm, sb3.PPO):
         self.prepare_update()
         self.start_update_logs()
         continue_training = True
-        for _ in range(self.n_epochs):
-            for data in self.rollout_buffer.get(self.batch_size):
-                actions = data.actions.long().flatten()
-                values, log_prob, entropy = self.policy.evaluate_actions(data.observations, actions)
-                values = values.flatten()
-                advantages = data.advantages
-                if self.normalize_advantage and len(advantages) > 1:  # SB3 issue #325: not for batch size 1
-                    advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
-
-                # Clipped surrogate objective (Schulman et al. 2017, eq. 7).
-                ratio = torch.exp(log_prob - data.old_log_prob)
-                policy_loss = -torch.min(advantages * ratio,
-                                         advantages * torch.clamp(ratio, 1 - clip_range, 1 + clip_range)).mean()
-                v_loss = value_loss(values, data.old_values, data.returns, clip_range_vf)
-                entropy_loss = -entropy.mean()
-                loss = (policy_loss + self.ent_coef * entropy_loss + self.vf_coef * v_loss
-                        + self.kl_loss_term(data, log_prob) + self.ptx_loss_term())
-
-                with torch.no_grad():
-                    # k3 of the old -> new policy change, SB3's early-stopping statistic (SB3 PR #419).
-                    log_ratio = log_prob - data.old_log_prob
-                    approx_kl = torch.mean(torch.expm1(log_ratio) - log_ratio).item()
-                clip_fraction = torch.mean((torch.abs(ratio - 1) > clip_range).float()).item()
-                for name, value in (("train/policy_gradient_loss", policy_loss.item()),
-                                    ("train/value_loss", v_loss.item()), ("train/entropy_loss", entropy_loss.item()),
-                                    ("train/approx_kl", approx_kl), ("train/loss", loss.item()),
-                                    ("train/clip_fraction", clip_fraction)):
-                    self.log_update(name, value)
-                if self.target_kl is not None and approx_kl > 1.5 * self.target_kl:
-                    continue_training = False
+        with self.gradient_step.training():
+            for _ in range(self.n_epochs):
+                for data in self.rollout_buffer.get(self.batch_size):
+                    advantages = data.advantages
+                    if self.normalize_advantage and len(advantages) > 1:  # SB3 issue #325: not for batch size 1
+                        advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+                    loss_fn = partial(self.minibatch_loss, data, advantages, clip_range, clip_range_vf)
+                    parts = self.gradient_step.accumulate(loss_fn, len(advantages), groups=self.episode_groups(data))
+                    self.backward_ptx(parts)
+                    for name, value in parts.items():
+                        self.log_update(name, value)
+                    if self.target_kl is not None and parts["train/approx_kl"] > 1.5 * self.target_kl:
+                        self.gradient_step.discard()  # the step this minibatch would take is not taken
+                        continue_training = False
+                        break
+                    self.gradient_step.step(self.max_grad_norm)
+                self._n_updates += 1
+                if not continue_training:
                     break
-
-                self.policy.optimizer.zero_grad()
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.max_grad_norm)
-                self.policy.optimizer.step()
-            self._n_updates += 1
-            if not continue_training:
-                break
 
         self.record_update_logs()
         buffer = self.rollout_buffer
@@ -135,3 +117,28 @@ class PPO(LMAlgorithm, sb3.PPO):
         if clip_range_vf is not None:
             self.logger.record("train/clip_range_vf", clip_range_vf)
         self.after_train()
+
+    def minibatch_loss(self, data, advantages: torch.Tensor, clip_range: float, clip_range_vf: float | None,
+                       rows: slice) -> tuple[torch.Tensor, dict]:
+        """The share of ``rows`` in the loss of the minibatch ``data`` (advantages normalised over
+        all of it), and in its logged figures: every mean is over the minibatch's transitions."""
+        part = take_rows(data, rows)
+        mean = share_of_mean(len(advantages))
+        values, log_prob, entropy = self.policy.evaluate_actions(part.observations, part.actions.long().flatten())
+        adv = advantages[rows]
+        # Clipped surrogate objective (Schulman et al. 2017, eq. 7).
+        ratio = torch.exp(log_prob - part.old_log_prob)
+        policy_loss = -mean(torch.min(adv * ratio, adv * torch.clamp(ratio, 1 - clip_range, 1 + clip_range)))
+        v_loss = value_loss(values.flatten(), part.old_values, part.returns, clip_range_vf, reduce=mean)
+        entropy_loss = -mean(entropy)
+        loss = policy_loss + self.ent_coef * entropy_loss + self.vf_coef * v_loss
+        parts: dict[str, Any] = {}
+        loss = self.add_kl_loss(loss, parts, part, log_prob, reduce=mean)
+        with torch.no_grad():
+            # k3 of the old -> new policy change, SB3's early-stopping statistic (SB3 PR #419).
+            log_ratio = log_prob - part.old_log_prob
+            parts.update({"train/policy_gradient_loss": policy_loss.detach(), "train/value_loss": v_loss.detach(),
+                          "train/entropy_loss": entropy_loss.detach(), "train/loss": loss.detach(),
+                          "train/approx_kl": mean(torch.expm1(log_ratio) - log_ratio),
+                          "train/clip_fraction": mean((torch.abs(ratio - 1) > clip_range).float())})
+        return loss, parts

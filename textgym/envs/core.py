@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from textgym import kl as klmod
-from textgym import lm, models, rewards
+from textgym import lm, models, precision, rewards
 from textgym import lora as lora_mod
 from textgym.envs.groups import PromptGroups
 from textgym.prompts import PromptSet, load_prompts, sentiment_prompts
@@ -70,7 +70,9 @@ class TextGenConfig:
     stop_on_eos: bool = True
     chat_template: bool = False
     render_mode: str | None = None
-    device: Any = None
+    device: Any = None  # None: textgym.precision.default_device() for a model loaded by name
+    dtype: Any = "float32"  # the models' precision (textgym.precision.DTYPES), or the torch dtype
+    ref_dtype: Any = None  # the reference's precision; None: dtype
 
     @classmethod
     def from_kwargs(cls, env_id: str = "textgym/TextGen-v0", **kwargs) -> TextGenConfig:
@@ -98,6 +100,9 @@ class TextGenConfig:
         for key in ("stop_on_eos", "chat_template"):  # "false" would be True
             if not isinstance(getattr(self, key), (bool, np.bool_)):
                 raise ValueError(f"{key} must be True or False, got {getattr(self, key)!r}")
+        precision.resolve_dtype(self.dtype, "dtype")
+        if self.ref_dtype is not None:
+            precision.resolve_dtype(self.ref_dtype, "ref_dtype")
         if not isinstance(self.reward_kwargs, dict):
             raise ValueError(
                 f"reward_kwargs must be a dict of the reward's options (or {{}}), got {self.reward_kwargs!r}"
@@ -141,7 +146,11 @@ class TextGenCore:
     def __init__(self, cfg: TextGenConfig, n: int = 1):
         self.cfg = cfg
         self.P, self.T = int(cfg.max_prompt_tokens), int(cfg.max_new_tokens)
-        self.model, self.tokenizer = self._load_model(cfg)
+        # Every forward of a model runs under autocast to its precision (lm.forward): the policy's
+        # weights may have been upcast to float32 master weights by an agent since they were loaded.
+        self.dtype = precision.resolve_dtype(cfg.dtype, "dtype")
+        self.ref_dtype = self.dtype if cfg.ref_dtype is None else precision.resolve_dtype(cfg.ref_dtype, "ref_dtype")
+        self.model, self.tokenizer = self._load_model(cfg, self.dtype)
         check_position_limit(self.model, self.P, self.T)
         self.device = next(self.model.parameters()).device
         self.ref_model = self._load_ref(cfg)
@@ -188,12 +197,12 @@ class TextGenCore:
         self.ref_logp = torch.zeros(n, self.T)
         self.mask_mass = torch.zeros(n, self.T)  # with a nucleus mask: policy probability the mask kept
         self._allowed: tuple | None = None  # (masking decoder, its version, nucleus mask [n, V]): see nucleus_allowed
-        self.policy = lm.IncrementalLM(self.model, n)
+        self.policy = lm.IncrementalLM(self.model, n, dtype=self.dtype)
         # Models decoded in lockstep with the policy, one KV-cached forward per step each: the
         # reference in per_token mode, and whatever an agent adds (e.g. NLPO's masking policy).
         self.followers: dict[str, lm.IncrementalLM] = {}
         if self.cfg.kl_mode == "per_token":
-            self.followers["ref"] = lm.IncrementalLM(self.ref_model, n)
+            self.followers["ref"] = lm.IncrementalLM(self.ref_model, n, dtype=self.ref_dtype)
 
     @property
     def ref(self) -> lm.IncrementalLM | None:
@@ -203,8 +212,9 @@ class TextGenCore:
         return [self.policy, *self.followers.values()]
 
     def add_follower(self, name: str, model) -> lm.IncrementalLM:
-        """Decode ``model`` in lockstep with the policy from now on (live rows are encoded at once)."""
-        self.followers[name] = lm.IncrementalLM(model, self.n)
+        """Decode ``model`` in lockstep with the policy from now on (live rows are encoded at once),
+        its forwards in the env's ``dtype``."""
+        self.followers[name] = lm.IncrementalLM(model, self.n, dtype=self.dtype)
         self.refresh([self.followers[name]])
         return self.followers[name]
 
@@ -230,8 +240,13 @@ class TextGenCore:
         self.peft_model = lora_mod.peft_wrap(self.model, lora, own_reference=own_reference)
         if not own_reference:
             self.ref_model = lora_mod.AdapterDisabledRef(self.peft_model)  # the env's frozen copy is dropped
+            if self.ref_dtype != self.dtype:
+                warnings.warn(f"ref_dtype={precision.dtype_name(self.ref_dtype)} is not used with LoRA: the reference "
+                              f"is the adapter-free policy model, in dtype={precision.dtype_name(self.dtype)}",
+                              stacklevel=2)
+                self.ref_dtype = self.dtype
             if self.ref is not None:
-                self.ref.model = self.ref_model
+                self.ref.model, self.ref.dtype = self.ref_model, self.ref_dtype
         self.refresh()
 
     # --- the acting distribution ------------------------------------------------------------------
@@ -345,7 +360,7 @@ class TextGenCore:
 
     def _load_acting(self, directory: Path) -> None:
         spec = json.loads((directory / ACTING_FILE).read_text())["nucleus_mask"]
-        mask_model, _ = models.load(directory / spec["model"], device=self.device)
+        mask_model, _ = models.load(directory / spec["model"], device=self.device, dtype=self.dtype)
         self.set_nucleus_mask(mask_model, spec["top_p"], spec["min_tokens_to_keep"])
 
     # --- evaluation -------------------------------------------------------------------------------
@@ -361,7 +376,7 @@ class TextGenCore:
         other.group_size = 1  # evaluation draws every episode's prompt on its own
         other._init_rows(self.n if n is None else n)
         if self.nucleus is not None:
-            other.followers[NUCLEUS] = lm.IncrementalLM(self.nucleus_model, other.n)
+            other.followers[NUCLEUS] = lm.IncrementalLM(self.nucleus_model, other.n, dtype=self.dtype)
         return other
 
     # --- the KL controller ------------------------------------------------------------------------
@@ -400,7 +415,8 @@ class TextGenCore:
     # --- construction ---------------------------------------------------------------------------
 
     @staticmethod
-    def _load_model(cfg: TextGenConfig):
+    def _load_model(cfg: TextGenConfig, dtype: torch.dtype):
+        """The policy LM, in ``dtype`` (a model object is cast to it, as it is moved to ``device``)."""
         device = cfg.device
         if isinstance(cfg.model, torch.nn.Module):
             # Any: a transformers model, or a wrapper forwarding its attributes (peft's); nn.Module's
@@ -412,15 +428,14 @@ class TextGenCore:
                 from transformers import AutoTokenizer
 
                 tokenizer = AutoTokenizer.from_pretrained(model.config.name_or_path)
-            if device is not None:
-                model.to(device)
+            model.to(device=device, dtype=dtype)
             models.prepare(model, tokenizer)
             return model, tokenizer
         if not isinstance(cfg.model, str):
             raise ValueError(f"model must be a name, a path or a loaded causal LM, got {type(cfg.model).__name__}")
         if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        model, tokenizer = models.load(cfg.model, device=device)
+            device = precision.default_device()
+        model, tokenizer = models.load(cfg.model, device=device, dtype=dtype)
         if cfg.tokenizer is not None:
             tokenizer = models.prepare(model, cfg.tokenizer)
         return model, tokenizer
@@ -430,7 +445,7 @@ class TextGenCore:
         if ref is None:
             ref = copy.deepcopy(self.model)
         elif isinstance(ref, str):
-            ref, _ = models.load(ref, device=self.device)
+            ref, _ = models.load(ref, device=self.device, dtype=self.ref_dtype)
         elif not isinstance(ref, torch.nn.Module):
             raise ValueError(f"ref_model must be None, a name, a path or a loaded model, got {type(ref).__name__}")
         if ref is self.model:
@@ -439,6 +454,7 @@ class TextGenCore:
                 "the reference would freeze the policy. Pass ref_model=None (a frozen copy) or a separate model"
             )
         models.disable_dropout(ref)
+        ref.to(dtype=self.ref_dtype)  # frozen: stored in its own precision, no float32 master copy needed
         ref.eval()
         ref.requires_grad_(False)
         if models.logits_width(ref) != models.logits_width(self.model):
@@ -661,7 +677,7 @@ class TextGenCore:
         ids = torch.as_tensor(self.input_ids[rows], device=self.device)
         mask = torch.as_tensor(self.attention_mask[rows], device=self.device)
         logp = lm.completion_logprobs(
-            self.ref_model, ids[:, :P], mask[:, :P], ids[:, P : P + width], mask[:, P : P + width]
+            self.ref_model, ids[:, :P], mask[:, :P], ids[:, P : P + width], mask[:, P : P + width], dtype=self.ref_dtype
         )
         out = torch.zeros(len(rows), self.T)
         out[:, :width] = logp.float().cpu()

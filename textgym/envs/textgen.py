@@ -109,7 +109,12 @@ class TextGenEnv(_CoreViews, gym.Env):
     - ``ref_model``: the reference (default: a frozen copy of ``model``; never ``model`` itself).
     - ``stop_on_eos`` (True), ``chat_template`` (False: wrap prompts with the tokenizer's chat
       template as a user turn), ``render_mode`` (None or "ansi"), ``device`` (default: the model's,
-      else CUDA when available).
+      else ``textgym.precision.default_device()``: ``cuda:LOCAL_RANK`` under torchrun, else CUDA when
+      available, else CPU).
+    - ``dtype`` ("float32", or "bfloat16", "float16"): the precision the models are loaded in (a
+      model object is cast to it) and their forwards run in (autocast); log-probs and the KL are
+      float32 maths whatever it is. ``ref_dtype`` (None: ``dtype``): the reference's own, e.g.
+      "bfloat16" to halve its memory beside a float32 policy.
 
     ``reset(options={"prompt": text})`` or ``options={"prompt_index": i}`` picks the prompt.
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from textgym import agents
+from textgym import agents, precision
 from textgym.pipeline import hyperparameters as algo_hyperparameters
 from textgym.pipeline.config import ConfigError, keyed_sections, load_config, option, read_layers, yaml_load_file
 
@@ -44,6 +44,9 @@ class ModelSection:
     # update about twice as fast on a CPU.
     lora: dict | None = option({"r": 16}, "peft.LoraConfig options (LoRA adapters are trained, the LM is frozen); "
                                "null: full fine-tuning")
+    dtype: str = option("float32", "the models' precision (the env's dtype): bfloat16 or float16 load them so and run "
+                        "every forward under autocast, the trained weights staying float32; log-probs and the KL "
+                        "are float32 maths whatever it is", choices=tuple(precision.DTYPES), what="a precision")
 
 
 @dataclass
@@ -136,14 +139,13 @@ class TrainConfig:
 
     def resolve(self) -> None:
         """The env's model and reward come from their own sections, never from ``env.kwargs``."""
-        reserved = sorted({"model", "reward", "reward_kwargs"} & set(self.env.kwargs))
+        sections = {"model": "model", "dtype": "model", "reward": "reward", "reward_kwargs": "reward"}
+        reserved = sorted(set(sections) & set(self.env.kwargs))
         if reserved:
-            raise ConfigError(
-                f"env.kwargs.{reserved[0]} is set by the {reserved[0].split('_')[0]} section, not env.kwargs"
-            )
+            raise ConfigError(f"env.kwargs.{reserved[0]} is set by the {sections[reserved[0]]} section, not env.kwargs")
 
     def env_kwargs(self) -> dict:
-        return {**self.env.kwargs, "model": self.model.name, "reward": self.reward.name,
+        return {**self.env.kwargs, "model": self.model.name, "dtype": self.model.dtype, "reward": self.reward.name,
                 "reward_kwargs": dict(self.reward.kwargs)}
 
 

@@ -1,0 +1,176 @@
+"""One optimizer step of a written-out update: micro-batches, loss scaling, gradient checkpointing.
+
+Every textgym update (PPO, A2C and NLPO's in ``ppo/``, ``a2c/``; GRPO's, RLOO's and REINFORCE++'s
+in ``critic_free.py``) hands ``GradientStep.accumulate`` a function giving the loss of some rows
+of its minibatch, then calls ``step`` (or ``discard``, when PPO's early stop rejects the
+minibatch). What happens in between is here:
+
+- **Micro-batches** (``micro_batch_size=k``): the minibatch's forward and backward run on ``k``
+  episodes at a time, and the gradients accumulate. A micro-batch's loss is its share of the
+  minibatch's loss: each mean over the minibatch is the sum over the micro-batch's rows divided by
+  the *minibatch's* count, and advantages are normalised over the whole minibatch before it is
+  split, so the accumulated gradient is the minibatch's (up to float rounding) while the
+  activations held at once are those of ``k`` episodes. The logged figures are summed the same way.
+- **Loss scaling** for float16 (Micikevicius et al. 2018, "Mixed Precision Training"): the loss is
+  multiplied by a dynamic scale before backward so small gradients do not flush to zero in
+  float16; gradients are unscaled before clipping, and a step whose gradients overflowed is skipped
+  and the scale lowered (``torch.amp.GradScaler``). bfloat16 has float32's exponent range and needs
+  none; with float32 the scaler is off and every call passes through.
+- **Gradient checkpointing** (``gradient_checkpointing=True``; Chen et al. 2016, "Training Deep
+  Nets with Sublinear Memory Cost"): during the update only, the trained Hugging Face models keep
+  each layer's input and recompute the layer in backward. It is turned off when the update ends:
+  the KV-cached rollouts need ``use_cache``, which checkpointed layers refuse in training mode.
+  Dropout is off in every textgym model (``textgym.models.disable_dropout``), so the recomputation
+  is exact. PyTorch's non-reentrant checkpoint is used: it needs no input that requires grad, so
+  LoRA's frozen embeddings are fine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+# The loss of some rows of a minibatch, and named figures (tensors or floats) to log.
+LossFn = Callable[[slice], tuple[torch.Tensor, dict[str, Any]]]
+
+
+def check_micro_batch_size(value: Any) -> int | None:
+    """``micro_batch_size``: None (the whole minibatch in one forward) or an integer >= 1."""
+    if value is None:
+        return None
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"micro_batch_size must be None (the whole minibatch in one forward) or an integer >= 1 "
+                         f"(episodes per forward), got {value!r}")
+    return int(value)
+
+
+def micro_batches(n_rows: int, size: int | None, groups: torch.Tensor | None = None) -> list[slice]:
+    """Row slices of a minibatch's micro-batches: all ``n_rows`` rows at once when ``size`` is None,
+    else ``size`` groups per micro-batch. ``groups``: each row's group (an episode segment:
+    nondecreasing from 0, as ``policy.group_rows`` numbers them); None: every row its own."""
+    if size is None or n_rows == 0:
+        return [slice(0, n_rows)]
+    chunk = (torch.arange(n_rows) if groups is None else groups.detach().cpu()) // size
+    cuts = (torch.nonzero(chunk[1:] != chunk[:-1]).flatten() + 1).tolist()
+    bounds = [0, *cuts, n_rows]
+    return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def take_rows(data: Any, rows: slice) -> Any:
+    """``data`` (a tensor, a dict or NamedTuple of them, or None) restricted to ``rows``."""
+    if data is None or isinstance(data, torch.Tensor):
+        return None if data is None else data[rows]
+    if isinstance(data, dict):
+        return {key: take_rows(value, rows) for key, value in data.items()}
+    if isinstance(data, tuple) and hasattr(data, "_fields"):
+        return type(data)(*(take_rows(value, rows) for value in data))
+    raise TypeError(f"cannot take rows of a {type(data).__name__}")
+
+
+def upcast_trainable(model: nn.Module) -> None:
+    """Make ``model``'s trainable floating-point parameters float32 master weights (in place; the
+    forwards still run in the env's precision under autocast): a bfloat16 weight cannot take an
+    update below about 1/256 of itself, and a float16 gradient cannot be unscaled."""
+    for param in model.parameters():
+        if param.requires_grad and param.is_floating_point() and param.dtype != torch.float32:
+            param.data = param.data.float()
+
+
+def supports_checkpointing(model: nn.Module) -> bool:
+    return bool(getattr(model, "supports_gradient_checkpointing", False))
+
+
+def set_checkpointing(model: Any, on: bool) -> None:
+    """Turn a Hugging Face model's gradient (activation) checkpointing on or off, non-reentrant;
+    turning it off also removes the input-gradient hooks that turning it on may add."""
+    kwargs = {"use_reentrant": False}
+    if on:
+        # Hooks that enabling adds are removed when disabling; any that were there already stay.
+        model._textgym_had_input_hooks = _has_input_grad_hooks(model)
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 (the old name is deprecated)
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        return
+    if hasattr(model, "activation_checkpointing_disable"):
+        model.activation_checkpointing_disable()
+    else:
+        model.gradient_checkpointing_disable()
+    if _has_input_grad_hooks(model) and not getattr(model, "_textgym_had_input_hooks", False):
+        model.disable_input_require_grads()
+
+
+def _has_input_grad_hooks(model: Any) -> bool:
+    return bool(getattr(model, "_require_grads_hooks", None)) or getattr(model, "_require_grads_hook", None) is not None
+
+
+class GradientStep:
+    """Gradient accumulation over micro-batches, loss scaling and checkpointing for one policy.
+
+    :param policy: the ``LMActorCriticPolicy`` (its ``optimizer`` and trained models).
+    :param micro_batch_size: episodes per forward (None: the whole minibatch at once).
+    :param gradient_checkpointing: checkpoint the trained LMs (``policy.lm``, a separate critic)
+        during updates.
+    :param loss_scaling: scale the loss dynamically (float16).
+    """
+
+    def __init__(self, policy, *, micro_batch_size: int | None = None, gradient_checkpointing: bool = False,
+                 loss_scaling: bool = False):
+        self.policy = policy
+        self.micro_batch_size = check_micro_batch_size(micro_batch_size)
+        self.scaler = torch.amp.GradScaler(policy.lm_device.type, enabled=loss_scaling)
+        self.checkpointed: list[nn.Module] = []
+        if gradient_checkpointing:
+            self.checkpointed = [m for m in (policy.lm, policy.critic) if m is not None]
+            for model in self.checkpointed:
+                if not supports_checkpointing(model):
+                    raise ValueError(f"gradient_checkpointing=True needs Hugging Face models that support it; "
+                                     f"{type(model).__name__} does not")
+
+    @contextlib.contextmanager
+    def training(self) -> Iterator[None]:
+        """The span of an update: the trained models are checkpointed within it (when asked)."""
+        for model in self.checkpointed:
+            set_checkpointing(model, True)
+        try:
+            yield
+        finally:
+            for model in self.checkpointed:
+                set_checkpointing(model, False)
+
+    def accumulate(self, loss_fn: LossFn, n_rows: int, groups: torch.Tensor | None = None) -> dict[str, float]:
+        """Zero the gradients, then for each micro-batch (``micro_batches``) of the minibatch's
+        ``n_rows`` rows: ``loss, parts = loss_fn(rows)`` and backward. ``loss_fn`` returns the
+        micro-batch's share of the minibatch loss (its sums over the minibatch's counts) and named
+        figures shared alike; returns each figure summed over the micro-batches: the minibatch's."""
+        self.policy.optimizer.zero_grad()
+        totals: dict[str, float] = {}
+        for rows in micro_batches(n_rows, self.micro_batch_size, groups):
+            loss, parts = loss_fn(rows)
+            self.backward(loss)
+            for name, value in parts.items():
+                totals[name] = totals.get(name, 0.0) + float(value)
+        return totals
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward of ``loss`` (scaled with loss scaling), accumulating into the gradients."""
+        self.scaler.scale(loss).backward()
+
+    def step(self, max_grad_norm: float | None) -> None:
+        """Clip the accumulated (unscaled) gradients' norm to ``max_grad_norm`` and step the
+        optimizer (skipped by the scaler if a float16 gradient overflowed)."""
+        optimizer = self.policy.optimizer
+        self.scaler.unscale_(optimizer)
+        if max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.policy.parameters(), max_grad_norm)
+        self.scaler.step(optimizer)
+        self.scaler.update()
+
+    def discard(self) -> None:
+        """Drop the accumulated gradients without a step (PPO's early stop)."""
+        self.policy.optimizer.zero_grad()
