@@ -212,7 +212,7 @@ class LMAlgorithm(_MixedInto):
         """Reset every env row, so the next rollout starts from new episodes (prompts drawn with the
         env's seeded RNGs) instead of continuing the running ones: ``textgym train`` starts each
         iteration this way, which is what makes a resumed run repeat the uninterrupted one."""
-        self._last_obs = self.vec_env.reset()  # type: ignore[assignment]  # SB3 types it as any VecEnv's obs
+        self._last_obs = self.vec_env.reset()
         self._last_episode_starts = np.ones((self.n_envs,), dtype=bool)
 
     def collect_rollouts(self, env, callback, rollout_buffer, n_rollout_steps: int) -> bool:
