@@ -32,8 +32,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from textgym import distributed, lm, models, precision, rewards
 from textgym import kl as klmod
-from textgym import lm, models, precision, rewards
 from textgym import lora as lora_mod
 from textgym.envs.groups import PromptGroups
 from textgym.prompts import PromptSet, load_prompts, sentiment_prompts
@@ -381,16 +381,28 @@ class TextGenCore:
 
     # --- the KL controller ------------------------------------------------------------------------
 
-    def update_kl_controller(self) -> float | None:
+    def update_kl_controller(self, across_ranks: bool = False) -> float | None:
         """Move the KL coefficient once, on the mean KL of the episodes finished since the last
         update (Ziegler et al. 2019's rule, n = their number). Returns that mean, or None when no
-        episode finished."""
+        episode finished. ``across_ranks``: data-parallel (``textgym.distributed``), the mean and
+        number of the episodes of every rank's engine, so every rank's coefficient moves alike;
+        all ranks must then call together (an agent does, once per rollout)."""
+        if across_ranks and distributed.is_initialized():
+            kls = self.kl_batch or []
+            total, count = distributed.all_reduce_sum([float(np.sum(kls)), len(kls)])
+            if self.kl_batch is not None:
+                self.kl_batch = []
+            if not count:
+                return None
+            self.kl_controller.update(float(total / count), n_steps=int(count))
+            return float(total / count)
         if not self.kl_batch:
             return None
         mean = float(np.mean(self.kl_batch))
         self.kl_controller.update(mean, n_steps=len(self.kl_batch))
         self.kl_batch = []
         return mean
+
     @torch.no_grad()
     def refresh(self, decoders: list[lm.IncrementalLM] | None = None) -> None:
         """Re-encode the live rows from scratch, e.g. after the policy's weights changed, so the
