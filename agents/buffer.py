@@ -4,6 +4,8 @@ SB3 shuffles transitions, so every row of a minibatch needs its own LM forward. 
 are filled with whole episode segments (an episode, or the part of it inside this rollout), each
 in step order, so ``LMActorCriticPolicy`` evaluates a segment with one teacher-forced forward.
 Segments are shuffled with numpy's global RNG (seeded by SB3), like SB3 shuffles transitions.
+Under data parallelism each rank yields its part of every minibatch of the global buffer
+(``agents.data_parallel``).
 """
 
 from __future__ import annotations
@@ -15,10 +17,13 @@ import numpy as np
 import torch
 from stable_baselines3.common.buffers import DictRolloutBuffer
 
+from .data_parallel import Share, minibatches, whole
+
 
 class LMRolloutSamples(NamedTuple):
     """SB3's ``DictRolloutBufferSamples`` plus the reference log-prob of each action (``None``
-    unless the KL term sits in the loss)."""
+    unless the KL term sits in the loss) and this rank's ``Share`` of the minibatch (the whole of
+    it in a single process; see ``agents.data_parallel``)."""
 
     observations: dict
     actions: torch.Tensor
@@ -27,6 +32,7 @@ class LMRolloutSamples(NamedTuple):
     advantages: torch.Tensor
     returns: torch.Tensor
     ref_log_prob: torch.Tensor | None
+    share: Share
 
 
 class EpisodeRolloutBuffer(DictRolloutBuffer):
@@ -54,23 +60,16 @@ class EpisodeRolloutBuffer(DictRolloutBuffer):
     def get(self, batch_size: int | None = None) -> Generator[LMRolloutSamples, None, None]:  # type: ignore[override]
         assert self.full, "the rollout buffer is not full"
         segments = self.segments()
-        total = self.buffer_size * self.n_envs
-        batch_size = total if batch_size is None else batch_size
-        chunk: list[np.ndarray] = []
-        size = 0
-        for k in np.random.permutation(len(segments)):
-            chunk.append(segments[k])
-            size += len(segments[k])
-            if size >= batch_size:
-                yield self._get_samples(np.concatenate(chunk))
-                chunk, size = [], 0
-        if chunk:
-            yield self._get_samples(np.concatenate(chunk))
+        lengths = np.array([len(segment) for segment in segments])
+        for chosen, share in minibatches(lengths, batch_size, items_are_tokens=True):
+            yield self._get_samples(np.concatenate([segments[k] for k in chosen]), share=share)
 
-    def _get_samples(self, batch_inds: np.ndarray, env=None) -> LMRolloutSamples:  # type: ignore[override]
+    def _get_samples(self, batch_inds: np.ndarray, env=None,  # type: ignore[override]
+                     share: Share | None = None) -> LMRolloutSamples:
         base = super()._get_samples(batch_inds, env)
         ref = None if self.ref_log_probs is None else self.to_torch(self.ref_log_probs[batch_inds])
-        return LMRolloutSamples(*base, ref_log_prob=ref)
+        share = whole(len(batch_inds), len(batch_inds)) if share is None else share
+        return LMRolloutSamples(*base, ref_log_prob=ref, share=share)
 
     def _flatten(self) -> None:
         # As SB3's get(): [n_steps, n_envs, ...] -> [n_envs * n_steps, ...], env-major, so each

@@ -15,6 +15,11 @@
   ``log pi`` (see ``textgym.kl`` for why only these two pairs are gradient-correct).
 - The RLHF figures are logged: mean score, KL (k1, and k3 as a diagnostic), KL coefficient,
   completion length, entropy, and NLPO's kept mask mass.
+- Data parallelism (``textgym.distributed``): inside a process group each rank plays its share of
+  the env's rows, samples its tokens as rows of the global batch, moves the KL coefficient on the
+  global mean KL and logs global figures; its update takes its part of every global minibatch and
+  sums gradients with the other ranks (``agents.data_parallel``, ``agents.update``), so N ranks
+  take the step one process would take on the global batch.
 - Optional PPO-ptx: ``ptx_coef`` > 0 adds a language-modelling loss on ``ptx_data`` to every
   minibatch's loss, as an explicit term (``ptx_loss_term``, see ``agents.ptx``).
 - ``learning_rate=None`` picks a default by model size and LoRA (``default_learning_rate``).
@@ -30,8 +35,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from stable_baselines3.common.utils import obs_as_tensor
+from stable_baselines3.common.utils import explained_variance, obs_as_tensor
 
+from textgym import distributed
 from textgym import kl as klmod
 from textgym.lora import lora_config
 from textgym.precision import autocast
@@ -76,15 +82,6 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
     return reduce(torch.max(unclipped, (returns - clipped).square()))
 
 
-def share_of_mean(n: int):
-    """The reduction that gives a micro-batch's share of a mean over ``n`` rows: sum / ``n``."""
-
-    def reduce(values: torch.Tensor) -> torch.Tensor:
-        return values.sum() / n
-
-    return reduce
-
-
 class LMAlgorithm(_MixedInto):
     """Mixin placed before an SB3 ``OnPolicyAlgorithm`` subclass in the bases. Its own keyword
     arguments (``lora`` and PPO-ptx's are described with the algorithms):
@@ -127,6 +124,7 @@ class LMAlgorithm(_MixedInto):
              "ptx_max_length": ptx_max_length, "micro_batch_size": self.micro_batch_size,
              "gradient_checkpointing": self.gradient_checkpointing})
         self._episode_stats: list[dict] = []
+        self.rollout_stats: dict[str, float] = {}
         self._update_logs: dict[str, list[float]] = {}
         env = as_vec_env(env) if env is not None else None
         if kwargs.get("learning_rate", 0.0) is None:
@@ -153,12 +151,13 @@ class LMAlgorithm(_MixedInto):
                              "kl_in='reward' (the default), or use one of ppo, a2c, nlpo")
         own_update = {"micro_batch_size": self.micro_batch_size is not None,
                       "gradient_checkpointing": self.gradient_checkpointing,
-                      "dtype float16": core.dtype == torch.float16}
+                      "dtype float16": core.dtype == torch.float16,
+                      f"{distributed.world_size()} data-parallel ranks": distributed.world_size() > 1}
         if not self.adds_loss_terms and any(own_update.values()):
             asked = ", ".join(name for name, on in own_update.items() if on)
             raise ValueError(f"algorithm {self.algo_name!r} keeps stable-baselines3's update, which has no "
-                             f"micro-batches, checkpointing or loss scaling ({asked} asked): use one of ppo, a2c, "
-                             "nlpo, grpo, rloo, reinforce++")
+                             f"micro-batches, checkpointing, loss scaling or data parallelism ({asked} asked): use "
+                             "one of ppo, a2c, nlpo, grpo, rloo, reinforce++")
         core.kl_batch_auto = False  # the coefficient moves once per rollout (collect_rollouts)
         if self.lora and core.peft_model is None:
             self.set_random_seed(self.seed)  # the adapters' initialisation must follow the seed too
@@ -174,6 +173,7 @@ class LMAlgorithm(_MixedInto):
             super()._setup_model()
         finally:
             self.policy_kwargs = saved
+        distributed.broadcast_parameters(self.policy)  # every rank starts from rank 0's weights
         self.gradient_step = GradientStep(self.policy, micro_batch_size=self.micro_batch_size,
                                           gradient_checkpointing=self.gradient_checkpointing,
                                           loss_scaling=core.dtype == torch.float16)
@@ -187,7 +187,10 @@ class LMAlgorithm(_MixedInto):
 
     def save(self, path, exclude=None, include=None) -> None:
         """Save to a zip in SB3's layout, without pickle: JSON data and tensors (``agents.serialization``),
-        the KL controller's state included."""
+        the KL controller's state included. Under data parallelism only rank 0 writes (every rank
+        holds the same agent); the others return at once."""
+        if not distributed.is_main():
+            return
         self.kl_controller_state = self.core.kl_controller.state_dict()  # a dict of floats, saved as JSON
         serialization.save_agent(self, path, exclude=exclude, include=include)
 
@@ -205,7 +208,7 @@ class LMAlgorithm(_MixedInto):
         return model
 
     def _excluded_save_params(self) -> list[str]:
-        return [*super()._excluded_save_params(), "_episode_stats", "_update_logs", "kl_coef_used",
+        return [*super()._excluded_save_params(), "_episode_stats", "rollout_stats", "_update_logs", "kl_coef_used",
                 "_ptx_batches", "gradient_step"]
 
     def start_fresh_episodes(self) -> None:
@@ -218,16 +221,31 @@ class LMAlgorithm(_MixedInto):
     def collect_rollouts(self, env, callback, rollout_buffer, n_rollout_steps: int) -> bool:
         self._episode_stats = []
         self.kl_coef_used = float(self.core.kl_controller.value)  # the coefficient of this whole rollout
+        start = self.num_timesteps
         result = self._play_rollout(env, callback, rollout_buffer, n_rollout_steps)
-        if self._episode_stats:
-            for key, name in (("score", "score_mean"), ("kl", "kl_mean"), ("kl_k3", "kl_k3_mean"),
-                              ("length", "completion_length"), ("mask_mass", "mask_mass")):
-                if key in self._episode_stats[0]:
-                    self.logger.record(f"rollout/{name}", float(np.mean([s[key] for s in self._episode_stats])))
+        if distributed.is_initialized():  # the global batch's timesteps, alike on every rank
+            self.num_timesteps = start + int(distributed.all_reduce_sum(self.num_timesteps - start))
+        self.rollout_stats = self._rollout_stats()
+        for key, name in (("score", "score_mean"), ("kl", "kl_mean"), ("kl_k3", "kl_k3_mean"),
+                          ("length", "completion_length"), ("mask_mass", "mask_mass")):
+            if key in self.rollout_stats:
+                self.logger.record(f"rollout/{name}", self.rollout_stats[key])
         self.logger.record("rollout/kl_coef", self.kl_coef_used)
-        # One controller update per rollout, on the mean KL of the episodes that ended in it.
-        self.core.update_kl_controller()
+        # One controller update per rollout, on the mean KL of the episodes that ended in it (on every rank).
+        self.core.update_kl_controller(across_ranks=True)
         return result
+
+    def _rollout_stats(self) -> dict[str, float]:
+        """Means over the episodes that ended in the rollout (on every rank): ``score``, ``kl``,
+        ``kl_k3``, ``length``, ``mask_mass`` (where the episodes report them) and ``reward`` (the
+        return), and their number, ``episodes``."""
+        stats = self._episode_stats  # the final infos: every one has a score
+        values = {key: [s[key] for s in stats if key in s] for key in ("score", "kl", "kl_k3", "length", "mask_mass")}
+        values["reward"] = [s["episode"]["r"] for s in stats if "episode" in s]
+        pooled = distributed.mean_over_ranks(values)
+        out = {key: mean for key, (mean, _) in pooled.items() if mean is not None}
+        out["episodes"] = pooled["score"][1]
+        return out
 
     def _play_rollout(self, env: LMVecEnv, callback, rollout_buffer, n_rollout_steps: int) -> bool:
         """stable-baselines3's ``OnPolicyAlgorithm.collect_rollouts`` (v2.x), step for step, with two
@@ -237,13 +255,17 @@ class LMAlgorithm(_MixedInto):
         bootstrap (``LMVecEnv`` never truncates: EOS and ``max_new_tokens`` both end an episode)."""
         assert self._last_obs is not None, "No previous observation was provided"
         self.policy.set_training_mode(False)
+        # Data-parallel, the tokens are drawn as rows of the global batch (a single process calls
+        # the policy exactly as SB3 does).
+        sampling = {"across_ranks": True} if distributed.is_initialized() else {}
         n_steps = 0
         rollout_buffer.reset()
         callback.on_rollout_start()
         while n_steps < n_rollout_steps:
             with torch.no_grad():
                 obs_tensor = obs_as_tensor(self._last_obs, self.device)
-                actions, values, log_probs = self.policy(obs_tensor, engine_rows=env.engine_rows(self._last_obs))
+                actions, values, log_probs = self.policy(obs_tensor, engine_rows=env.engine_rows(self._last_obs),
+                                                         **sampling)
             actions = actions.cpu().numpy()
             new_obs, rewards, dones, infos = env.step(actions)
             if not isinstance(new_obs, dict):  # VecEnv's type admits arrays and tuples: not from an LMVecEnv
@@ -318,7 +340,9 @@ class LMAlgorithm(_MixedInto):
         its own), added to the logged ``train/loss``; nothing without ``ptx_coef``."""
         ptx = self.ptx_loss_term()
         if isinstance(ptx, torch.Tensor):
-            self.gradient_step.backward(ptx)
+            # Every rank draws the same pretraining batch (seeded alike) and the ranks' gradients
+            # are summed: each adds 1/N of it.
+            self.gradient_step.backward(ptx / distributed.world_size() if distributed.is_initialized() else ptx)
             parts["train/loss"] = parts.get("train/loss", 0.0) + ptx.item()
 
     def log_update(self, name: str, value: float) -> None:
@@ -328,8 +352,18 @@ class LMAlgorithm(_MixedInto):
         self._update_logs = {}
 
     def record_update_logs(self) -> None:
+        """Log the mean of each figure over the update's minibatches (data-parallel, the figures
+        already are the global minibatches', ``GradientStep.accumulate``)."""
         for name, values in self._update_logs.items():
             self.logger.record(name, float(np.mean(values)))
+
+    def explained_variance(self) -> float:
+        """SB3's explained variance of the rollout's values against its returns (over every rank's rows)."""
+        values, returns = self.rollout_buffer.values.flatten(), self.rollout_buffer.returns.flatten()
+        if distributed.is_initialized():
+            parts = distributed.all_gather_object((values, returns))
+            values, returns = np.concatenate([v for v, _ in parts]), np.concatenate([r for _, r in parts])
+        return float(explained_variance(values, returns))
 
     def _update_info_buffer(self, infos: list[dict[str, Any]], dones=None) -> None:
         super()._update_info_buffer(infos, dones)

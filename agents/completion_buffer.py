@@ -20,6 +20,8 @@ import torch
 from gymnasium import spaces
 from stable_baselines3.common.buffers import BaseBuffer
 
+from .data_parallel import Share, minibatches, whole
+
 
 def rewards_to_go(rewards: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """Undiscounted reward-to-go (gamma = 1): ``out[:, t] = sum of rewards[:, t:]``, 0 on padding."""
@@ -28,7 +30,8 @@ def rewards_to_go(rewards: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 class CompletionSamples(NamedTuple):
     """A minibatch of whole episodes; per-token fields are ``[B, T']`` with ``T'`` the longest
-    completion of the minibatch, 0 past each completion's end (``completion_mask``)."""
+    completion of the minibatch, 0 past each completion's end (``completion_mask``). ``share``:
+    this rank's part of the minibatch (``agents.data_parallel``; all of it in a single process)."""
 
     prompt_ids: torch.Tensor
     prompt_mask: torch.Tensor
@@ -38,6 +41,7 @@ class CompletionSamples(NamedTuple):
     ref_log_prob: torch.Tensor
     advantages: torch.Tensor
     returns: torch.Tensor
+    share: Share
 
 
 class CompletionRolloutBuffer(BaseBuffer):
@@ -118,25 +122,25 @@ class CompletionRolloutBuffer(BaseBuffer):
 
     def get(self, batch_size: int | None = None) -> Generator[CompletionSamples, None, None]:
         """Minibatches of whole episodes of about ``batch_size`` completion tokens each (an episode
-        longer than that forms its own), shuffled with numpy's global RNG (seeded by SB3)."""
-        lengths = self.lengths
-        batch_size = int(lengths.sum()) if batch_size is None else batch_size
-        chunk: list[int] = []
-        size = 0
-        for k in np.random.permutation(self.pos):
-            chunk.append(int(k))
-            size += int(lengths[k])
-            if size >= batch_size:
-                yield self._get_samples(np.array(chunk))
-                chunk, size = [], 0
-        if chunk:
-            yield self._get_samples(np.array(chunk))
+        longer than that forms its own), shuffled with numpy's global RNG (seeded by SB3); under
+        data parallelism, this rank's part of each minibatch of the global buffer."""
+        rounds = self.pos // self.n_envs  # the buffer is filled a round (one episode per row) at a time
+        for chosen, share in minibatches(self.lengths, batch_size, rounds=rounds):
+            yield self._get_samples(chosen, share=share)
 
-    def _get_samples(self, batch_inds: np.ndarray, env=None) -> CompletionSamples:  # type: ignore[override]
+    def _get_samples(self, batch_inds: np.ndarray, env=None,  # type: ignore[override]
+                     share: Share | None = None) -> CompletionSamples:
         width = max(int(self.completion_mask[batch_inds].sum(1).max()), 1)
-        per_token = (self.completion_ids, self.completion_mask, self.log_probs, self.ref_log_probs, self.advantages,
-                     self.returns)
+        share = whole(len(batch_inds), int(self.completion_mask[batch_inds].sum())) if share is None else share
+        mask = self.completion_mask[batch_inds, :width]
+        if share.stand_in:  # an episode evaluated only to take part in the step: no token of it counts
+            mask = np.zeros_like(mask)
         return CompletionSamples(
-            self.to_torch(self.prompt_ids[batch_inds]), self.to_torch(self.prompt_mask[batch_inds]),
-            *(self.to_torch(a[batch_inds, :width]) for a in per_token),
+            prompt_ids=self.to_torch(self.prompt_ids[batch_inds]),
+            prompt_mask=self.to_torch(self.prompt_mask[batch_inds]),
+            completion_ids=self.to_torch(self.completion_ids[batch_inds, :width]), completion_mask=self.to_torch(mask),
+            old_log_prob=self.to_torch(self.log_probs[batch_inds, :width]),
+            ref_log_prob=self.to_torch(self.ref_log_probs[batch_inds, :width]),
+            advantages=self.to_torch(self.advantages[batch_inds, :width]),
+            returns=self.to_torch(self.returns[batch_inds, :width]), share=share,
         )

@@ -47,8 +47,11 @@ from gymnasium import spaces
 from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
 from stable_baselines3.common.utils import FloatSchedule
 
+from textgym import distributed
+
 from .common import LMAlgorithm
 from .completion_buffer import CompletionRolloutBuffer
+from .data_parallel import share_of
 from .policy import LMActorCriticPolicy
 from .update import take_rows
 from .vec_env import LMVecEnv
@@ -60,18 +63,21 @@ _FIXED = {"n_steps": "episodes_per_row sets the rollout size (whole rounds of ep
           "vf_coef": "there is no value loss", "use_sde": "the actions are tokens", "sde_sample_freq": "idem"}
 
 
-def aggregate(values: torch.Tensor, mask: torch.Tensor, how: str, of: torch.Tensor | None = None) -> torch.Tensor:
+def aggregate(values: torch.Tensor, mask: torch.Tensor, how: str, of: torch.Tensor | None = None,
+              totals: tuple[int, int] | None = None) -> torch.Tensor:
     """Reduce per-token ``values`` ``[B, T]`` over the real tokens (``mask``) as ``how`` says (one
     of ``LOSS_NORMALIZATIONS``, see the module docstring). ``of``: the mask of the whole minibatch
     when ``values`` and ``mask`` are a micro-batch of it: the result is then the micro-batch's
-    share of the minibatch's figure (its counts of completions and tokens divide)."""
+    share of the minibatch's figure (its counts of completions and tokens divide). ``totals``:
+    ``(completions, tokens)`` of the whole minibatch, in place of ``of``'s counts (data-parallel,
+    the minibatch spans the ranks: ``agents.data_parallel``)."""
     of = mask if of is None else of
     if how == "token":
-        return (values * mask).sum() / of.sum().clamp(min=1)
+        return (values * mask).sum() / (of.sum().clamp(min=1) if totals is None else max(totals[1], 1))
     per_sequence = (values * mask).sum(1)
     if how == "sequence":
         per_sequence = per_sequence / mask.sum(1).clamp(min=1)
-    return per_sequence.sum() / len(of)
+    return per_sequence.sum() / (len(of) if totals is None else totals[0])
 
 
 def group_members(groups: np.ndarray, size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -157,12 +163,17 @@ class WholeEpisodeOnPolicy(OnPolicyAlgorithm):
                 self._last_obs = env.reset()
             rewards_per_token = np.zeros((env.num_envs, core.T), dtype=np.float32)
             scores = np.zeros(env.num_envs, dtype=np.float32)
-            while core.live.any():
+            while True:
                 rows = core.live.copy()
                 idx = np.flatnonzero(rows)
+                # Data-parallel, the ranks step together until the round has ended on all of them.
+                counts = distributed.all_gather_int(len(idx))
+                if not sum(counts):
+                    break
                 with torch.no_grad():  # sampled from the acting distribution, whose log-prob the env records
-                    logits = core.acting_logits(torch.as_tensor(idx, device=core.device))
-                    sampled = self.policy.action_dist.proba_distribution(action_logits=logits).get_actions()
+                    sampled = self._sample_tokens(core, idx, counts)
+                if not len(idx):  # this rank's round is over: it only drew its part of the others' noise
+                    continue
                 actions = np.zeros(env.num_envs, dtype=np.int64)
                 actions[idx] = sampled.cpu().numpy()
                 t = core.length[idx].copy()
@@ -182,6 +193,22 @@ class WholeEpisodeOnPolicy(OnPolicyAlgorithm):
         callback.update_locals(locals())
         callback.on_rollout_end()
         return True
+
+    def _sample_tokens(self, core, idx: np.ndarray, counts: list[int]) -> torch.Tensor:
+        """A token for each of the engine rows ``idx`` from the acting distribution; data-parallel,
+        as rows of the global batch (``counts``: each rank's number of rows), so N ranks sample
+        what one process holding all their rows would (``textgym.distributed.sample_categorical``)."""
+        if not distributed.is_initialized():
+            logits = core.acting_logits(torch.as_tensor(idx, device=core.device))
+            return self.policy.action_dist.proba_distribution(action_logits=logits).get_actions()
+        if len(idx):
+            logits = core.acting_logits(torch.as_tensor(idx, device=core.device))
+            categorical = self.policy.action_dist.proba_distribution(action_logits=logits).distribution
+            assert isinstance(categorical, torch.distributions.Categorical)  # the vocabulary's categorical
+            probs = categorical.probs
+        else:
+            probs = torch.zeros((0, core.vocab), device=core.device)
+        return distributed.sample_categorical(probs, counts=counts)
 
 
 class CriticFreeAlgorithm(LMAlgorithm, WholeEpisodeOnPolicy):
@@ -257,14 +284,14 @@ class CriticFreeAlgorithm(LMAlgorithm, WholeEpisodeOnPolicy):
 
     def minibatch_loss(self, data, clip_range: float, rows: slice) -> tuple[torch.Tensor, dict]:
         """The share of the episodes ``rows`` in the loss of the minibatch ``data`` and in its
-        logged figures (reduced over all of its completions and tokens, ``aggregate``)."""
+        logged figures (reduced over all of its completions and tokens, of every rank: ``aggregate``)."""
         part = take_rows(data, rows)
         mask, full_mask = part.completion_mask, data.completion_mask
         log_prob, entropy = self.policy.completion_log_probs(part.prompt_ids, part.prompt_mask, part.completion_ids,
                                                              mask)
 
         def reduce(values: torch.Tensor, how: str = self.loss_normalization) -> torch.Tensor:
-            return aggregate(values, mask, how, of=full_mask)
+            return aggregate(values, mask, how, of=full_mask, totals=share_of(data).totals())
 
         # Clipped surrogate (Schulman et al. 2017, eq. 7) on each token's ratio.
         log_ratio = log_prob - part.old_log_prob  # 0 past each completion's end

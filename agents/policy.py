@@ -30,7 +30,7 @@ from stable_baselines3.common.policies import ActorCriticPolicy
 from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from torch import nn
 
-from textgym import lm, models
+from textgym import distributed, lm, models
 from textgym.envs.core import CachedOutputs, EngineRows
 from textgym.precision import autocast
 
@@ -186,13 +186,21 @@ class LMActorCriticPolicy(ActorCriticPolicy):
 
     # --- the three SB3 entry points ---------------------------------------------------------------
 
-    def forward(self, obs, deterministic: bool = False, engine_rows: EngineRows | None = None):
+    def forward(self, obs, deterministic: bool = False, engine_rows: EngineRows | None = None,
+                across_ranks: bool = False):
         """Actions, values and log-probs for ``obs``.
 
         :param engine_rows: the engine rows whose current state ``obs`` is (see ``engine_outputs``).
+        :param across_ranks: data-parallel, sample the actions as this rank's rows of the global
+            batch (``textgym.distributed.sample_categorical``), so that N ranks draw what one
+            process holding every rank's rows would. Every rank must then call together, as the
+            agents' rollouts do; ignored without a process group.
         """
         dist, values = self._dist_and_values(obs, engine_rows=engine_rows)
-        actions = dist.get_actions(deterministic=deterministic)
+        if across_ranks and not deterministic and distributed.is_initialized():
+            actions = distributed.sample_categorical(dist.distribution.probs)
+        else:
+            actions = dist.get_actions(deterministic=deterministic)
         return actions, values, dist.log_prob(actions)
 
     def evaluate_actions(self, obs, actions):

@@ -16,6 +16,11 @@ minibatch). What happens in between is here:
   float16; gradients are unscaled before clipping, and a step whose gradients overflowed is skipped
   and the scale lowered (``torch.amp.GradScaler``). bfloat16 has float32's exponent range and needs
   none; with float32 the scaler is off and every call passes through.
+- **Data parallelism** (``textgym.distributed``): each rank's minibatch is its part of the global
+  minibatch, and its loss the part's share (``agents.data_parallel``), exactly as a micro-batch's
+  is: so the ranks' logged figures are summed like the micro-batches' (every rank then sees the
+  minibatch's figures, its early-stopping KL included), and their gradients are summed before the
+  step (before unscaling: an overflow on one rank skips the step on all).
 - **Gradient checkpointing** (``gradient_checkpointing=True``; Chen et al. 2016, "Training Deep
   Nets with Sublinear Memory Cost"): during the update only, the trained Hugging Face models keep
   each layer's input and recompute the layer in backward. It is turned off when the update ends:
@@ -34,6 +39,10 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+
+from textgym import distributed
+
+from .data_parallel import Share
 
 # The loss of some rows of a minibatch, and named figures (tensors or floats) to log.
 LossFn = Callable[[slice], tuple[torch.Tensor, dict[str, Any]]]
@@ -62,9 +71,12 @@ def micro_batches(n_rows: int, size: int | None, groups: torch.Tensor | None = N
 
 
 def take_rows(data: Any, rows: slice) -> Any:
-    """``data`` (a tensor, a dict or NamedTuple of them, or None) restricted to ``rows``."""
-    if data is None or isinstance(data, torch.Tensor):
-        return None if data is None else data[rows]
+    """``data`` (a tensor, a dict or NamedTuple of them, or None) restricted to ``rows``; a
+    minibatch's ``Share`` stays the minibatch's."""
+    if data is None or isinstance(data, Share):
+        return data
+    if isinstance(data, torch.Tensor):
+        return data[rows]
     if isinstance(data, dict):
         return {key: take_rows(value, rows) for key, value in data.items()}
     if isinstance(data, tuple) and hasattr(data, "_fields"):
@@ -147,7 +159,8 @@ class GradientStep:
         """Zero the gradients, then for each micro-batch (``micro_batches``) of the minibatch's
         ``n_rows`` rows: ``loss, parts = loss_fn(rows)`` and backward. ``loss_fn`` returns the
         micro-batch's share of the minibatch loss (its sums over the minibatch's counts) and named
-        figures shared alike; returns each figure summed over the micro-batches: the minibatch's."""
+        figures shared alike; returns each figure summed over the micro-batches (and, data-parallel,
+        over the ranks): the minibatch's."""
         self.policy.optimizer.zero_grad()
         totals: dict[str, float] = {}
         for rows in micro_batches(n_rows, self.micro_batch_size, groups):
@@ -155,16 +168,18 @@ class GradientStep:
             self.backward(loss)
             for name, value in parts.items():
                 totals[name] = totals.get(name, 0.0) + float(value)
-        return totals
+        return distributed.sum_over_ranks(totals)
 
     def backward(self, loss: torch.Tensor) -> None:
         """Backward of ``loss`` (scaled with loss scaling), accumulating into the gradients."""
         self.scaler.scale(loss).backward()
 
     def step(self, max_grad_norm: float | None) -> None:
-        """Clip the accumulated (unscaled) gradients' norm to ``max_grad_norm`` and step the
-        optimizer (skipped by the scaler if a float16 gradient overflowed)."""
+        """Sum the accumulated gradients over the data-parallel ranks, clip their (unscaled) norm to
+        ``max_grad_norm`` and step the optimizer (skipped by the scaler if a float16 gradient
+        overflowed)."""
         optimizer = self.policy.optimizer
+        distributed.sum_gradients(self.policy)
         self.scaler.unscale_(optimizer)
         if max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(self.policy.parameters(), max_grad_norm)

@@ -5,6 +5,11 @@ SB3 steps a ``VecEnv`` and resets finished envs at once (putting the last observ
 rows stay in the engine's KV cache: one batched forward per step for all envs. Each observation it
 returns is handed out with a ticket naming the engine rows it shows (``engine_rows``), with which
 the policy reads the engine's cached outputs for it instead of recomputing them.
+
+Data-parallel (``textgym.distributed``), an ``LMVecEnv`` holds this rank's share of the global
+batch of rows: an env id with ``n_envs`` rows is made with ``n_envs / N`` rows per rank, and row i
+of rank k is row ``k * n_envs / N + i`` of the global batch, seeded as that row would be in one
+process (``seed``), so the ranks together draw the prompts one process would.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import numpy as np
 from gymnasium.utils import seeding
 from stable_baselines3.common.vec_env import VecEnv
 
+from textgym import distributed
 from textgym.envs import TextGenCore, TextGenEnv, TextGenVectorEnv
 from textgym.envs.core import EngineRows
 from textgym.envs.textgen import make_spaces
@@ -24,10 +30,15 @@ from textgym.envs.textgen import make_spaces
 
 class LMVecEnv(VecEnv):
     """SB3 vector env over the ``n`` rows of a ``TextGenCore``. Adds SB3's Monitor fields
-    (``info["episode"]``) so ``ep_rew_mean`` is logged."""
+    (``info["episode"]``) so ``ep_rew_mean`` is logged.
 
-    def __init__(self, core: TextGenCore):
+    :param row_offset: the global index of this env's first row (data-parallel, rank k holds rows
+        ``k * n`` to ``k * n + n - 1``: the default); row i is seeded ``seed + row_offset + i``.
+    """
+
+    def __init__(self, core: TextGenCore, row_offset: int | None = None):
         self.core = core
+        self.row_offset = distributed.rank() * core.n if row_offset is None else int(row_offset)
         self.render_mode = core.cfg.render_mode
         observation_space, action_space = make_spaces(core)
         super().__init__(core.n, observation_space, action_space)
@@ -46,6 +57,13 @@ class LMVecEnv(VecEnv):
         if self._handed_out is not None and obs is self._handed_out[0]:
             return self._handed_out[1]
         return None
+
+    def seed(self, seed: int | None = None) -> list[int | None]:
+        """SB3's seeding (row i gets ``seed + i`` at the next reset), counted in rows of the global
+        batch: row i of this env is row ``row_offset + i`` there."""
+        seeds = super().seed(seed)
+        self._seeds = [None if s is None else s + self.row_offset for s in seeds]
+        return self._seeds
 
     def _hand_out(self, obs: dict) -> dict:
         self._handed_out = (obs, self.core.name_rows())
@@ -121,7 +139,11 @@ class LMVecEnv(VecEnv):
 
 def as_vec_env(env: Any, n_envs: int | None = None, env_kwargs: dict | None = None) -> LMVecEnv:
     """``env`` as an ``LMVecEnv``: an env id (made with ``n_envs`` batched rows and ``env_kwargs``),
-    a textgym env from ``gym.make``, a textgym vector env, or an ``LMVecEnv``."""
+    a textgym env from ``gym.make``, a textgym vector env, or an ``LMVecEnv``.
+
+    Data-parallel, ``n_envs`` counts the rows of the global batch: an env id is made with this
+    rank's share, ``n_envs / N`` rows (whole groups of ``group_size``); an env object holds this
+    rank's rows, so a given ``n_envs`` must be N times its rows."""
     if n_envs is not None and (isinstance(n_envs, bool) or not isinstance(n_envs, (int, np.integer)) or n_envs < 1):
         raise ValueError(f"n_envs must be an integer >= 1 (or None for the env's own), got {n_envs!r}")
     if env_kwargs is not None and not isinstance(env_kwargs, dict):
@@ -130,10 +152,11 @@ def as_vec_env(env: Any, n_envs: int | None = None, env_kwargs: dict | None = No
     if isinstance(env, str):
         if env not in gym.registry:
             raise ValueError(f"unknown env id {env!r}; textgym envs: {', '.join(_textgym_ids())}")
-        vec = gym.make_vec(env, num_envs=n_envs or 1, vectorization_mode="vector_entry_point", **env_kwargs)
+        first, rows = _rank_rows(n_envs or 1, env_kwargs.get("group_size", 1))
+        vec = gym.make_vec(env, num_envs=rows, vectorization_mode="vector_entry_point", **env_kwargs)
         if not isinstance(vec.unwrapped, TextGenVectorEnv):
             raise ValueError(f"env {env!r} is not a textgym text-generation env")
-        return LMVecEnv(vec.unwrapped.core)
+        return LMVecEnv(vec.unwrapped.core, row_offset=first)
     if env_kwargs:
         raise ValueError("env_kwargs only apply when env is an env id")
     if isinstance(env, LMVecEnv):
@@ -145,9 +168,24 @@ def as_vec_env(env: Any, n_envs: int | None = None, env_kwargs: dict | None = No
             f"env must be a textgym env id, a textgym env or vector env, got {type(env).__name__}; "
             f"textgym envs: {', '.join(_textgym_ids())}"
         )
-    if n_envs is not None and n_envs != core.n:
-        raise ValueError(f"n_envs={n_envs} does not match the env's {core.n} rows; make the env with num_envs={n_envs}")
+    ranks = distributed.world_size()
+    if n_envs is not None and n_envs != core.n * ranks:
+        where = f" on each of {ranks} ranks (n_envs counts the rows of all ranks)" if ranks > 1 else ""
+        raise ValueError(f"n_envs={n_envs} does not match the env's {core.n} rows{where}; make the env with "
+                         f"num_envs={n_envs // ranks}")
     return env if isinstance(env, LMVecEnv) else LMVecEnv(core)
+
+
+def _rank_rows(n_envs: int, group_size: Any) -> tuple[int, int]:
+    """(first global row, rows) of this rank's share of ``n_envs`` rows; data-parallel, a share
+    must hold whole groups of ``group_size`` rows (the episodes of one prompt stay together)."""
+    first, rows = distributed.local_rows(n_envs, "n_envs")
+    ranks = distributed.world_size()
+    if ranks > 1 and isinstance(group_size, int) and group_size > 0 and rows % group_size:
+        raise ValueError(f"n_envs={n_envs} over {ranks} ranks gives {rows} rows per rank, not a multiple of "
+                         f"group_size={group_size}: each rank holds whole groups; use an n_envs that is a multiple "
+                         f"of {ranks * group_size}")
+    return first, rows
 
 
 def _textgym_ids() -> list[str]:

@@ -11,10 +11,10 @@ from typing import Any
 
 import stable_baselines3 as sb3
 import torch
-from stable_baselines3.common.utils import explained_variance
 
 from ..buffer import EpisodeRolloutBuffer
-from ..common import LMAlgorithm, share_of_mean, value_loss
+from ..common import LMAlgorithm, value_loss
+from ..data_parallel import share_of
 from ..policy import LMActorCriticPolicy
 from ..update import take_rows
 
@@ -64,10 +64,10 @@ class A2C(LMAlgorithm, sb3.A2C):
         self.prepare_update()
         self.start_update_logs()
         with self.gradient_step.training():
-            for data in self.rollout_buffer.get(batch_size=None):
+            for data in self.rollout_buffer.get(batch_size=None):  # (this rank's part of) the rollout
                 advantages = data.advantages
                 if self.normalize_advantage:
-                    advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+                    advantages = share_of(data).normalize(advantages)
                 loss_fn = partial(self.minibatch_loss, data, advantages)
                 parts = self.gradient_step.accumulate(loss_fn, len(advantages), groups=self.episode_groups(data))
                 self.backward_ptx(parts)
@@ -76,17 +76,15 @@ class A2C(LMAlgorithm, sb3.A2C):
                     self.log_update(name, value)
         self._n_updates += 1
         self.record_update_logs()
-        buffer = self.rollout_buffer
-        self.logger.record("train/explained_variance",
-                           float(explained_variance(buffer.values.flatten(), buffer.returns.flatten())))
+        self.logger.record("train/explained_variance", self.explained_variance())
         self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
         self.after_train()
 
     def minibatch_loss(self, data, advantages: torch.Tensor, rows: slice) -> tuple[torch.Tensor, dict]:
         """The share of ``rows`` in the loss of the rollout ``data`` and in its logged figures
-        (advantages normalised over all of it; every mean over all its transitions)."""
+        (advantages normalised over all of it; every mean over all its transitions, of every rank)."""
         part = take_rows(data, rows)
-        mean = share_of_mean(len(advantages))
+        mean = share_of(data).mean()
         values, log_prob, entropy = self.policy.evaluate_actions(part.observations, part.actions.long().flatten())
         policy_loss = -mean(advantages[rows] * log_prob)
         v_loss = value_loss(values.flatten(), part.old_values, part.returns, None, reduce=mean)

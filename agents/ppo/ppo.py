@@ -12,10 +12,10 @@ from typing import Any
 
 import stable_baselines3 as sb3
 import torch
-from stable_baselines3.common.utils import explained_variance
 
 from ..buffer import EpisodeRolloutBuffer
-from ..common import LMAlgorithm, share_of_mean, value_loss
+from ..common import LMAlgorithm, value_loss
+from ..data_parallel import share_of
 from ..policy import LMActorCriticPolicy
 from ..update import take_rows
 
@@ -90,10 +90,10 @@ class PPO(LMAlgorithm, sb3.PPO):
         continue_training = True
         with self.gradient_step.training():
             for _ in range(self.n_epochs):
-                for data in self.rollout_buffer.get(self.batch_size):
-                    advantages = data.advantages
-                    if self.normalize_advantage and len(advantages) > 1:  # SB3 issue #325: not for batch size 1
-                        advantages = (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+                for data in self.rollout_buffer.get(self.batch_size):  # (this rank's part of) a minibatch
+                    advantages, share = data.advantages, share_of(data)
+                    if self.normalize_advantage and share.total["items"] > 1:  # SB3 issue #325: not for batch size 1
+                        advantages = share.normalize(advantages)
                     loss_fn = partial(self.minibatch_loss, data, advantages, clip_range, clip_range_vf)
                     parts = self.gradient_step.accumulate(loss_fn, len(advantages), groups=self.episode_groups(data))
                     self.backward_ptx(parts)
@@ -109,9 +109,7 @@ class PPO(LMAlgorithm, sb3.PPO):
                     break
 
         self.record_update_logs()
-        buffer = self.rollout_buffer
-        self.logger.record("train/explained_variance",
-                           float(explained_variance(buffer.values.flatten(), buffer.returns.flatten())))
+        self.logger.record("train/explained_variance", self.explained_variance())
         self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
         self.logger.record("train/clip_range", clip_range)
         if clip_range_vf is not None:
@@ -121,9 +119,10 @@ class PPO(LMAlgorithm, sb3.PPO):
     def minibatch_loss(self, data, advantages: torch.Tensor, clip_range: float, clip_range_vf: float | None,
                        rows: slice) -> tuple[torch.Tensor, dict]:
         """The share of ``rows`` in the loss of the minibatch ``data`` (advantages normalised over
-        all of it), and in its logged figures: every mean is over the minibatch's transitions."""
+        all of it), and in its logged figures: every mean is over the minibatch's transitions (of
+        every rank, ``agents.data_parallel``)."""
         part = take_rows(data, rows)
-        mean = share_of_mean(len(advantages))
+        mean = share_of(data).mean()
         values, log_prob, entropy = self.policy.evaluate_actions(part.observations, part.actions.long().flatten())
         adv = advantages[rows]
         # Clipped surrogate objective (Schulman et al. 2017, eq. 7).

@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from textgym import distributed
+
 from ..completion_buffer import CompletionRolloutBuffer
 from ..critic_free import CriticFreeAlgorithm
 from ..policy import LMActorCriticPolicy
@@ -31,11 +33,12 @@ from ..policy import LMActorCriticPolicy
 
 def reinforce_pp_advantages(returns_to_go: np.ndarray, mask: np.ndarray, eps: float = 1e-8) -> np.ndarray:
     """REINFORCE++ advantages: each token's reward-to-go ``[N, T]``, normalised by the mean and
-    (population) std over all real tokens (``mask``) of the batch; 0 on padding."""
+    (population) std over all real tokens (``mask``) of the batch; 0 on padding. Data-parallel,
+    the batch is the global one: the real tokens of every rank (``textgym.distributed.mean_std``)."""
     returns_to_go = np.asarray(returns_to_go, dtype=np.float64)
     real = np.asarray(mask) > 0
-    values = returns_to_go[real]
-    return np.where(real, (returns_to_go - values.mean()) / (values.std() + eps), 0.0)
+    mean, std = distributed.mean_std(returns_to_go[real])
+    return np.where(real, (returns_to_go - mean) / (std + eps), 0.0)
 
 
 class ReinforcePP(CriticFreeAlgorithm):
