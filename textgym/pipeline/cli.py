@@ -1,9 +1,15 @@
-"""The ``textgym`` command line."""
+"""The ``textgym`` command line.
+
+``textgym train`` also runs data-parallel under ``torchrun`` (``torchrun --nproc-per-node N -m
+textgym train CONFIG``): each process joins the process group that torchrun describes
+(``textgym.distributed.init_from_env``) and the run splits its batch over them. A rank that fails
+prints its error and exits; torchrun then stops the other ranks and exits non-zero."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -13,7 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 import textgym
-from textgym import agents, models, rewards, sampling
+from textgym import agents, distributed, models, rewards, sampling
 from textgym.pipeline import hyperparameters
 from textgym.pipeline.bench import BenchRewardsConfig, bench_elo, bench_rewards
 from textgym.pipeline.bench_algos import BenchAlgosConfig, bench_algos
@@ -83,7 +89,8 @@ def cmd_train(args) -> int:
     # other change is refused with the reason.
     cfg = config_from_cli(config, overrides, args.algo, resume=args.resume)
     result = train(cfg, resume=args.resume)
-    _print_comparison(result, cfg.training.output_dir)
+    if distributed.is_main():
+        _print_comparison(result, cfg.training.output_dir)
     return 0
 
 
@@ -264,18 +271,34 @@ def user_errors() -> tuple[type[BaseException], ...]:
     return (ValueError, TypeError, OSError, RunLockedError)
 
 
+# The commands that run data-parallel under torchrun; the others would only repeat themselves N times.
+DATA_PARALLEL_COMMANDS = ("train",)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv
     args = parse_args([a for a in argv if a != "--debug"])
+    where = ""
     try:
-        return args.func(args)
+        ranks = os.environ.get("WORLD_SIZE", "1")
+        if ranks != "1" and args.command not in DATA_PARALLEL_COMMANDS:
+            raise ValueError(f"textgym {args.command} runs in one process; only {', '.join(DATA_PARALLEL_COMMANDS)} "
+                             f"runs data-parallel under torchrun (WORLD_SIZE={ranks})")
+        joined = args.command in DATA_PARALLEL_COMMANDS and distributed.init_from_env()
+        if joined:
+            where = f" (rank {distributed.rank()} of {distributed.world_size()})"
+        try:
+            return args.func(args)
+        finally:
+            if joined:
+                distributed.shutdown()
     except user_errors() as err:
         if debug:
             raise
         message = " ".join(str(err).split()) or type(err).__name__
         kind = "" if isinstance(err, ValueError) else f"{type(err).__name__}: "
-        print(f"textgym {args.command}: error: {kind}{message} (--debug for the traceback)", file=sys.stderr)
+        print(f"textgym {args.command}{where}: error: {kind}{message} (--debug for the traceback)", file=sys.stderr)
         return 2
 
 

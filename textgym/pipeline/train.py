@@ -7,6 +7,12 @@ continues from it), ``samples_before.jsonl`` / ``samples_after.jsonl`` (held-out
 
 Every iteration (one rollout and one update) starts from fresh episodes with the seed
 ``training.seed + iteration``, so a resumed run repeats exactly what the uninterrupted run would do.
+
+Data-parallel (``torchrun --nproc-per-node N -m textgym train CONFIG``, or ``train`` called inside
+an initialised process group, see ``textgym.distributed``): every rank runs each iteration on its
+share of ``env.n_envs`` rows (the agents sum gradients and reduce the rollout's figures over the
+ranks, so the figures are the global batch's), each evaluates a block of the held-out prompts, and
+rank 0 alone claims, locks and writes the run directory: one run, whatever the number of ranks.
 """
 
 from __future__ import annotations
@@ -21,17 +27,17 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from stable_baselines3.common.logger import configure
+from stable_baselines3.common.logger import Logger, configure
 from tqdm.auto import tqdm
 
-from textgym import agents, metrics
+from textgym import agents, distributed, metrics
 from textgym.assets import atomic_dir
 from textgym.pipeline.config import ConfigError, check_no_code_options, load_config, save_config, to_dict
 from textgym.pipeline.evaluate import generate, held_out_prompts, make_rewards, summarise
 from textgym.pipeline.plots import pyplot
 from textgym.pipeline.runlock import RunLock, holder
 from textgym.pipeline.train_config import TrainConfig
+from textgym.prompts import PromptSet
 
 # --- the run ---------------------------------------------------------------------------------------
 
@@ -80,6 +86,24 @@ class Run:
         check_no_code_options(to_dict(cfg))
         self.dir = Path(cfg.training.output_dir)
         self.checkpoint = self.dir / "checkpoint"
+        self.main = distributed.is_main()  # data-parallel, only rank 0 touches the run directory
+        self.lock: RunLock | None = None
+        # Rank 0 checks and claims the directory; the other ranks get its answer, or its error.
+        cfg, self.state, existed = distributed.on_main(self._claim, cfg, resume)
+        try:
+            self._setup(cfg, resume, progress)
+            if not resume and self.main:
+                save_config(cfg, self.dir / "config.yaml")
+        except BaseException:
+            if self.lock is not None:
+                if not existed:  # a run refused before it started leaves nothing behind
+                    shutil.rmtree(self.dir, ignore_errors=True)
+                self.lock.release()
+            raise
+
+    def _claim(self, cfg: TrainConfig, resume: bool) -> tuple[TrainConfig, dict, bool]:
+        """Check the run directory, lock it and read the state of the run to resume there:
+        ``(the config to run, the state, whether the directory existed)``."""
         if resume:
             if not (self.checkpoint / "state.json").exists():
                 raise FileNotFoundError(f"nothing to resume in {str(self.dir)!r}: no checkpoint/state.json")
@@ -92,10 +116,10 @@ class Run:
                 f"{str(self.dir)!r} already holds a run: pass --resume, or another training.output_dir"
             )
         existed = self.dir.exists()
-        self.lock = RunLock(self.dir).acquire()  # before anything is written (or removed) in the directory
+        lock = RunLock(self.dir).acquire()  # before anything is written (or removed) in the directory
         try:
             if resume:
-                self.state = json.loads((self.checkpoint / "state.json").read_text())  # final, now that we hold it
+                state = json.loads((self.checkpoint / "state.json").read_text())  # final, now that we hold it
                 for stale in [*self.dir.glob(".checkpoint-*"), *self.dir.glob(".final_model-*"),
                               *self.dir.glob(".metrics.jsonl-*")]:
                     if stale.is_dir():  # half-written by a killed process: nobody else holds the lock
@@ -106,15 +130,14 @@ class Run:
                 if (self.checkpoint / "state.json").exists():  # finished while we waited for the lock
                     raise FileExistsError(f"{str(self.dir)!r} already holds a run: pass --resume, or another "
                                           "training.output_dir")
-                self.state = {"iteration": 0, "history": [], "before": None}
-            self._setup(cfg, resume, progress)
-            if not resume:
-                save_config(cfg, self.dir / "config.yaml")
+                state = {"iteration": 0, "history": [], "before": None}
         except BaseException:
             if not existed:  # a run refused before it started leaves nothing behind
                 shutil.rmtree(self.dir, ignore_errors=True)
-            self.lock.release()
+            lock.release()
             raise
+        self.lock = lock
+        return cfg, state, existed
 
     def _setup(self, cfg: TrainConfig, resume: bool, progress: bool) -> None:
         self.cfg, self.progress = cfg, progress
@@ -129,7 +152,8 @@ class Run:
         else:
             self.agent = agents.make(cfg.agent.algo, cfg.env.id, n_envs=cfg.env.n_envs, env_kwargs=env_kwargs, **hp)
 
-        self.agent.set_logger(configure(str(self.dir / "tb"), ["tensorboard"]))
+        # The TensorBoard logs are rank 0's; the other ranks' logger only collects the figures.
+        self.agent.set_logger(configure(str(self.dir / "tb"), ["tensorboard"]) if self.main else Logger(None, []))
         self.core = self.agent.env.core
         self.eval_prompts = self._eval_prompts()
 
@@ -137,16 +161,27 @@ class Run:
 
     def close(self) -> None:
         """Release the run directory (``run`` does it when it ends, however it ends)."""
-        self.lock.release()
+        if self.lock is not None:
+            self.lock.release()
 
     def _eval_prompts(self):
         t = self.cfg.training
         return held_out_prompts(self.core, t.eval_prompts, t.eval_n)
 
     def evaluate(self) -> tuple[dict, list[dict]]:
-
-        episodes = generate(self.core, self.eval_prompts, seed=self.cfg.training.seed)
-        return summarise(episodes, self.eval_rewards, self.eval_prompts), episodes
+        """The held-out evaluation. Data-parallel, each rank completes its block of the prompts
+        (its sampling seeded by the seed and its rank) and every rank summarises all the episodes."""
+        prompts, seed = self.eval_prompts, self.cfg.training.seed
+        if not distributed.is_initialized():
+            episodes = generate(self.core, prompts, seed=seed)
+        else:
+            start, stop = distributed.split_evenly(len(prompts))
+            mine: list[dict] = []
+            if stop > start:
+                block = PromptSet(prompts.prompts[start:stop], {k: v[start:stop] for k, v in prompts.metadata.items()})
+                mine = generate(self.core, block, seed=seed + distributed.rank())
+            episodes = distributed.concat_over_ranks(mine)
+        return summarise(episodes, self.eval_rewards, prompts), episodes
 
     def _reward_hacking(self, history: list[dict]) -> bool:
         """Warn when, over the last three evaluations (the one before training included), the proxy
@@ -176,12 +211,11 @@ class Run:
         agent.start_fresh_episodes()
         start = time.time()
         agent.learn(agent.n_steps * agent.n_envs, reset_num_timesteps=False)
-        stats = agent._episode_stats
+        stats = agent.rollout_stats  # over the episodes of every rank
         record: dict[str, Any] = {"iteration": it + 1, "timesteps": int(agent.num_timesteps),
-                                  "episodes": len(stats)}
-        for key in ("score", "kl", "length"):
-            record[key] = float(np.mean([s[key] for s in stats])) if stats else float("nan")
-        record["reward"] = float(np.mean([s["episode"]["r"] for s in stats])) if stats else float("nan")
+                                  "episodes": stats["episodes"]}
+        for key in ("score", "kl", "length", "reward"):
+            record[key] = stats.get(key, float("nan"))
         record["kl_coef"] = float(self.core.kl_controller.value)
         for key, value in agent.logger.name_to_value.items():
             if key.startswith("train/"):
@@ -220,23 +254,26 @@ class Run:
         t = self.cfg.training
         if self.state["before"] is None:
             summary, episodes = self.evaluate()
-            self._write_samples("samples_before.jsonl", episodes)
             self.state["before"] = summary
-            self.save_checkpoint()
+            if self.main:
+                self._write_samples("samples_before.jsonl", episodes)
+                self.save_checkpoint()
         bar = tqdm(range(self.state["iteration"], t.iterations), initial=self.state["iteration"], total=t.iterations,
-                   desc="textgym train", unit="iter", disable=not self.progress)
+                   desc="textgym train", unit="iter", disable=not (self.progress and self.main))
         for it in bar:
             record = self.iterate(it)
             self.state["history"].append(record)
             self.state["iteration"] = it + 1
-            self.save_checkpoint()
+            if self.main:
+                self.save_checkpoint()
             bar.set_postfix(score=f"{record['score']:.3f}", kl=f"{record['kl']:.2f}")
         summary, episodes = self.evaluate()
-        self._write_samples("samples_after.jsonl", episodes)
-        self.save_final_model()
-        plot_history(self.state["history"], self.dir, self.state["before"])
         result = {"before": self.state["before"], "after": summary, "iterations": self.state["iteration"]}
-        (self.dir / "summary.json").write_text(json.dumps(result, indent=1))
+        if self.main:
+            self._write_samples("samples_after.jsonl", episodes)
+            self.save_final_model()
+            plot_history(self.state["history"], self.dir, self.state["before"])
+            (self.dir / "summary.json").write_text(json.dumps(result, indent=1))
         return result
 
     def save_final_model(self) -> None:
