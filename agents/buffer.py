@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from stable_baselines3.common.buffers import DictRolloutBuffer
 
-from .data_parallel import Share, minibatches, whole
+from .data_parallel import Share, minibatches, rank_lengths, whole
 
 
 class LMRolloutSamples(NamedTuple):
@@ -43,10 +43,12 @@ class EpisodeRolloutBuffer(DictRolloutBuffer):
     along in every minibatch as ``ref_log_prob``."""
 
     ref_log_probs: np.ndarray | None = None
+    _rank_lengths: list[np.ndarray] | None = None  # every rank's segment lengths, once per rollout
 
     def reset(self) -> None:
         super().reset()
         self.ref_log_probs = None
+        self._rank_lengths = None
 
     def segments(self) -> list[np.ndarray]:
         """Flat indices of each episode segment, in step order."""
@@ -60,8 +62,9 @@ class EpisodeRolloutBuffer(DictRolloutBuffer):
     def get(self, batch_size: int | None = None) -> Generator[LMRolloutSamples, None, None]:  # type: ignore[override]
         assert self.full, "the rollout buffer is not full"
         segments = self.segments()
-        lengths = np.array([len(segment) for segment in segments])
-        for chosen, share in minibatches(lengths, batch_size, items_are_tokens=True):
+        if self._rank_lengths is None:
+            self._rank_lengths = rank_lengths(np.array([len(segment) for segment in segments]))
+        for chosen, share in minibatches(self._rank_lengths, batch_size, items_are_tokens=True):
             yield self._get_samples(np.concatenate([segments[k] for k in chosen]), share=share)
 
     def _get_samples(self, batch_inds: np.ndarray, env=None,  # type: ignore[override]

@@ -257,7 +257,7 @@ class LMAlgorithm(_MixedInto):
         self.policy.set_training_mode(False)
         # Data-parallel, the tokens are drawn as rows of the global batch (a single process calls
         # the policy exactly as SB3 does).
-        sampling = {"across_ranks": True} if distributed.is_initialized() else {}
+        sampling = {"rank_rows": distributed.all_gather_int(env.num_envs)} if distributed.is_initialized() else {}
         n_steps = 0
         rollout_buffer.reset()
         callback.on_rollout_start()

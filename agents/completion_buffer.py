@@ -20,7 +20,7 @@ import torch
 from gymnasium import spaces
 from stable_baselines3.common.buffers import BaseBuffer
 
-from .data_parallel import Share, minibatches, whole
+from .data_parallel import Share, minibatches, rank_lengths, whole
 
 
 def rewards_to_go(rewards: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -83,6 +83,7 @@ class CompletionRolloutBuffer(BaseBuffer):
         self.groups = np.zeros(N, dtype=np.int64)  # the env's group id: episodes of one prompt share it
         self.prompt_index = np.zeros(N, dtype=np.int64)
         self.scores = np.zeros(N, dtype=np.float32)
+        self._rank_lengths: list[np.ndarray] | None = None
         super().reset()
 
     def add_round(self, core, rewards: np.ndarray, scores: np.ndarray) -> None:
@@ -101,6 +102,7 @@ class CompletionRolloutBuffer(BaseBuffer):
         self.returns[rows] = rewards_to_go(self.rewards[rows], self.completion_mask[rows])
         self.groups[rows], self.prompt_index[rows], self.scores[rows] = core.group_id, core.prompt_index, scores
         self.pos += n
+        self._rank_lengths = None
         self.full = self.pos == self.capacity
 
     def size(self) -> int:
@@ -125,7 +127,9 @@ class CompletionRolloutBuffer(BaseBuffer):
         longer than that forms its own), shuffled with numpy's global RNG (seeded by SB3); under
         data parallelism, this rank's part of each minibatch of the global buffer."""
         rounds = self.pos // self.n_envs  # the buffer is filled a round (one episode per row) at a time
-        for chosen, share in minibatches(self.lengths, batch_size, rounds=rounds):
+        if self._rank_lengths is None:  # every rank's episode lengths, once per rollout
+            self._rank_lengths = rank_lengths(self.lengths)
+        for chosen, share in minibatches(self._rank_lengths, batch_size, rounds=rounds):
             yield self._get_samples(chosen, share=share)
 
     def _get_samples(self, batch_inds: np.ndarray, env=None,  # type: ignore[override]

@@ -6,7 +6,7 @@ steps one process would take on the whole (global) batch:
 - **The same minibatches.** ``minibatches`` draws the global minibatches exactly as one process
   draws them from its buffer (the same shuffle of whole entries, episode segments or episodes,
   with numpy's global RNG, which every rank seeds alike): the ranks exchange their entries' lengths
-  once per epoch, lay them out in the single process's order (``global_order``), shuffle and cut,
+  once per rollout (``rank_lengths``), lay them out in the single process's order (``global_order``), shuffle and cut,
   and each rank evaluates its own entries of every minibatch. So every rank takes every optimizer
   step. A rank with no entry in a minibatch evaluates a stand-in entry of its own that counts for
   nothing (``Share.stand_in``).
@@ -113,16 +113,20 @@ def global_order(counts: list[int], rounds: int = 1) -> list[tuple[int, int]]:
     return out
 
 
-def minibatches(lengths: np.ndarray, batch_size: int | None, rounds: int = 1,
+def rank_lengths(lengths: np.ndarray) -> list[np.ndarray]:
+    """Every rank's entries' lengths (``lengths``: this rank's), in rank order (one collective)."""
+    return [np.asarray(x, dtype=np.int64) for x in distributed.all_gather_object(np.asarray(lengths).tolist())]
+
+
+def minibatches(per_rank: list[np.ndarray], batch_size: int | None, rounds: int = 1,
                 items_are_tokens: bool = False) -> Iterator[tuple[np.ndarray, Share]]:
-    """This rank's entries of each minibatch (indices into ``lengths``, its entries' lengths in
-    tokens) and its ``Share`` of it. Minibatches are whole entries in a random order (numpy's
-    global RNG), each filled up to at least ``batch_size`` tokens (None: one minibatch of
-    everything), drawn over the global buffer (``global_order``, ``rounds`` as there).
-    ``items_are_tokens``: the losses average over tokens (a buffer of transitions, one token
-    each), else over entries. A part with no entry is a stand-in: entry 0, counting 0."""
-    lengths = np.asarray(lengths, dtype=np.int64)
-    per_rank = [np.asarray(x, dtype=np.int64) for x in distributed.all_gather_object(lengths.tolist())]
+    """This rank's entries of each minibatch (indices into its buffer) and its ``Share`` of it.
+    ``per_rank``: every rank's entries' lengths in tokens (``rank_lengths``). Minibatches are whole
+    entries in a random order (numpy's global RNG), each filled up to at least ``batch_size``
+    tokens (None: one minibatch of everything), drawn over the global buffer (``global_order``,
+    ``rounds`` as there). ``items_are_tokens``: the losses average over tokens (a buffer of
+    transitions, one token each), else over entries. A part with no entry is a stand-in: entry 0,
+    counting 0."""
     me = distributed.rank()
     order = global_order([len(x) for x in per_rank], rounds)
     owner = np.array([k for k, _ in order], dtype=np.int64)

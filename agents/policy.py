@@ -187,18 +187,18 @@ class LMActorCriticPolicy(ActorCriticPolicy):
     # --- the three SB3 entry points ---------------------------------------------------------------
 
     def forward(self, obs, deterministic: bool = False, engine_rows: EngineRows | None = None,
-                across_ranks: bool = False):
+                rank_rows: list[int] | None = None):
         """Actions, values and log-probs for ``obs``.
 
         :param engine_rows: the engine rows whose current state ``obs`` is (see ``engine_outputs``).
-        :param across_ranks: data-parallel, sample the actions as this rank's rows of the global
-            batch (``textgym.distributed.sample_categorical``), so that N ranks draw what one
-            process holding every rank's rows would. Every rank must then call together, as the
-            agents' rollouts do; ignored without a process group.
+        :param rank_rows: data-parallel, every rank's number of rows of the global batch: the
+            actions are sampled as this rank's rows of it (``textgym.distributed.sample_categorical``),
+            so that N ranks draw what one process holding every rank's rows would. Every rank must
+            then call together, as the agents' rollouts do; ignored without a process group.
         """
         dist, values = self._dist_and_values(obs, engine_rows=engine_rows)
-        if across_ranks and not deterministic and distributed.is_initialized():
-            actions = distributed.sample_categorical(dist.distribution.probs)
+        if rank_rows is not None and not deterministic and distributed.is_initialized():
+            actions = distributed.sample_categorical(dist.distribution.probs, counts=rank_rows)
         else:
             actions = dist.get_actions(deterministic=deterministic)
         return actions, values, dist.log_prob(actions)
