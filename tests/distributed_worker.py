@@ -1,0 +1,68 @@
+"""Worker of tests/test_distributed.py: one iteration (rollout and update) of several algorithms on
+textgym/tiny, as ``textgym train`` runs it, recording what the equivalence test compares.
+
+    torchrun --nproc-per-node 2 tests/distributed_worker.py OUT     # 2 ranks x n_envs / 2 rows
+    python tests/distributed_worker.py OUT                          # 1 process x n_envs rows
+
+Each rank writes ``OUT/LABEL-rankK.pt``: the policy's parameters after the update, the tokens of
+its rollout, the rollout's figures and the KL coefficient after it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from textgym import agents, distributed
+
+N_ENVS = 4
+ENV_KWARGS = {"model": "textgym/tiny", "prompts": [f"Prompt number {i} says" for i in range(11)], "reward": "keyword",
+              "reward_kwargs": {"keywords": ["the"]}, "max_new_tokens": 6, "max_prompt_tokens": 12,
+              "stop_on_eos": True, "kl_target": 1.0, "kl_horizon": 50}
+# label: (algorithm, env kwargs, hyperparameters). Several small minibatches per epoch and several
+# epochs, so that some ranks' parts of some minibatches are empty (stand-ins) and early stopping is
+# decided on the global KL. Micro-batches (one episode per forward) must not change the update either.
+PPO = {"n_steps": 5, "batch_size": 6, "n_epochs": 2, "learning_rate": 3e-3}
+ALGORITHMS = {
+    "ppo": ("ppo", {}, PPO),
+    "ppo micro-batched": ("ppo", {}, {**PPO, "micro_batch_size": 1}),
+    "grpo": ("grpo", {"group_size": 2}, {"batch_size": 8, "n_epochs": 2, "learning_rate": 3e-3}),
+    "reinforce++": ("reinforce++", {}, {"episodes_per_row": 2, "batch_size": 8, "n_epochs": 2, "learning_rate": 3e-3}),
+}
+
+
+def one_iteration(label: str, seed: int = 0):
+    algo, env_extra, hyperparameters = ALGORITHMS[label]
+    agent = agents.make(algo, "textgym/TextGen-v0", n_envs=N_ENVS, env_kwargs={**ENV_KWARGS, **env_extra}, seed=seed,
+                        **hyperparameters)
+    initial = {k: v.detach().clone() for k, v in agent.policy.state_dict().items()}
+    agent.set_random_seed(seed)  # as textgym train's iteration
+    agent.start_fresh_episodes()
+    agent.learn(agent.n_steps * agent.n_envs)
+    buffer = agent.rollout_buffer
+    tokens = buffer.completion_ids if hasattr(buffer, "completion_ids") else buffer.actions
+    return {
+        "initial": initial,
+        "params": {k: v.detach().clone() for k, v in agent.policy.state_dict().items()},
+        "tokens": torch.as_tensor(tokens).clone(),
+        "stats": dict(agent.rollout_stats),
+        "kl_coef": float(agent.core.kl_controller.value),
+        "timesteps": int(agent.num_timesteps),
+        "logs": {k: float(v) for k, v in agent.logger.name_to_value.items() if k.startswith("train/")},
+    }
+
+
+def main(out: str) -> None:
+    torch.set_num_threads(1)
+    distributed.init_from_env()
+    for label in ALGORITHMS:
+        torch.save(one_iteration(label), Path(out) / f"{label}-rank{distributed.rank()}.pt")
+    distributed.shutdown()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    main(sys.argv[1])
