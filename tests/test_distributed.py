@@ -153,6 +153,19 @@ def test_a_rank_that_fails_ends_the_run_with_its_error(tmp_path):
         not (tmp_path / "run" / "metrics.jsonl").read_text()  # no iteration was recorded
 
 
+def test_rank_0s_refusal_reaches_every_rank(tmp_path):
+    """What rank 0 alone checks (here: a --resume with nothing to resume) ends every rank with its
+    error, each naming its rank, before anything is written."""
+    run = tmp_path / "run"
+    out = torchrun("-m", "textgym", "train", *TINY_RUN, f"training.output_dir={run}", "--resume",
+                   cwd=tmp_path / "cwd", timeout=120)
+    assert out.returncode != 0
+    for k in (0, 1):
+        assert f"textgym train (rank {k} of 2): error: FileNotFoundError: nothing to resume in" in out.stderr, \
+            out.stderr[-3000:]
+    assert not run.exists()
+
+
 # --- pieces, in one process ---------------------------------------------------------------------------
 
 
