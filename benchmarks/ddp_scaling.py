@@ -4,10 +4,11 @@ An iteration is what ``textgym train`` repeats: fresh episodes, one rollout of `
 (one episode of ``--new-tokens`` tokens each) and one PPO update (4 epochs, minibatches of 64
 transitions). The N-process run (``torchrun``, ``textgym.distributed``: gloo on CPU, NCCL on GPUs)
 gives each process ``n_envs / N`` rows and sums their gradients every step (each loss being its
-share of the global minibatch's), so it computes the same update; the ratio N processes / 1 process is 1/N for perfect scaling. On a CPU whose cores the
-single process could use as threads, it mostly shows the cost of the communication; on a machine
-with a GPU per process it shows the scaling. Also prints the machine and a yardstick (the model's
-``generate`` speed in one process), as the README's figures state theirs.
+share of the global minibatch's), so it computes the same update; the ratio N processes / 1
+process is 1/N for perfect scaling. On a CPU whose cores the single process could use as threads,
+it mostly shows the cost of the communication; on a machine with a GPU per process it shows the
+scaling. Also prints the machine and a yardstick (the model's ``generate`` speed in one process),
+as the README's figures state theirs.
 
     python benchmarks/ddp_scaling.py                                  # textgym/tiny, 2 processes
     python benchmarks/ddp_scaling.py --model textgym/smollm2-135m --nproc 2
