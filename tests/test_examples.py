@@ -12,14 +12,14 @@ from textgym.pipeline.train import TrainConfig
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
-@pytest.mark.parametrize("name", ["sentiment_ppo.yaml", "ppo_with_reward_model.yaml"])
+@pytest.mark.parametrize("name", ["sentiment.yaml", "ppo_with_reward_model.yaml"])
 def test_train_configs_are_valid(name):
     cfg = load_config(TrainConfig, EXAMPLES / name)
     assert cfg.env.id == "textgym/Sentiment-v0"
 
 
 def test_default_config_is_the_example():
-    assert load_config(TrainConfig, EXAMPLES / "sentiment_ppo.yaml") == load_config(TrainConfig)
+    assert load_config(TrainConfig, EXAMPLES / "sentiment.yaml") == load_config(TrainConfig)
 
 
 def test_bench_config_is_valid():

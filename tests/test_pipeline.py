@@ -54,7 +54,7 @@ def test_yaml_config_and_cli_overrides(tmp_path):
     assert cfg.agent.algo == "a2c" and cfg.training.iterations == 9 and cfg.env.id == "textgym/Sentiment-v0"
 
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "sentiment_ppo.yaml"
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "sentiment.yaml"
 
 
 @pytest.mark.parametrize("algo", agents.names())

@@ -157,8 +157,9 @@ def aggregate(runs: list[dict]) -> dict:
 
     return {"score": score, "score_ci": score_ci, "gain": gain, "gain_ci": gain_ci, "kl": mean("kl"),
             "perplexity_ref": mean("perplexity_ref"), "distinct_1": mean("distinct_1"),
-            "distinct_2": mean("distinct_2"), "untrained_distinct_1": float(np.mean([r["before"]["distinct_1"]
-                                                                                     for r in done])),
+            "distinct_2": mean("distinct_2"),
+            "distinct_1_change": float(np.mean([r["after"]["distinct_1"] - r["before"]["distinct_1"] for r in done])),
+            "untrained_distinct_1": float(np.mean([r["before"]["distinct_1"] for r in done])),
             "untrained_score": float(np.mean([r["before"]["score"] for r in done])),
             "episodes": float(np.mean([r["episodes"] for r in done])),
             "seconds": float(np.mean([r["seconds"] for r in done])),
@@ -173,8 +174,9 @@ def _pm(mean: float, half: float, digits: int = 3) -> str:
 def markdown_report(results: dict) -> str:
     seeds = results["seeds"]
     ci = "95% CI over seeds" if len(seeds) > 1 else "one seed: no interval"
-    rows = [f"| algorithm | held-out score ({ci}) | gain over untrained | KL | perplexity (ref) | distinct-1 | "
-            "distinct-2 | episodes | wall time (s) | peak memory (MB) |", "|---|---|---|---|---|---|---|---|---|---|"]
+    rows = [f"| algorithm | held-out score ({ci}) | gain over untrained | KL | perplexity (ref) | distinct-1 "
+            "(change) | distinct-2 | episodes | wall time (s) | peak memory (MB) |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
     untrained = []
     for label, r in results["algos"].items():
         if "error" in r:
@@ -182,13 +184,16 @@ def markdown_report(results: dict) -> str:
             continue
         untrained.append((r["untrained_score"], r["untrained_distinct_1"]))
         rows.append(f"| {label} | {_pm(r['score'], r['score_ci'])} | {_pm(r['gain'], r['gain_ci'])} | {r['kl']:.2f} | "
-                    f"{r['perplexity_ref']:.1f} | {r['distinct_1']:.3f} | {r['distinct_2']:.3f} | {r['episodes']:.0f} "
+                    f"{r['perplexity_ref']:.1f} | {r['distinct_1']:.3f} ({r['distinct_1_change']:+.3f}) | "
+                    f"{r['distinct_2']:.3f} | {r['episodes']:.0f} "
                     f"| {r['seconds']:.0f} | {r['peak_mb']:.0f} |")
         for failure in r["failed"]:
             rows.append(f"| {label} | failed, {failure} | | | | | | | | |")
-    if untrained:
-        rows.append(f"\nUntrained model: held-out score {np.mean([u[0] for u in untrained]):.3f}, distinct-1 "
-                    f"{np.mean([u[1] for u in untrained]):.3f} (seeds {', '.join(map(str, seeds))}).")
+    if untrained:  # each algorithm's acting distribution before training (NLPO's is masked, so it differs)
+        scores, distinct = sorted({round(u[0], 3) for u in untrained}), sorted({round(u[1], 3) for u in untrained})
+        rows.append(f"\nUntrained (each algorithm's acting distribution before training): held-out score "
+                    f"{' / '.join(f'{v:.3f}' for v in scores)}, distinct-1 {' / '.join(f'{v:.3f}' for v in distinct)} "
+                    f"(seeds {', '.join(map(str, seeds))}).")
     return "\n".join(rows) + "\n"
 
 
