@@ -229,7 +229,7 @@ def test_yaml_error_names_the_file(tmp_path):
 def test_misspelt_hyperparameter_is_an_error_listing_valid_names():
     with pytest.raises(ConfigError, match=r"agent.hyperparameters.lernrate is not a hyperparameter of any algorithm; "
                                           r"valid for ppo: batch_size, clip_range, .*learning_rate"):
-        load_config(TrainConfig, overrides=["agent.hyperparameters.lernrate=1e-3"])
+        load_config(TrainConfig, overrides=["agent.algo=ppo", "agent.hyperparameters.lernrate=1e-3"])
     # Issue 10 changed this: a hyperparameter that only another algorithm takes used to be set aside
     # with a warning; now it is an error naming who takes it. agent.<algo> keeps it for that one.
     with pytest.raises(ConfigError, match=r"agent.hyperparameters.batch_size is not a hyperparameter of a2c, only of "
@@ -348,7 +348,7 @@ def test_hyperparameters_are_checked_against_the_chosen_algorithm():
     with pytest.raises(ConfigError, match=r"agent.a2c.batch_size is not a hyperparameter of a2c, only of grpo, nlpo"):
         load_config(TrainConfig, overrides=["agent.a2c.batch_size=8"])
     with pytest.raises(ConfigError, match=r"agent.hyperparameters.top_p is not a hyperparameter of ppo, only of nlpo "):
-        load_config(TrainConfig, overrides=["agent.hyperparameters.top_p=0.5"])
+        load_config(TrainConfig, overrides=["agent.algo=ppo", "agent.hyperparameters.top_p=0.5"])
     with pytest.raises(ConfigError, match=r"agent.nlpo.seed is set by textgym train \(training.seed\)"):
         load_config(TrainConfig, overrides=["agent.nlpo.seed=3"])
     with pytest.raises(ConfigError, match=r"unknown config key 'agent.trpo'; valid keys of agent: algo, "
@@ -363,8 +363,9 @@ def test_hyperparameters_are_checked_against_the_chosen_algorithm():
             ("agent.nlpo.top_p=high", "'agent.nlpo.top_p' must be a number, got 'high'"),
             ("agent.rloo.loss_normalization=3", "'agent.rloo.loss_normalization' must be a string, got 3")]:
         with pytest.raises(ConfigError, match=re.escape(message)):
-            load_config(TrainConfig, overrides=[override])
-    cfg = load_config(TrainConfig, overrides=["agent.hyperparameters.learning_rate=1", "agent.ppo.target_kl=null"])
+            load_config(TrainConfig, overrides=["agent.algo=ppo", override])
+    cfg = load_config(TrainConfig, overrides=["agent.algo=ppo", "agent.hyperparameters.learning_rate=1",
+                                              "agent.ppo.target_kl=null"])
     assert cfg.agent.hyperparameters["learning_rate"] == 1.0 and isinstance(cfg.agent.hyperparameters["learning_rate"],
                                                                             float)
     assert cfg.agent.hyperparameters["target_kl"] is None
@@ -384,7 +385,7 @@ def test_a_registered_algorithm_is_checked_against_its_own_constructor():
             load_config(TrainConfig, overrides=["agent.algo=knobbed", "agent.hyperparameters.knob=x"])
         with pytest.raises(ConfigError, match=r"agent.hyperparameters.knob is not a hyperparameter of ppo, only of "
                                               r"knobbed"):
-            load_config(TrainConfig, overrides=["agent.hyperparameters.knob=5"])
+            load_config(TrainConfig, overrides=["agent.algo=ppo", "agent.hyperparameters.knob=5"])
     finally:
         agents.registry._REGISTRY.pop("knobbed")
 
@@ -442,7 +443,7 @@ def test_resume_overrides_apply_or_are_refused(tmp_path):
     changed = load_config(TrainConfig, overrides=["training.iterations=4", f"training.output_dir={tmp_path}",
                                                   "agent.hyperparameters.learning_rate=0.1", "env.n_envs=2"])
     with pytest.raises(ConfigError, match=r"cannot change agent.hyperparameters.learning_rate, env.n_envs "
-                                          r"\(agent.hyperparameters.learning_rate: 0.0003 -> 0.1"):
+                                          r"\(agent.hyperparameters.learning_rate: 0.001 -> 0.1"):  # issue 11's presets
         resume_config(saved, changed, done=2)
     fewer = load_config(TrainConfig, overrides=["training.iterations=1", f"training.output_dir={tmp_path}"])
     with pytest.raises(ConfigError, match=r"training.iterations=1 is fewer than the 2 iterations"):

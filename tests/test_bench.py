@@ -10,7 +10,7 @@ from textgym.pipeline.config import ConfigError, load_config
 TRAIN = {
     "model": {"name": "textgym/tiny", "lora": None},
     "env": {"id": "textgym/TextGen-v0", "n_envs": 4, "kwargs": {"max_new_tokens": 6, "max_prompt_tokens": 16}},
-    "agent": {"hyperparameters": {"n_steps": 6, "batch_size": 24, "learning_rate": 3e-3}},
+    "agent": {"algo": "ppo", "hyperparameters": {"n_steps": 6, "batch_size": 24, "learning_rate": 3e-3}},
     "training": {"iterations": 2, "eval_n": 8, "eval_every": 1},
 }
 

@@ -20,7 +20,7 @@ from textgym.pipeline.train_config import PRESETS, config_from_cli
 TINY_RUN = [
     "model.name=textgym/tiny", "model.lora=null", "env.id=textgym/TextGen-v0", "env.n_envs=4",
     "env.kwargs.max_new_tokens=6", "env.kwargs.max_prompt_tokens=16", "reward.name=keyword",
-    "reward.kwargs.keywords=[the]", "reward.eval=[length]", "agent.hyperparameters.n_steps=6",
+    "reward.kwargs.keywords=[the]", "reward.eval=[length]", "agent.algo=ppo", "agent.hyperparameters.n_steps=6",
     "agent.hyperparameters.batch_size=24", "agent.hyperparameters.learning_rate=3e-3",
     "training.eval_n=8", "training.eval_every=2", "training.samples=4",
 ]
@@ -43,7 +43,7 @@ def test_config_validation_names_the_key():
         load_config(TrainConfig, overrides=["env.kwargs.model=x"])
     with pytest.raises(ConfigError, match=r"unknown config key 'optimiser'"):
         load_config(TrainConfig, overrides=["optimiser.lr=1"])
-    cfg = load_config(TrainConfig, overrides=["agent.hyperparameters.n_steps=8"])
+    cfg = load_config(TrainConfig, overrides=["agent.algo=ppo", "agent.hyperparameters.n_steps=8"])
     assert cfg.agent.hyperparameters["n_steps"] == 8 and "learning_rate" in cfg.agent.hyperparameters
 
 
@@ -68,7 +68,7 @@ def test_algo_switch_applies_that_algorithms_section(algo):
 
 def test_hyperparameters_go_on_top_of_the_section_and_the_run_config_round_trips(tmp_path):
     path = tmp_path / "cfg.yaml"
-    path.write_text("agent:\n  ppo: {batch_size: 40, n_epochs: 2}\n  hyperparameters: {batch_size: 24}\n")
+    path.write_text("agent:\n  algo: ppo\n  ppo: {batch_size: 40, n_epochs: 2}\n  hyperparameters: {batch_size: 24}\n")
     cfg = load_config(TrainConfig, path)
     assert cfg.agent.hyperparameters == {**PRESETS["ppo"], "batch_size": 24, "n_epochs": 2}
     save_config(cfg, tmp_path / "config.yaml")
@@ -101,8 +101,8 @@ def test_help_lists_every_config_key_with_type_default_and_help(command, cls, ca
         assert re.search(rf"^  {re.escape(key)} \(", out, re.M), key
         assert " ".join(help_.split()) in flat, key
     if cls is TrainConfig:
-        assert "training.iterations (int; default 20; >= 1): RL iterations" in flat
-        assert "agent.ppo default {learning_rate: 0.0003, n_steps: 20, batch_size: 80" in flat
+        assert "training.iterations (int; default 8; >= 1): RL iterations" in flat  # issue 11's default run: 8
+        assert "agent.ppo default {learning_rate: 0.001, n_steps: 20, batch_size: 80" in flat  # issue 11's presets
         for algo in agents.names():
             for name in hyperparameters.of(algo):
                 assert re.search(rf"^  {name}$", out, re.M), (algo, name)

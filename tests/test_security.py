@@ -169,7 +169,7 @@ TINY_RUN = [
     "model.name=textgym/tiny", "model.lora=null", "env.id=textgym/TextGen-v0", "env.n_envs=2",
     "env.kwargs.max_new_tokens=4",
     "env.kwargs.max_prompt_tokens=16", "reward.name=keyword", "reward.kwargs.keywords=[the]", "reward.eval=[length]",
-    "agent.hyperparameters.n_steps=4", "agent.hyperparameters.batch_size=8", "training.eval_n=2",
+    "agent.algo=ppo", "agent.hyperparameters.n_steps=4", "agent.hyperparameters.batch_size=8", "training.eval_n=2",
     "training.eval_every=0", "training.samples=2", "training.iterations=1",
 ]
 
