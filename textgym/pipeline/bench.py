@@ -27,7 +27,7 @@ from textgym import metrics
 from textgym.envs import core_of
 from textgym.pipeline.config import ConfigError, defaults, from_dict, merge, option
 from textgym.pipeline.evaluate import generate, held_out_prompts, make_rewards
-from textgym.pipeline.plots import pyplot
+from textgym.pipeline.plots import pyplot, save
 from textgym.pipeline.train import Run
 from textgym.pipeline.train_config import TrainConfig
 
@@ -218,9 +218,7 @@ def plot_overoptimization(results: dict, path: Path) -> None:
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save(fig, path)
 
 
 # --- Elo --------------------------------------------------------------------------------------------
@@ -295,7 +293,5 @@ def plot_elo(ratings: dict, path: Path) -> None:
     ax.set_yticks(range(len(names)), names)
     ax.set_xlabel("Elo rating (95% bootstrap interval)")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save(fig, path)
 

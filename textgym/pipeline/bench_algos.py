@@ -26,7 +26,7 @@ import numpy as np
 
 from textgym import agents, metrics
 from textgym.pipeline.config import ConfigError, defaults, from_dict, merge, option, save_config
-from textgym.pipeline.plots import pyplot
+from textgym.pipeline.plots import pyplot, save
 from textgym.pipeline.train_config import TrainConfig
 
 
@@ -214,6 +214,4 @@ def plot_score_vs_kl(results: dict, path: Path) -> None:
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save(fig, path)

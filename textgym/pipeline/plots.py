@@ -11,3 +11,10 @@ def pyplot():
     import matplotlib.pyplot as plt  # after use("Agg"), so no GUI backend is ever loaded
 
     return plt
+
+
+def save(fig, path) -> None:
+    """Lay ``fig`` out, write it as a PNG at ``path`` and free it (pyplot keeps every open figure)."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    pyplot().close(fig)

@@ -34,7 +34,7 @@ from textgym import agents, distributed, metrics
 from textgym.assets import atomic_dir
 from textgym.pipeline.config import ConfigError, check_no_code_options, load_config, save_config, to_dict
 from textgym.pipeline.evaluate import generate, held_out_prompts, make_rewards, summarise
-from textgym.pipeline.plots import pyplot
+from textgym.pipeline.plots import pyplot, save
 from textgym.pipeline.runlock import RunLock, holder
 from textgym.pipeline.train_config import TrainConfig
 from textgym.prompts import PromptSet
@@ -300,10 +300,8 @@ def plot_history(history: list[dict], out_dir: Path, before: dict | None = None)
         ax.set_xlabel("iteration")
         ax.set_title(title)
         ax.grid(alpha=0.3)
-        fig.tight_layout()
         path = Path(out_dir) / f"{key}.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
+        save(fig, path)
         paths.append(path)
     evals = [(0, before)] if before and "reward/gold" in before else []
     evals += [(r["iteration"], {"score": r["eval/score"], "reward/gold": r["eval/reward/gold"]})
@@ -319,10 +317,8 @@ def plot_history(history: list[dict], out_dir: Path, before: dict | None = None)
         ax.set_xlabel("iteration")
         ax.set_title("held-out proxy and gold scores")
         ax.grid(alpha=0.3)
-        fig.tight_layout()
         path = Path(out_dir) / "gold.png"
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
+        save(fig, path)
         paths.append(path)
     return paths
 
