@@ -104,15 +104,10 @@ def set_checkpointing(model: Any, on: bool) -> None:
     if on:
         # Hooks that enabling adds are removed when disabling; any that were there already stay.
         model._textgym_had_input_hooks = _has_input_grad_hooks(model)
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 (the old name is deprecated)
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        # (transformers 5.23 renamed gradient_checkpointing_enable/_disable: the old names warn)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
         return
-    if hasattr(model, "activation_checkpointing_disable"):
-        model.activation_checkpointing_disable()
-    else:
-        model.gradient_checkpointing_disable()
+    model.activation_checkpointing_disable()
     if _has_input_grad_hooks(model) and not getattr(model, "_textgym_had_input_hooks", False):
         model.disable_input_require_grads()
 

@@ -32,14 +32,14 @@ def forward(model, input_ids: torch.Tensor, mask: torch.Tensor, past: Any = None
     positions = position_ids(mask)[:, -new:]
     with autocast(input_ids.device, dtype):
         out = model(
-            input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=past,
+            input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=past,
             use_cache=past is not None or keep is not None, output_hidden_states=hidden,
             logits_to_keep=keep or 0,
         )
     states: torch.Tensor | None = out.hidden_states[-1] if hidden else None
     if states is not None and keep:
         states = states[:, -keep:]
-    return out.logits.float(), states, out.past_key_values
+    return out.logits.float(), states, out.cache
 
 
 def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completion_mask, *, hidden: bool = False,

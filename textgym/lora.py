@@ -5,6 +5,7 @@ then move the reference too, so they are refused."""
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 from torch import nn
@@ -50,4 +51,10 @@ def peft_wrap(model, lora: dict, *, own_reference: bool):
             "would drift with training: use bias='none', or give the env its own ref_model"
         )
     config = LoraConfig(task_type="CAUSAL_LM", **{k: v for k, v in lora.items() if k != "task_type"})
-    return get_peft_model(model, config)  # modifies model's layers in place
+    with warnings.catch_warnings():
+        # peft's PeftModel.__init__ (through peft 0.21.2, the newest) reads the model's
+        # ``is_gradient_checkpointing``, which transformers 5.23 renamed ``is_activation_checkpointing``
+        # (the old name warns, FutureWarning): peft's own read, which no argument of ours avoids, and
+        # the same value under either name. Only that warning is silenced, only in this call.
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        return get_peft_model(model, config)  # modifies model's layers in place
