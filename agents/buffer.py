@@ -33,6 +33,7 @@ class LMRolloutSamples(NamedTuple):
     returns: torch.Tensor
     ref_log_prob: torch.Tensor | None
     share: Share
+    behaviour_log_prob: torch.Tensor | None = None  # the sampler's, where old_log_prob was recomputed
 
 
 class EpisodeRolloutBuffer(DictRolloutBuffer):
@@ -43,12 +44,28 @@ class EpisodeRolloutBuffer(DictRolloutBuffer):
     along in every minibatch as ``ref_log_prob``."""
 
     ref_log_probs: np.ndarray | None = None
+    # The sampler's log-probs, kept when ``log_probs`` were recomputed by the training forward
+    # (``recompute_log_probs``); None while ``log_probs`` are the sampler's own.
+    behaviour_log_probs: np.ndarray | None = None
     _rank_lengths: list[np.ndarray] | None = None  # every rank's segment lengths, once per rollout
 
     def reset(self) -> None:
         super().reset()
         self.ref_log_probs = None
+        self.behaviour_log_probs = None
         self._rank_lengths = None
+
+    def recompute_log_probs(self, log_prob_fn, chunk: int = 8) -> None:
+        """Replace the stored (sampling-time) log-probs by ``log_prob_fn(observations, actions)``,
+        the training forward's, over chunks of ``chunk`` whole episode segments, keeping the
+        sampler's as ``behaviour_log_probs`` (see ``LMAlgorithm.prepare_update``)."""
+        segments = self.segments()  # flattens the buffer
+        behaviour = self.log_probs.copy()
+        for start in range(0, len(segments), chunk):
+            idx = np.concatenate(segments[start : start + chunk])
+            obs = {key: self.to_torch(value[idx]) for key, value in self.observations.items()}
+            self.log_probs[idx] = log_prob_fn(obs, self.to_torch(self.actions[idx])).cpu().numpy().reshape(len(idx), -1)
+        self.behaviour_log_probs = behaviour
 
     def segments(self) -> list[np.ndarray]:
         """Flat indices of each episode segment, in step order."""
@@ -71,8 +88,9 @@ class EpisodeRolloutBuffer(DictRolloutBuffer):
                      share: Share | None = None) -> LMRolloutSamples:
         base = super()._get_samples(batch_inds, env)
         ref = None if self.ref_log_probs is None else self.to_torch(self.ref_log_probs[batch_inds])
+        behaviour = None if self.behaviour_log_probs is None else self.to_torch(self.behaviour_log_probs[batch_inds])
         share = whole(len(batch_inds), len(batch_inds)) if share is None else share
-        return LMRolloutSamples(*base, ref_log_prob=ref, share=share)
+        return LMRolloutSamples(*base, ref_log_prob=ref, share=share, behaviour_log_prob=behaviour)
 
     def _flatten(self) -> None:
         # As SB3's get(): [n_steps, n_envs, ...] -> [n_envs * n_steps, ...], env-major, so each

@@ -44,6 +44,7 @@ from textgym.precision import autocast
 
 from . import serialization
 from .buffer import EpisodeRolloutBuffer
+from .completion_buffer import CompletionRolloutBuffer
 from .policy import group_rows
 from .ptx import lm_loss, ptx_batches
 from .update import GradientStep, check_micro_batch_size, upcast_trainable
@@ -66,6 +67,33 @@ def default_learning_rate(model, lora: bool) -> float:
         return 3e-4
     n_params = sum(p.numel() for p in model.parameters())
     return 3e-3 if n_params < 10_000_000 else 1e-5
+
+
+def check_learning_rate(value: Any) -> None:
+    """A learning rate is a finite number > 0, a schedule (a callable, SB3's), or None (the default
+    by model size); 0 would train nothing without a word, and a negative one fails inside torch."""
+    if value is None or callable(value):
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (np.isfinite(value) and value > 0):
+        raise ValueError(f"learning_rate must be a finite number > 0, a schedule, or None (the default by model "
+                         f"size and LoRA), got {value!r}")
+
+
+# Truncated importance sampling of the sampler/trainer mismatch (Yao et al. 2025, "Your Efficient RL
+# Framework Secretly Brings You Off-Policy RL Training"): the weight pi_old/mu is capped here.
+BEHAVIOUR_WEIGHT_CAP = 2.0
+
+
+def behaviour_weight(data) -> torch.Tensor | float:
+    """The detached weight ``min(pi_old(y) / mu(y), 2)`` of each sampled token in a clipped update:
+    mu is the sampler (the KV-cached forward that drew the token), pi_old the training forward at
+    the rollout's weights, which the ratio's denominator now is (``recomputes_old_log_probs``). The
+    two are one function in float32, and the weight is then 1 (no tensor is made); in bfloat16/
+    float16 they differ by rounding, and the weight corrects the policy gradient for it, truncated
+    as Yao et al. (2025) do."""
+    if data.behaviour_log_prob is None:
+        return 1.0
+    return torch.exp(data.old_log_prob - data.behaviour_log_prob).clamp(max=BEHAVIOUR_WEIGHT_CAP)
 
 
 def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
@@ -102,6 +130,12 @@ class LMAlgorithm(_MixedInto):
     # kl_in="loss", ``ptx_loss_term`` for PPO-ptx); a plain SB3 class registered through
     # ``agents.register`` keeps SB3's update, so neither is available to it.
     adds_loss_terms = False
+    # False where the update has no ratio of new to old policy (A2C's single on-policy step): its old
+    # log-probs are then never recomputed (``recomputes_old_log_probs``).
+    uses_ratio = True
+    # True where the reference log-probs of the KL loss come from the env's own (the critic-free
+    # buffers store them), so ``prepare_update`` takes no reference forward.
+    kl_from_env = False
     policy: LMActorCriticPolicy  # (or a subclass): agents.make gives a plain SB3 class this policy too
 
     def __init__(self, policy, env, *args, lora: Any = None, ptx_coef: float = 0.0, ptx_data: Any = None,
@@ -127,6 +161,7 @@ class LMAlgorithm(_MixedInto):
         self.rollout_stats: dict[str, float] = {}
         self._update_logs: dict[str, list[float]] = {}
         env = as_vec_env(env) if env is not None else None
+        check_learning_rate(kwargs.get("learning_rate"))
         if kwargs.get("learning_rate", 0.0) is None:
             if env is None:
                 raise ValueError("learning_rate=None picks a default from the env's model: pass env= too")
@@ -163,6 +198,7 @@ class LMAlgorithm(_MixedInto):
             self.set_random_seed(self.seed)  # the adapters' initialisation must follow the seed too
             core.attach_lora(self.lora)
         upcast_trainable(core.model)  # float32 master weights (textgym.precision); a no-op in float32
+        core.match_reference_weights()  # the frozen copy computes as the policy does until it moves
         shared_value_head = self.policy_kwargs.get("value_head", True) and self.policy_kwargs.get("critic") is None
         if shared_value_head and not core.policy.hidden:
             core.policy.hidden = True  # the shared value head reads the cached hidden states
@@ -219,6 +255,12 @@ class LMAlgorithm(_MixedInto):
         self._last_episode_starts = np.ones((self.n_envs,), dtype=bool)
 
     def collect_rollouts(self, env, callback, rollout_buffer, n_rollout_steps: int) -> bool:
+        # Timed on the engine's timer (textgym.timing): the reference model's and the reward's work
+        # are phases of their own nested in it, so "generation" is the rest of the rollout.
+        with self.core.timer.phase("generation"):
+            return self._collect_rollouts(env, callback, rollout_buffer, n_rollout_steps)
+
+    def _collect_rollouts(self, env, callback, rollout_buffer, n_rollout_steps: int) -> bool:
         self._episode_stats = []
         self.kl_coef_used = float(self.core.kl_controller.value)  # the coefficient of this whole rollout
         start = self.num_timesteps
@@ -294,24 +336,54 @@ class LMAlgorithm(_MixedInto):
     def kl_in_loss(self) -> bool:
         return self.core.cfg.kl_in == "loss"
 
+    @property
+    def recomputes_old_log_probs(self) -> bool:
+        """Whether an update first recomputes the rollout's log-probs with the training forward.
+        The ratio of a clipped update must be 1 before its first step, so its old log-probs must come
+        from the very function the update evaluates: a teacher-forced forward. The rollout's are
+        those of the KV-cached sampling forward, the same function in float32 (to about 1e-6, so the
+        extra forward is skipped there), but not in bfloat16/float16, where the two computations
+        round differently (log-prob gaps of a few hundredths). Algorithms without a ratio (A2C)
+        never need it."""
+        return self.uses_ratio and self.core.dtype != torch.float32
+
     def prepare_update(self) -> None:
         """Work done once per rollout before its epochs: with the KL in the loss, the reference
-        log-prob of every sampled token (one teacher-forced forward per episode segment)."""
-        if self.kl_in_loss:
+        log-prob of every sampled token (one teacher-forced forward per episode segment); in
+        bfloat16/float16, the old log-probs by the training forward (``recomputes_old_log_probs``;
+        the sampler's are kept as the behaviour log-probs, ``behaviour_weight``)."""
+        if self.kl_in_loss and not self.kl_from_env:
             if not isinstance(self.rollout_buffer, EpisodeRolloutBuffer):
                 raise ValueError(f"kl_in='loss' needs an EpisodeRolloutBuffer (it carries the reference log-probs), "
                                  f"got rollout_buffer_class={type(self.rollout_buffer).__name__}")
             self.rollout_buffer.ref_log_probs = self.policy.reference_log_probs(self.rollout_buffer)
+        if self.recomputes_old_log_probs:
+            buffer: Any = self.rollout_buffer
+            if not isinstance(buffer, (EpisodeRolloutBuffer, CompletionRolloutBuffer)):
+                raise ValueError(f"a {self.core.cfg.dtype} update recomputes the rollout's log-probs, which needs "
+                                 "textgym's rollout buffer (EpisodeRolloutBuffer or CompletionRolloutBuffer), got "
+                                 f"rollout_buffer_class={type(buffer).__name__}")
+            with torch.no_grad():
+                buffer.recompute_log_probs(self.training_log_probs)
+
+    def training_log_probs(self, *batch) -> torch.Tensor:
+        """The training forward's log-probs of a batch of the rollout buffer (each algorithm's
+        buffer says what a batch is); see ``recomputes_old_log_probs``."""
+        obs, actions = batch
+        return self.policy.evaluate_actions(obs, actions)[1]
 
     def add_kl_loss(self, loss: torch.Tensor, parts: dict, data, log_prob: torch.Tensor, reduce=None) -> torch.Tensor:
         """``loss + kl_coef * mean k2`` over the minibatch's tokens, differentiable through
         ``log_prob`` (the acting distribution's), with the k2 mean put in ``parts`` (logged as
-        ``train/kl_loss``); ``loss`` unchanged when the KL sits in the reward. ``reduce`` replaces
-        the mean (a micro-batch's share of it; the critic-free algorithms average it as their policy
-        loss, padding excluded)."""
+        ``train/kl_loss``); ``loss`` unchanged when the KL sits in the reward. Each token's term is
+        importance-weighted by ``pi / mu``, mu the policy that sampled it (``textgym.kl.kl_loss``):
+        after the update's first step the samples are no longer pi's. ``reduce`` replaces the mean
+        (a micro-batch's share of it; the critic-free algorithms average it as their policy loss,
+        padding excluded)."""
         if not self.kl_in_loss:
             return loss
-        kl = klmod.kl_loss(log_prob, data.ref_log_prob)
+        behaviour = data.behaviour_log_prob if data.behaviour_log_prob is not None else data.old_log_prob
+        kl = klmod.kl_loss(log_prob, data.ref_log_prob, behaviour)
         kl = kl.mean() if reduce is None else reduce(kl)
         parts["train/kl_loss"] = kl.detach()
         return loss + self.kl_coef_used * kl

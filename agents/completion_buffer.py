@@ -42,6 +42,7 @@ class CompletionSamples(NamedTuple):
     advantages: torch.Tensor
     returns: torch.Tensor
     share: Share
+    behaviour_log_prob: torch.Tensor | None = None  # the sampler's, where old_log_prob was recomputed
 
 
 class CompletionRolloutBuffer(BaseBuffer):
@@ -76,6 +77,7 @@ class CompletionRolloutBuffer(BaseBuffer):
         self.completion_ids = np.zeros((N, T), dtype=np.int64)
         self.completion_mask = np.zeros((N, T), dtype=np.float32)
         self.log_probs = np.zeros((N, T), dtype=np.float32)
+        self.behaviour_log_probs: np.ndarray | None = None  # see recompute_log_probs
         self.ref_log_probs = np.zeros((N, T), dtype=np.float32)
         self.rewards = np.zeros((N, T), dtype=np.float32)
         self.returns = np.zeros((N, T), dtype=np.float32)  # reward-to-go, undiscounted
@@ -104,6 +106,22 @@ class CompletionRolloutBuffer(BaseBuffer):
         self.pos += n
         self._rank_lengths = None
         self.full = self.pos == self.capacity
+
+    def recompute_log_probs(self, log_prob_fn, chunk: int = 16) -> None:
+        """Replace the stored (sampling-time) log-probs by the training forward's,
+        ``log_prob_fn(prompt_ids, prompt_mask, completion_ids, completion_mask)`` (``[k, T']``), over
+        chunks of ``chunk`` episodes, keeping the sampler's as ``behaviour_log_probs`` (see
+        ``LMAlgorithm.prepare_update``)."""
+        behaviour = self.log_probs.copy()
+        for start in range(0, self.pos, chunk):
+            idx = np.arange(start, min(start + chunk, self.pos))
+            width = max(int(self.completion_mask[idx].sum(1).max()), 1)
+            logp = log_prob_fn(self.to_torch(self.prompt_ids[idx]), self.to_torch(self.prompt_mask[idx]),
+                               self.to_torch(self.completion_ids[idx, :width]),
+                               self.to_torch(self.completion_mask[idx, :width]))
+            self.log_probs[idx] = 0.0
+            self.log_probs[idx, :width] = logp.cpu().numpy()
+        self.behaviour_log_probs = behaviour
 
     def size(self) -> int:
         return self.pos
@@ -147,4 +165,6 @@ class CompletionRolloutBuffer(BaseBuffer):
             ref_log_prob=self.to_torch(self.ref_log_probs[batch_inds, :width]),
             advantages=self.to_torch(self.advantages[batch_inds, :width]),
             returns=self.to_torch(self.returns[batch_inds, :width]), share=share,
+            behaviour_log_prob=(None if self.behaviour_log_probs is None
+                                else self.to_torch(self.behaviour_log_probs[batch_inds, :width])),
         )

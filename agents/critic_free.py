@@ -28,9 +28,15 @@ REINFORCE++). That shapes the rollout:
   - ``"sequence"``: mean over each completion's tokens, then over completions (GRPO's paper);
   - ``"token"``: mean over all completion tokens of the minibatch (DAPO, Yu et al. 2025; TRL's
     and OpenRLHF's RLOO and REINFORCE++): long completions weigh by their length;
-  - ``"sum"``: sum over each completion's tokens, mean over completions (REINFORCE on the whole
-    sequence as one action, as in RLOO's paper; Dr. GRPO, Liu et al. 2025, divides this sum by a
-    constant, ``max_new_tokens``, which only rescales the step).
+  - ``"sum"``: the minibatch's token terms summed and divided by a constant, the minibatch's
+    capacity in tokens (``batch_size``; with ``batch_size=None``, ``max_new_tokens`` times the
+    rollout's episodes): each completion weighs by its summed tokens (REINFORCE on the whole
+    sequence as one action, as in RLOO's paper), and no token's weight depends on what else its
+    minibatch holds. This is Dr. GRPO's constant normaliser (Liu et al. 2025, "Understanding R1-Zero-
+    Like Training": a sequence's sum over ``max_new_tokens``, averaged over a fixed number of
+    sequences): a minibatch of full-length completions weighs each token as ``"token"`` does.
+    (Dividing by the minibatch's number of completions instead would weigh a token by the mean
+    length of the completions it happens to share a token-filled minibatch with.)
 
 An algorithm provides ``compute_advantages(buffer)``, called when the rollout is complete (where
 SB3 calls ``compute_returns_and_advantage``).
@@ -49,7 +55,7 @@ from stable_baselines3.common.utils import FloatSchedule
 
 from textgym import distributed
 
-from .common import LMAlgorithm
+from .common import LMAlgorithm, behaviour_weight
 from .completion_buffer import CompletionRolloutBuffer
 from .data_parallel import share_of
 from .policy import LMActorCriticPolicy
@@ -64,19 +70,23 @@ _FIXED = {"n_steps": "episodes_per_row sets the rollout size (whole rounds of ep
 
 
 def aggregate(values: torch.Tensor, mask: torch.Tensor, how: str, of: torch.Tensor | None = None,
-              totals: tuple[int, int] | None = None) -> torch.Tensor:
+              totals: tuple[int, int] | None = None, capacity: int | None = None) -> torch.Tensor:
     """Reduce per-token ``values`` ``[B, T]`` over the real tokens (``mask``) as ``how`` says (one
     of ``LOSS_NORMALIZATIONS``, see the module docstring). ``of``: the mask of the whole minibatch
     when ``values`` and ``mask`` are a micro-batch of it: the result is then the micro-batch's
     share of the minibatch's figure (its counts of completions and tokens divide). ``totals``:
     ``(completions, tokens)`` of the whole minibatch, in place of ``of``'s counts (data-parallel,
-    the minibatch spans the ranks: ``agents.data_parallel``)."""
+    the minibatch spans the ranks: ``agents.data_parallel``). ``capacity``: the constant that
+    ``"sum"`` divides by (the minibatch's capacity in tokens), required there."""
     of = mask if of is None else of
     if how == "token":
         return (values * mask).sum() / (of.sum().clamp(min=1) if totals is None else max(totals[1], 1))
-    per_sequence = (values * mask).sum(1)
-    if how == "sequence":
-        per_sequence = per_sequence / mask.sum(1).clamp(min=1)
+    if how == "sum":
+        if capacity is None or capacity < 1:
+            raise ValueError(f"loss_normalization 'sum' divides by a constant capacity in tokens >= 1, "
+                             f"got {capacity!r}")
+        return (values * mask).sum() / capacity
+    per_sequence = (values * mask).sum(1) / mask.sum(1).clamp(min=1)
     return per_sequence.sum() / (len(of) if totals is None else totals[0])
 
 
@@ -221,6 +231,7 @@ class CriticFreeAlgorithm(LMAlgorithm, WholeEpisodeOnPolicy):
     # of episodes instead of stable-baselines3's fixed number of steps.
     _play_rollout = WholeEpisodeOnPolicy._play_rollout
     adds_loss_terms = True
+    kl_from_env = True  # the buffer holds the env's reference log-probs
     min_group_size = 1  # episodes per prompt the advantage needs
 
     def __init__(self, policy: type[LMActorCriticPolicy] | str = LMActorCriticPolicy, env: Any = None,
@@ -258,6 +269,7 @@ class CriticFreeAlgorithm(LMAlgorithm, WholeEpisodeOnPolicy):
         self.policy.set_training_mode(True)
         self._update_learning_rate(self.policy.optimizer)
         clip_range = self.clip_range(self._current_progress_remaining)
+        self.prepare_update()
         self.start_update_logs()
         continue_training = True
         with self.gradient_step.training():
@@ -282,6 +294,20 @@ class CriticFreeAlgorithm(LMAlgorithm, WholeEpisodeOnPolicy):
         self.logger.record("train/clip_range", clip_range)
         self.after_train()
 
+    def training_log_probs(self, *batch) -> torch.Tensor:
+        """The training forward's log-probs of a batch of whole episodes (``prompt_ids, prompt_mask,
+        completion_ids, completion_mask``), as ``minibatch_loss`` evaluates them."""
+        return self.policy.completion_log_probs(*batch)[0]
+
+    @property
+    def sum_capacity(self) -> int:
+        """What ``loss_normalization="sum"`` divides a minibatch's summed token terms by: its
+        capacity in tokens, ``batch_size``, or without one (the whole rollout is the minibatch)
+        ``max_new_tokens`` times the rollout's episodes (of every rank)."""
+        if self.batch_size is not None:
+            return int(self.batch_size)
+        return self.core.T * self.episodes_per_row * self.n_envs * distributed.world_size()
+
     def minibatch_loss(self, data, clip_range: float, rows: slice) -> tuple[torch.Tensor, dict]:
         """The share of the episodes ``rows`` in the loss of the minibatch ``data`` and in its
         logged figures (reduced over all of its completions and tokens, of every rank: ``aggregate``)."""
@@ -291,14 +317,16 @@ class CriticFreeAlgorithm(LMAlgorithm, WholeEpisodeOnPolicy):
                                                              mask)
 
         def reduce(values: torch.Tensor, how: str = self.loss_normalization) -> torch.Tensor:
-            return aggregate(values, mask, how, of=full_mask, totals=share_of(data).totals())
+            return aggregate(values, mask, how, of=full_mask, totals=share_of(data).totals(),
+                             capacity=self.sum_capacity)
 
         # Clipped surrogate (Schulman et al. 2017, eq. 7) on each token's ratio.
         log_ratio = log_prob - part.old_log_prob  # 0 past each completion's end
         ratio = torch.exp(log_ratio)
         advantages = part.advantages
         clipped = torch.clamp(ratio, 1 - clip_range, 1 + clip_range)
-        policy_loss = -reduce(torch.min(advantages * ratio, advantages * clipped))
+        surrogate = torch.min(advantages * ratio, advantages * clipped)
+        policy_loss = -reduce(behaviour_weight(part) * surrogate)  # weight 1 in float32
         entropy_loss = -reduce(entropy)
         parts: dict[str, Any] = {}
         loss = self.add_kl_loss(policy_loss + self.ent_coef * entropy_loss, parts, part, log_prob, reduce)

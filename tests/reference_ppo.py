@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from gymnasium.utils import seeding
 
 from textgym import lm as lmmod
 
@@ -171,14 +170,15 @@ def ppo_iteration(core, model, value_head, optimizer, *, n_steps: int, batch_siz
     """One PPO iteration (rollout, GAE, ``n_epochs`` passes of minibatch updates) on ``model`` and
     ``value_head`` through ``optimizer``, which must cover exactly their trainable parameters.
 
-    The first iteration starts fresh episodes in every row, row ``i``'s prompts drawn by a generator
-    seeded with ``seed + i``; a later one continues the episodes running in ``core``, with the
-    rows' generators ``rngs`` that the previous iteration returned. Returns the rollout,
+    The first iteration starts fresh episodes in every row, row ``i``'s prompts drawn by the
+    generator of ``SeedSequence(seed, spawn_key=(i,))``; a later one continues the episodes running
+    in ``core``, with the rows' generators ``rngs`` that the previous iteration returned. Returns the rollout,
     advantages, returns, per-minibatch statistics and ``rngs``."""
     if rngs is None:
-        # SB3 seeds env i of a vector env with seed + i (VecEnv.seed), used at its next reset; each
-        # row keeps its generator for the prompts of the episodes that follow (as LMVecEnv.reset).
-        rngs = [seeding.np_random(seed + i)[0] for i in range(core.n)]
+        # Row i's generator is the i-th independent stream of the seed (SeedSequence's spawn key), set
+        # at its next reset; each row keeps it for the prompts of the episodes that follow (as
+        # LMVecEnv.reset). (SB3's seed + i would make seed s+1 replay seed s's rows shifted by one.)
+        rngs = [np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(i,))) for i in range(core.n)]
         core.reset_rows(list(range(core.n)), rngs)
     kl_in_loss = core.cfg.kl_in == "loss"
     kl_coef = float(core.kl_controller.value)  # one coefficient for the whole iteration
@@ -220,8 +220,11 @@ def ppo_iteration(core, model, value_head, optimizer, *, n_steps: int, batch_siz
             loss = policy_loss - ent_coef * entropy.mean() + vf_coef * v_loss  # eq. 9, as a loss
             if kl_in_loss:
                 # KL to the reference in the loss: k2 = (log pi - log pi_ref)^2 / 2 per token, whose
-                # gradient on-policy is that of KL(pi || pi_ref) (textgym.kl explains the choice).
-                loss = loss + kl_coef * (0.5 * (logp - ref_logp[idx]).square()).mean()
+                # gradient on-policy is that of KL(pi || pi_ref) (textgym.kl explains the choice). The
+                # tokens were sampled by the rollout's policy, not by pi once a step was taken: the
+                # detached ratio pi / pi_old importance-weights each token's term.
+                weight = torch.exp(logp.detach() - old_logp[idx])
+                loss = loss + kl_coef * (weight * 0.5 * (logp - ref_logp[idx]).square()).mean()
             with torch.no_grad():
                 # SB3's early stop (PPO.train): the k3 estimate of KL(old || new), checked before the
                 # step; above 1.5 * target_kl the update ends without applying this minibatch.

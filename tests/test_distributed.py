@@ -110,7 +110,7 @@ def test_train_cli_on_two_ranks_writes_one_run_that_resumes(tmp_path):
         assert {k for k in got if not k.startswith("eval/")} == {k for k in want if not k.startswith("eval/")}
         assert {k for k in got if k.startswith("eval/")} == {k for k in want if k.startswith("eval/")}
         for key, value in want.items():
-            if key != "seconds" and not key.startswith("eval/"):
+            if key != "seconds" and not key.startswith(("eval/", "time/")):  # timings differ from run to run
                 assert got[key] == pytest.approx(value, rel=1e-4, abs=1e-5), (got["iteration"], key)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["iterations"] == 3 and summary["after"]["n"] == 8  # every held-out prompt, once

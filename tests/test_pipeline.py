@@ -136,7 +136,8 @@ def test_evaluating_every_iteration_changes_no_training_figure(tmp_path):
         train(tiny_config(out, "training.iterations=3", f"training.eval_every={every}",
                           "env.kwargs.kl_target=1.0", "env.kwargs.kl_horizon=50"), progress=False)
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-        return [{k: v for k, v in r.items() if k != "seconds" and not k.startswith("eval/")} for r in rows], rows
+        return [{k: v for k, v in r.items() if k != "seconds" and not k.startswith(("eval/", "time/"))}
+                for r in rows], rows
 
     never, _ = training_records(tmp_path / "never", 0)
     always, rows = training_records(tmp_path / "always", 1)
@@ -169,7 +170,7 @@ def test_killed_run_resumes_with_the_same_iterations(tmp_path, monkeypatch, lora
 
     def records(run):
         rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-        return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+        return [{k: v for k, v in r.items() if k != "seconds" and not k.startswith("time/")} for r in rows]
 
     assert records(killed) == records(full)
     a, _ = models.load(full / "final_model")
@@ -252,7 +253,7 @@ def test_sigkilled_cli_run_resumes_to_the_same_result(tmp_path):
 
     def records(run):
         rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-        return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+        return [{k: v for k, v in r.items() if k != "seconds" and not k.startswith("time/")} for r in rows]
 
     assert records(killed) == records(full)
     assert not list(tmp_path.rglob(".checkpoint-*"))  # no half-written checkpoint left behind

@@ -118,9 +118,12 @@ def test_bfloat16_ppo_update_on_cpu():
                  target_kl=None)
     core = model.core
     before = trained_parameters(model)
-    # What the agent trains is float32 master weights; the frozen reference stays in bfloat16.
+    # What the agent trains is float32 master weights; the env's frozen copy of the model is upcast
+    # alike, so that it computes the policy's function until the policy moves (a bfloat16 copy
+    # started the KL above 0: tests/test_rollout_correctness.py). Both forwards run in bfloat16.
     assert {p.dtype for p in model.policy.parameters() if p.requires_grad} == {torch.float32}
-    assert {p.dtype for p in core.ref_model.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in core.ref_model.parameters()} == {torch.float32}
+    assert core.dtype == core.ref_dtype == torch.bfloat16
     logged = one_iteration(model)
     for key in ("train/loss", "train/policy_gradient_loss", "train/value_loss", "train/kl_loss", "train/approx_kl"):
         assert np.isfinite(logged[key]), key

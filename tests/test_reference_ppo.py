@@ -5,7 +5,7 @@ Two agents are built identically (same seed). One runs ``learn`` for one iterati
 LM, value head and optimizer are handed to the reference, which drives the other agent's engine
 itself. The sampled tokens are the same because both draw them with SB3's call (one
 ``Categorical(logits).sample()`` per step over all rows) from the same global torch RNG state,
-and the prompts the same because both seed row ``i``'s generator with ``seed + i``.
+and the prompts the same because both give row ``i`` the stream ``SeedSequence(seed, spawn_key=(i,))``.
 """
 
 import numpy as np

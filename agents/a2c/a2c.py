@@ -57,6 +57,8 @@ class A2C(LMAlgorithm, sb3.A2C):
             use_rms_prop=use_rms_prop, rollout_buffer_class=rollout_buffer_class, **kwargs,
         )
 
+    uses_ratio = False  # one on-policy step: its log-probs need no old ones to compare with
+
     def train(self) -> None:
         """One A2C update: a single gradient step on the whole rollout."""
         self.policy.set_training_mode(True)

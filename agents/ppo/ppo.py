@@ -14,7 +14,7 @@ import stable_baselines3 as sb3
 import torch
 
 from ..buffer import EpisodeRolloutBuffer
-from ..common import LMAlgorithm, value_loss
+from ..common import LMAlgorithm, behaviour_weight, value_loss
 from ..data_parallel import share_of
 from ..policy import LMActorCriticPolicy
 from ..update import take_rows
@@ -127,7 +127,8 @@ class PPO(LMAlgorithm, sb3.PPO):
         adv = advantages[rows]
         # Clipped surrogate objective (Schulman et al. 2017, eq. 7).
         ratio = torch.exp(log_prob - part.old_log_prob)
-        policy_loss = -mean(torch.min(adv * ratio, adv * torch.clamp(ratio, 1 - clip_range, 1 + clip_range)))
+        surrogate = torch.min(adv * ratio, adv * torch.clamp(ratio, 1 - clip_range, 1 + clip_range))
+        policy_loss = -mean(behaviour_weight(part) * surrogate)  # weight 1 in float32
         v_loss = value_loss(values.flatten(), part.old_values, part.returns, clip_range_vf, reduce=mean)
         entropy_loss = -mean(entropy)
         loss = policy_loss + self.ent_coef * entropy_loss + self.vf_coef * v_loss

@@ -38,6 +38,7 @@ from textgym import lora as lora_mod
 from textgym.envs.groups import PromptGroups
 from textgym.prompts import PromptSet, load_prompts, sentiment_prompts
 from textgym.prompts import encode_prompt as _encode_prompt
+from textgym.timing import PhaseTimer
 
 KL_MODES = ("final", "per_token")
 NUCLEUS = "nucleus_mask"  # the follower that decodes the masking model of the acting distribution
@@ -60,7 +61,7 @@ class TextGenConfig:
     max_prompt_tokens: int = 64
     kl_coef: Any = 0.05  # a number, or a textgym.kl.KLController
     kl_target: float | None = None
-    kl_horizon: float = 10000
+    kl_horizon: float = klmod.DEFAULT_HORIZON  # episodes (see textgym.kl)
     kl_in: str = "reward"  # where the KL term goes: "reward" (k1) or "loss" (k2, added by the agent)
     kl_estimator: str | None = None  # None: the right one for kl_in (see textgym.kl)
     kl_mode: str = "final"
@@ -172,6 +173,9 @@ class TextGenCore:
         self.pad_id = int(self.tokenizer.pad_token_id)
         self.eos_ids = _eos_ids(self.model, self.tokenizer)
         self._warned_long_prompt = False
+        # Seconds of the reference model's and the reward's work (textgym.timing): the phases nested in
+        # an agent's rollout, which is timed on this timer too. Host-side times on CUDA.
+        self.timer = PhaseTimer()
         self.group_size = int(cfg.group_size)
         self._init_rows(n)
         if isinstance(cfg.model, (str, Path)) and (Path(cfg.model) / ACTING_FILE).exists():
@@ -248,6 +252,24 @@ class TextGenCore:
             if self.ref is not None:
                 self.ref.model, self.ref.dtype = self.ref_model, self.ref_dtype
         self.refresh()
+
+    def match_reference_weights(self) -> None:
+        """Give the reference the weight dtypes of the trained policy, parameter by parameter, when
+        the reference is the env's own frozen copy of the model. An agent trains float32 master
+        weights under autocast to the env's ``dtype`` (``textgym.precision``); a bfloat16 copy of
+        the same weights computes differently (norms, residual sums, logits in bfloat16), so the KL
+        would start above 0 before any update. Upcast alike, the two compute the same function
+        until the policy moves. A reference the user gave (``ref_model``) or the adapter-free model
+        of LoRA is left as it is."""
+        if self.cfg.ref_model is not None or self.peft_model is not None or self.ref_model is self.model:
+            return
+        policy_dtypes = {name: param.dtype for name, param in self.model.named_parameters()}
+        for name, param in self.ref_model.named_parameters():
+            dtype = policy_dtypes.get(name)
+            if dtype is not None and param.is_floating_point() and param.dtype != dtype:
+                param.data = param.data.to(dtype)
+        if self.ref is not None:
+            self.refresh([self.ref])  # per_token mode: cached reference logits of the new weights
 
     # --- the acting distribution ------------------------------------------------------------------
 
@@ -375,6 +397,7 @@ class TextGenCore:
         other.kl_batch, other.kl_batch_auto = None, False
         other.group_size = 1  # evaluation draws every episode's prompt on its own
         other._init_rows(self.n if n is None else n)
+        other.timer = PhaseTimer()  # timing the copy's episodes must not add to this engine's figures
         if self.nucleus is not None:
             other.followers[NUCLEUS] = lm.IncrementalLM(self.nucleus_model, other.n, dtype=self.dtype)
         return other
@@ -466,7 +489,12 @@ class TextGenCore:
                 "the reference would freeze the policy. Pass ref_model=None (a frozen copy) or a separate model"
             )
         models.disable_dropout(ref)
-        ref.to(dtype=self.ref_dtype)  # frozen: stored in its own precision, no float32 master copy needed
+        # Frozen: its weights stored in its own precision, no float32 master copy needed. Buffers keep
+        # theirs (``.to(dtype)`` would cast them too: transformers keeps RoPE's inv_freq in float32,
+        # and a bfloat16 one moves every position's rotation, so the copy would not compute as the model).
+        for param in ref.parameters():
+            if param.is_floating_point() and param.dtype != self.ref_dtype:
+                param.data = param.data.to(self.ref_dtype)
         ref.eval()
         ref.requires_grad_(False)
         if models.logits_width(ref) != models.logits_width(self.model):
@@ -557,7 +585,8 @@ class TextGenCore:
         ids = torch.as_tensor(self.input_ids[rows, : self.P], device=self.device)
         mask = torch.as_tensor(self.attention_mask[rows, : self.P], device=self.device)
         for dec in self.decoders():
-            dec.start(rows, ids, mask)
+            with self.timer.phase("reference" if dec is self.ref else None):  # per_token: its own phase
+                dec.start(rows, ids, mask)
         self.pending[rows] = False
 
     def check_actions(self, actions: np.ndarray, rows: np.ndarray) -> np.ndarray:
@@ -632,7 +661,8 @@ class TextGenCore:
         tokens before the next step's logits are used."""
         try:
             for dec in self.decoders():
-                dec.advance(actions, going)
+                with self.timer.phase("reference" if dec is self.ref else None):  # per_token: its own phase
+                    dec.advance(actions, going)
         except BaseException:
             self._stale_cache = True
             raise
@@ -652,9 +682,11 @@ class TextGenCore:
         # A prompt passed as text through reset options (index -1) carries no metadata.
         indices = self.prompt_index[done]
         metadata = {} if (indices < 0).any() else self.prompts.metadata_for(indices.tolist())
-        scores = self.reward_fn(prompts, completions, **metadata)
+        with self.timer.phase("reward"):
+            scores = self.reward_fn(prompts, completions, **metadata)
         if self.cfg.kl_mode == "final":
-            self.ref_logp[done] = self.ref_logprobs(done)  # kept for agents that train on whole episodes
+            with self.timer.phase("reference"):
+                self.ref_logp[done] = self.ref_logprobs(done)  # kept for agents that train on whole episodes
         ref_logp = self.ref_logp[done]
         log_ratio = self.logp[done] - ref_logp  # 0 past each completion's end
         kls = klmod.kl_terms(log_ratio, "k1").sum(1).double().numpy()

@@ -5,7 +5,8 @@ completions of one prompt. With ``group_size=G`` the ``n`` rows of a vector env 
 groups (rows ``g*G .. g*G + G - 1``); every episode carries a *group id*, the same for the G
 episodes that share a prompt and new for each prompt a group draws (``info["group"]``).
 
-Seeding (row ``i`` of a vector env seeded ``seed`` has its own RNG seeded ``seed + i``, as today):
+Seeding (every row of a vector env has its own RNG, seeded by the env: see ``TextGenVectorEnv``
+and ``agents.vec_env``):
 
 - When all G rows of a group are reset in one call (every reset of the whole env, and every
   round of the group algorithms in ``agents``, which reset all rows together), the group starts in

@@ -99,7 +99,8 @@ class TextGenEnv(_CoreViews, gym.Env):
       default: the shipped test openings with the shipped prompts, else ``prompts`` themselves.
     - ``max_new_tokens`` (32), ``max_prompt_tokens`` (64): longer prompts are cut from the left, with a warning.
     - ``kl_coef`` (0.05, or a ``textgym.kl.KLController``); ``kl_target`` makes it adaptive
-      (Ziegler et al. 2019) with ``kl_horizon`` episodes, moved once per batch of ``num_envs``
+      (Ziegler et al. 2019) with ``kl_horizon`` episodes (32: up to 10% a batch of 16, see
+      ``textgym.kl``), moved once per batch of ``num_envs``
       episodes (once per rollout under an agent) on their mean KL; ``kl_in`` in reward (default),
       loss; ``kl_estimator`` (None: k1 in the reward, k2 in the loss; other pairs are refused);
       ``kl_mode`` in final, per_token; ``score_scale`` (1.0).
@@ -120,7 +121,9 @@ class TextGenEnv(_CoreViews, gym.Env):
 
     ## Version History
     - v0: initial version; KL placement (``kl_in``), batch-level KL controller, acting
-      distribution with a nucleus mask, group sampling (``group_size``).
+      distribution with a nucleus mask, group sampling (``group_size``). Since 0.1: ``kl_horizon``
+      defaults to 32 episodes (was 10000, under which ``kl_target`` could not move the coefficient
+      at textgym's batch sizes).
     """
 
     metadata = {"render_modes": ["ansi"], "render_fps": 4}

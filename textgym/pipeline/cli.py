@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 import textgym
-from textgym import agents, distributed, models, rewards, sampling
+from textgym import agents, distributed, models, rewards, sampling, timing
 from textgym.pipeline import hyperparameters
 from textgym.pipeline.bench import BenchRewardsConfig, bench_elo, bench_rewards
 from textgym.pipeline.bench_algos import BenchAlgosConfig, bench_algos
@@ -28,7 +28,7 @@ from textgym.pipeline.evaluate import evaluate_target
 from textgym.pipeline.rm import RMConfig, train_reward_model
 from textgym.pipeline.runlock import RunLockedError
 from textgym.pipeline.sft import SFTConfig, train_sft
-from textgym.pipeline.train import train
+from textgym.pipeline.train import TIME_NOTE, train
 from textgym.pipeline.train_config import TrainConfig, config_from_cli
 
 
@@ -91,6 +91,7 @@ def cmd_train(args) -> int:
     result = train(cfg, resume=args.resume)
     if distributed.is_main():
         _print_comparison(result, cfg.training.output_dir)
+        _print_time(result["time"], result["iterations"], cfg.training.output_dir)
     return 0
 
 
@@ -104,6 +105,20 @@ def _print_comparison(result: dict, run_dir: str) -> None:
         after = result["after"].get(key, float("nan"))
         table.add_row(key, f"{before:.4g}", f"{after:.4g}")
     Console().print(table)
+
+
+def _print_time(spent: dict, iterations: int, run_dir: str) -> None:
+    """The run's time breakdown (as in its ``time.md``): seconds and share of every phase."""
+    table = Table(title="where the time went")
+    table.add_column("phase")
+    table.add_column("seconds", justify="right")
+    table.add_column("share", justify="right")
+    for name, seconds, share in timing.breakdown_rows(spent):
+        table.add_row(name, f"{seconds:.2f}", f"{share:.1%}")
+    Console().print(table)
+    print(f"seconds over the {iterations} iterations of {run_dir} ({TIME_NOTE}); generated tokens per second "
+          f"of rollout (generation + reference + reward): {spent['tokens_per_second']:.1f}")
+    print(f"wrote {Path(run_dir) / 'time.md'}")
 
 
 def cmd_eval(args) -> int:

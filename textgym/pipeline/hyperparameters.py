@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 import operator
 import re
 import textwrap
@@ -130,7 +131,17 @@ def check(algo: str, values: Any, prefix: str) -> dict:
                      if takers else "of any algorithm")
             raise ConfigError(f"{prefix}{name} is not a hyperparameter {where}; valid for {algo}: {', '.join(specs)}")
         out[name] = convert(specs[name].hint, value, f"{prefix}{name}")
+        if name == "learning_rate":
+            _check_learning_rate(out[name], f"{prefix}{name}")
     return out
+
+
+def _check_learning_rate(value: Any, key: str) -> None:
+    """A learning rate is a finite number > 0 (0 would train nothing without a word; a negative one
+    fails inside torch's optimizer, naming no key), or null: the default by model size."""
+    if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise ConfigError(f"{key} must be a finite number > 0 (or null: the default by model size and LoRA), "
+                          f"got {value!r}")
 
 
 def describe(width: int = 100) -> str:

@@ -3,10 +3,21 @@
 A run directory holds the resolved ``config.yaml``, TensorBoard logs (``tb/``), ``metrics.jsonl``
 (one line per iteration), ``checkpoint/`` (written atomically after every iteration; ``--resume``
 continues from it), ``samples_before.jsonl`` / ``samples_after.jsonl`` (held-out completions),
-``final_model/`` (``save_pretrained``) and PNG plots of score, KL and KL coefficient.
+``final_model/`` (``save_pretrained``), PNG plots of score, KL and KL coefficient, and ``time.md``: where
+the run's time went (``textgym.timing``), phase by phase over its iterations.
 
-Every iteration (one rollout and one update) starts from fresh episodes with the seed
-``training.seed + iteration``, so a resumed run repeats exactly what the uninterrupted run would do.
+Every iteration's record (``metrics.jsonl``, and TensorBoard) holds the seconds of its phases:
+``time/generation`` (the rollout, less the two phases nested in it), ``time/reference`` (the
+reference model), ``time/reward``, ``time/update``, ``time/evaluation`` and ``time/other`` (the
+rest: seeding, fresh episodes, the records), which add up to the iteration's ``seconds``; and
+``time/tokens_per_second``, the rollout's generated tokens (its timesteps) per second of
+generation + reference + reward. Timings differ from run to run, so a resumed run repeats every
+figure of the uninterrupted one except ``seconds`` and the ``time/`` figures.
+
+Every iteration (one rollout and one update) starts from fresh episodes with its own seed,
+``iteration_seed(training.seed, iteration)``, so a resumed run repeats exactly what the
+uninterrupted run would do, and every episode's prompt is an independent draw: no iteration (of
+this run, or of a run with another seed) replays another's draws.
 
 Data-parallel (``torchrun --nproc-per-node N -m textgym train CONFIG``, or ``train`` called inside
 an initialised process group, see ``textgym.distributed``): every rank runs each iteration on its
@@ -27,10 +38,11 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from stable_baselines3.common.logger import Logger, configure
 from tqdm.auto import tqdm
 
-from textgym import agents, distributed, metrics
+from textgym import agents, distributed, metrics, timing
 from textgym.assets import atomic_dir
 from textgym.pipeline.config import ConfigError, check_no_code_options, load_config, save_config, to_dict
 from textgym.pipeline.evaluate import generate, held_out_prompts, make_rewards, summarise
@@ -75,6 +87,14 @@ def resume_config(saved: TrainConfig, requested: TrainConfig, done: int) -> Trai
                           "iterations the run has already done")
     cfg.training.iterations = requested.training.iterations
     return cfg
+
+
+def iteration_seed(seed: int, iteration: int) -> int:
+    """The seed of iteration ``iteration`` of a run seeded ``seed``: 32 bits of
+    ``numpy.random.SeedSequence([seed, iteration])``, so that (seed, iteration) pairs give unrelated
+    seeds (``seed + iteration`` would give iteration 1 of seed 0 the seed of iteration 0 of seed 1,
+    and the agent's env seeds row r with the stream of (seed, r): see ``agents.vec_env``)."""
+    return int(np.random.SeedSequence([int(seed), int(iteration)]).generate_state(1)[0])
 
 
 class Run:
@@ -155,6 +175,14 @@ class Run:
         # The TensorBoard logs are rank 0's; the other ranks' logger only collects the figures.
         self.agent.set_logger(configure(str(self.dir / "tb"), ["tensorboard"]) if self.main else Logger(None, []))
         self.core = self.agent.env.core
+        # The engine's timer: the agent's rollout and the engine's reference and reward are timed on
+        # it, and the iteration's other phases here (textgym.timing). Data-parallel, every rank times
+        # its own work; rank 0's figures are the ones written (the ranks wait for one another at
+        # every collective, so its iteration takes as long as theirs).
+        self.timer = self.core.timer
+        # (iteration, summary, episodes) of the latest evaluation: the final one reuses the last
+        # iteration's, which evaluated the same weights with the same seed.
+        self._last_evaluation: tuple[int, dict, list[dict]] | None = None
         self.eval_prompts = self._eval_prompts()
 
         self.eval_rewards = make_rewards(cfg.reward.eval_specs())
@@ -205,29 +233,45 @@ class Run:
                 f.write(json.dumps({k: e[k] for k in keep}) + "\n")
 
     def iterate(self, it: int) -> dict:
-        """One rollout and one update, from fresh episodes seeded by the iteration."""
-        agent = self.agent
-        agent.set_random_seed(self.cfg.training.seed + it)
-        agent.start_fresh_episodes()
-        start = time.time()
-        agent.learn(agent.n_steps * agent.n_envs, reset_num_timesteps=False)
-        stats = agent.rollout_stats  # over the episodes of every rank
-        record: dict[str, Any] = {"iteration": it + 1, "timesteps": int(agent.num_timesteps),
-                                  "episodes": stats["episodes"]}
-        for key in ("score", "kl", "length", "reward"):
-            record[key] = stats.get(key, float("nan"))
-        record["kl_coef"] = float(self.core.kl_controller.value)
-        for key, value in agent.logger.name_to_value.items():
-            if key.startswith("train/"):
-                record[key] = float(value)
+        """One rollout and one update, from fresh episodes seeded by the iteration, and the
+        held-out evaluation when one is due; ``seconds`` is the wall time of all three, and the
+        ``time/`` figures split it by phase (see the module's docstring)."""
+        agent, timer = self.agent, self.timer
+        timer.take()  # only the iteration's own work counts in its figures
+        timesteps = agent.num_timesteps
+        start = time.perf_counter()
+        with timer.phase("other"):  # whatever no other phase covers
+            agent.set_random_seed(iteration_seed(self.cfg.training.seed, it))
+            agent.start_fresh_episodes()
+            # learn() is one rollout (collect_rollouts: the generation phase, with the reference
+            # and reward phases nested in it) and one update: what remains of it is the update,
+            # with SB3's few lines of bookkeeping around it.
+            with timer.phase("update"):
+                agent.learn(agent.n_steps * agent.n_envs, reset_num_timesteps=False)
+            stats = agent.rollout_stats  # over the episodes of every rank
+            record: dict[str, Any] = {"iteration": it + 1, "timesteps": int(agent.num_timesteps),
+                                      "episodes": stats["episodes"]}
+            for key in ("score", "kl", "length", "reward"):
+                record[key] = stats.get(key, float("nan"))
+            record["kl_coef"] = float(self.core.kl_controller.value)
+            for key, value in agent.logger.name_to_value.items():
+                if key.startswith("train/"):
+                    record[key] = float(value)
+            every = self.cfg.training.eval_every
+            if (every and (it + 1) % every == 0) or it + 1 == self.cfg.training.iterations:
+                with timer.phase("evaluation"):  # on an evaluation copy, which times its work apart
+                    summary, episodes = self.evaluate()
+                self._last_evaluation = (it + 1, summary, episodes)
+                record.update({f"eval/{k}": v for k, v in summary.items() if k != "n"})
+                if "reward/gold" in summary and self._reward_hacking([*self.state["history"], record]):
+                    record["eval/reward_hacking"] = 1.0
+        record["seconds"] = round(time.perf_counter() - start, 3)
+        # The tokens are the global batch's (timesteps), the seconds this rank's (rank 0's are written).
+        figures = timing.iteration_figures(timer.take(), tokens=int(agent.num_timesteps - timesteps))
+        for name, value in figures.items():
+            record[f"time/{name}"] = value
+            agent.logger.record(f"time/{name}", value)  # TensorBoard, beside the update's train/ figures
         agent.logger.dump(agent.num_timesteps)
-        record["seconds"] = round(time.time() - start, 3)
-        every = self.cfg.training.eval_every
-        if (every and (it + 1) % every == 0) or it + 1 == self.cfg.training.iterations:
-            summary, _ = self.evaluate()
-            record.update({f"eval/{k}": v for k, v in summary.items() if k != "n"})
-            if "reward/gold" in summary and self._reward_hacking([*self.state["history"], record]):
-                record["eval/reward_hacking"] = 1.0
         return record
 
     def save_checkpoint(self) -> None:
@@ -267,14 +311,23 @@ class Run:
             if self.main:
                 self.save_checkpoint()
             bar.set_postfix(score=f"{record['score']:.3f}", kl=f"{record['kl']:.2f}")
-        summary, episodes = self.evaluate()
+        if self._last_evaluation is not None and self._last_evaluation[0] == self.state["iteration"]:
+            _, summary, episodes = self._last_evaluation  # the last iteration's: same weights, same seed
+        else:  # a run resumed after its last iteration, or one of no iterations
+            summary, episodes = self.evaluate()
         result = {"before": self.state["before"], "after": summary, "iterations": self.state["iteration"]}
         if self.main:
             self._write_samples("samples_after.jsonl", episodes)
             self.save_final_model()
             plot_history(self.state["history"], self.dir, self.state["before"])
             (self.dir / "summary.json").write_text(json.dumps(result, indent=1))
-        return result
+        # Where the time went, phase by phase over the iterations (resumed ones included); timings
+        # differ from run to run, so they stay out of summary.json.
+        spent = timing.run_totals(self.state["history"])
+        if self.main:
+            title = f"where the time went: seconds over the {self.state['iteration']} iterations ({TIME_NOTE})"
+            (self.dir / "time.md").write_text(timing.markdown(spent, title))
+        return {**result, "time": spent}
 
     def save_final_model(self) -> None:
         """The acting policy that the evaluations played (NLPO's with its mask), LoRA merged."""
@@ -323,6 +376,13 @@ def plot_history(history: list[dict], out_dir: Path, before: dict | None = None)
     return paths
 
 
+# What a run's time breakdown (time.md, and what textgym train prints) covers.
+TIME_NOTE = "the evaluations before and after training, loading and saving not counted"
+
+
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
+    """Run (or with ``resume``, continue) the training run ``cfg`` describes. Returns its summary
+    (``summary.json``: the evaluations before and after, the iterations) and ``time``: seconds per
+    phase over its iterations (``textgym.timing.run_totals``, the figures of ``time.md``)."""
     return Run(cfg, resume=resume, progress=progress).run()
 
