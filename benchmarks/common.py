@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import os
+import platform
 import time
 import warnings
 
 import torch
 
-from textgym import agents, models
+from textgym import agents, distributed, models
+from textgym.precision import default_device, resolve_dtype
 from textgym.prompts import sentiment_prompts
 
 
@@ -45,3 +48,44 @@ def collect_rollout(agent) -> float:
     start = time.perf_counter()
     agent.collect_rollouts(agent.env, callback, agent.rollout_buffer, agent.n_steps)
     return time.perf_counter() - start
+
+
+def iteration(agent, it: int) -> float:
+    """Seconds of one ``textgym train`` iteration (fresh episodes seeded by ``it``, one rollout, one
+    update), every rank done."""
+    distributed.barrier()
+    start = time.perf_counter()
+    agent.set_random_seed(it)
+    agent.start_fresh_episodes()
+    agent.learn(agent.n_steps * agent.n_envs, reset_num_timesteps=False)
+    distributed.barrier()
+    return time.perf_counter() - start
+
+
+@torch.no_grad()
+def yardstick(model_name: str, *, n_envs: int = 16, new_tokens: int = 32, prompt_tokens: int = 32, repeats: int = 3,
+              threads: int | None = None, dtype: str = "float32") -> float:
+    """The machine's yardstick: tokens/s of the model's own ``generate`` (sampling from the full
+    distribution, ``n_envs`` x ``new_tokens`` tokens, the best of ``repeats``) in this process."""
+    if threads:
+        torch.set_num_threads(threads)
+    device = default_device()
+    model, tokenizer = models.load(model_name, device=device, dtype=resolve_dtype(dtype))
+    prompts = sentiment_prompts("train").prompts[:n_envs]
+    batch = tokenizer(prompts, return_tensors="pt", padding=True, truncation=True, max_length=prompt_tokens).to(device)
+
+    def generate() -> float:
+        start = time.perf_counter()
+        model.generate(**batch, do_sample=True, top_k=0, top_p=1.0, max_new_tokens=new_tokens,
+                       min_new_tokens=new_tokens, pad_token_id=tokenizer.pad_token_id)
+        return time.perf_counter() - start
+
+    generate()
+    return n_envs * new_tokens / min(generate() for _ in range(repeats))
+
+
+def machine() -> str:
+    """The accelerators, else the CPU cores, in words."""
+    if torch.cuda.is_available():
+        return f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
+    return f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()})"

@@ -17,19 +17,17 @@ as the README's figures state theirs.
 from __future__ import annotations
 
 import os
-import platform
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script or with -m
 
-from benchmarks.common import parser
-from textgym import agents, distributed, models
-from textgym.precision import DTYPES, default_device, resolve_dtype
+from benchmarks.common import iteration, machine, parser, yardstick
+from textgym import agents, distributed
+from textgym.precision import DTYPES
 from textgym.prompts import sentiment_prompts
 
 RESULT = "ITERATION_SECONDS"  # the line a worker's rank 0 prints its result on
@@ -42,17 +40,6 @@ def make_agent(args):
                       max_new_tokens=args.new_tokens, max_prompt_tokens=args.prompt_tokens)  # on this rank's device
     return agents.make("ppo", "textgym/TextGen-v0", n_envs=args.n_envs, env_kwargs=env_kwargs, seed=0,
                        n_steps=args.new_tokens, learning_rate=1e-5)
-
-
-def iteration(agent, it: int) -> float:
-    """Seconds of one ``textgym train`` iteration, every rank done."""
-    distributed.barrier()
-    start = time.perf_counter()
-    agent.set_random_seed(it)
-    agent.start_fresh_episodes()
-    agent.learn(agent.n_steps * agent.n_envs, reset_num_timesteps=False)
-    distributed.barrier()
-    return time.perf_counter() - start
 
 
 def worker(args) -> None:
@@ -82,32 +69,6 @@ def measure(args, nproc: int) -> float:
     return float(lines[-1].split()[1])
 
 
-@torch.no_grad()
-def yardstick(args) -> float:
-    """Tokens/s of the model's own ``generate`` (sampling, ``--n-envs`` x ``--new-tokens``) in one process."""
-    torch.set_num_threads(args.threads)
-    device = default_device()
-    model, tokenizer = models.load(args.model, device=device, dtype=resolve_dtype(args.dtype))
-    prompts = sentiment_prompts("train").prompts[: args.n_envs]
-    batch = tokenizer(prompts, return_tensors="pt", padding=True, truncation=True,
-                      max_length=args.prompt_tokens).to(device)
-
-    def generate() -> float:
-        start = time.perf_counter()
-        model.generate(**batch, do_sample=True, top_k=0, top_p=1.0, max_new_tokens=args.new_tokens,
-                       min_new_tokens=args.new_tokens, pad_token_id=tokenizer.pad_token_id)
-        return time.perf_counter() - start
-
-    generate()
-    return args.n_envs * args.new_tokens / min(generate() for _ in range(args.repeats))
-
-
-def machine() -> str:
-    if torch.cuda.is_available():
-        return f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}"
-    return f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()})"
-
-
 def main() -> None:
     p = parser(__doc__.splitlines()[0])
     p.set_defaults(threads=1)
@@ -119,7 +80,8 @@ def main() -> None:
         return worker(args)
     if args.n_envs % args.nproc:
         sys.exit(f"--n-envs={args.n_envs} must be a multiple of --nproc={args.nproc}")
-    speed = yardstick(args)
+    speed = yardstick(args.model, n_envs=args.n_envs, new_tokens=args.new_tokens, prompt_tokens=args.prompt_tokens,
+                      repeats=args.repeats, threads=args.threads, dtype=args.dtype)
     t1, tn = measure(args, 1), measure(args, args.nproc)
     print(f"model {args.model} ({args.dtype}), global batch {args.n_envs} sequences of {args.prompt_tokens} + "
           f"{args.new_tokens} tokens, PPO, {args.threads} thread(s) per process")

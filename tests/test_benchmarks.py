@@ -1,3 +1,4 @@
+import importlib.util
 import re
 import subprocess
 import sys
@@ -29,3 +30,32 @@ def test_benchmark_prints_its_ratio(script):
         floor, ppo = (float(x) for x in re.findall(r": +(\d+\.\d+) ms", out.stdout))
         expected = [ppo / floor]
     assert ratios == pytest.approx(expected, rel=0.02, abs=0.011)
+
+
+def test_peer_trl_skips_the_pairs_it_has_no_peer_for(tmp_path):
+    """benchmarks/peer_trl.py needs TRL in venvs of its own: without their interpreters each pair is
+    skipped with its reason (and nothing is measured), and the table is written to --out."""
+    script = str(ROOT / "benchmarks" / "peer_trl.py")
+    assert "--trl-classic-python" in subprocess.run([sys.executable, script, "--help"], capture_output=True,
+                                                    text=True, timeout=60, cwd=ROOT).stdout
+    out = subprocess.run([sys.executable, script, "--out", str(tmp_path / "peer.md")], capture_output=True, text=True,
+                         timeout=120, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "skipped: no --trl-classic-python given" in out.stdout
+    assert "skipped: no --trl-python given" in out.stdout
+    assert "yardstick: not measured" in out.stdout
+    assert (tmp_path / "peer.md").read_text() == out.stdout
+
+
+def test_peer_trl_skips_a_peer_interpreter_without_trl(tmp_path):
+    """An interpreter without trl (here this one) runs the peer's side, which answers why it skips."""
+    if importlib.util.find_spec("trl") is not None:
+        pytest.skip("trl is installed here")
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "peer_trl.py"), "--pair", "grpo", "--model", "textgym/tiny",
+         "--trl-python", sys.executable, "--threads", "1", "--out", str(tmp_path / "peer.md")],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert f"skipped: trl is not installed for {sys.executable}" in out.stdout
+    assert re.search(r"machine: .+; yardstick: textgym/tiny generate of 16 x 32 tokens at \d+ tok/s", out.stdout)
