@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from textgym.metrics import (
+    difference_ci,
     distinct_n,
     elo_bootstrap,
     elo_ratings,
@@ -133,3 +134,15 @@ def test_proxy_up_gold_down():
     assert not proxy_up_gold_down([0.1, 0.2], [0.5, 0.4])  # too few evaluations
     with pytest.raises(ValueError, match="window must be >= 2"):
         proxy_up_gold_down([1, 2], [2, 1], window=1)
+
+
+def test_difference_ci_is_welchs_interval():
+    from scipy.stats import ttest_ind
+
+    rng = np.random.default_rng(0)
+    after, before = rng.normal(0.4, 0.5, 96), rng.normal(0.1, 0.3, 80)
+    diff, half = difference_ci((after.mean(), after.std(ddof=1), 96), (before.mean(), before.std(ddof=1), 80))
+    low, high = ttest_ind(after, before, equal_var=False).confidence_interval(0.95)
+    assert diff == pytest.approx(after.mean() - before.mean())
+    assert (diff - half, diff + half) == pytest.approx((low, high))
+    assert math.isnan(difference_ci((1.0, 0.1, 1), (0.0, 0.1, 5))[1])  # one completion: no interval

@@ -1,5 +1,6 @@
 import dataclasses
 import json
+import math
 import re
 import typing
 from pathlib import Path
@@ -8,6 +9,7 @@ import pytest
 import torch
 
 from textgym import agents, models
+from textgym.metrics import difference_ci
 from textgym.pipeline import hyperparameters
 from textgym.pipeline.bench import BenchRewardsConfig
 from textgym.pipeline.cli import main
@@ -123,6 +125,15 @@ def test_train_writes_the_run_directory(tmp_path):
     assert {"score", "kl", "kl_coef", "train/value_loss", "train/entropy"} <= set(lines[0])
     assert "eval/score" in lines[1] and "eval/score" not in lines[0]
     assert len((tmp_path / "samples_after.jsonl").read_text().splitlines()) == 4
+    # The held-out gain, with its interval from the two evaluations' spreads (metrics.difference_ci).
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    before, after, gain = summary["before"], summary["after"], summary["gain"]
+    assert gain["score"] == pytest.approx(after["score"] - before["score"]) and gain["n"] == after["n"]
+    expected = difference_ci((after["score"], after["score_std"], after["n"]),
+                             (before["score"], before["score_std"], before["n"]))[1]
+    assert math.isfinite(gain["ci"]) and gain["ci"] == pytest.approx(expected) and gain["confidence"] == 0.95
+    # The final evaluation is the last iteration's, not played again (same weights, same seed).
+    assert lines[-1]["eval/score"] == after["score"] and lines[-1]["eval/kl"] == after["kl"]
     assert list((tmp_path / "tb").rglob("events.out.tfevents*"))
     model, _ = models.load(tmp_path / "final_model")
     assert result["after"]["score"] > result["before"]["score"]  # the keyword task is learnt quickly
@@ -204,6 +215,8 @@ def test_cli_sft_rm_train_eval_end_to_end(tmp_path, capsys):
     assert {"score", "kl", "perplexity_ref", "distinct_1", "distinct_2", "length"} <= set(report["metrics"])
     out = capsys.readouterr().out
     assert "perplexity_ref" in out and "held-out evaluation" in out
+    assert re.search(r"held-out score gain: [+-]\d\.\d{3} \+- \d\.\d{3} \(95% interval over \d+ completions: "
+                     r"(beyond its noise|not distinguishable from no change)\)", out)
     assert main(["list"]) == 0
     assert "textgym/Sentiment-v0" in capsys.readouterr().out
 

@@ -122,6 +122,25 @@ def mean_ci(values: Sequence[float], confidence: float = 0.95) -> tuple[float, f
     return mean, float(t.ppf(0.5 + confidence / 2, len(values) - 1) * sem)
 
 
+def difference_ci(after: tuple[float, float, int], before: tuple[float, float, int],
+                  confidence: float = 0.95) -> tuple[float, float]:
+    """``after - before`` of two sample means, each given as ``(mean, standard deviation, n)``, and
+    the half-width of its Welch-t confidence interval (unequal variances, Welch-Satterthwaite
+    degrees of freedom); NaN half-width when either sample has fewer than two values."""
+    (m_a, s_a, n_a), (m_b, s_b, n_b) = after, before
+    diff = float(m_a - m_b)
+    if n_a < 2 or n_b < 2 or not (math.isfinite(s_a) and math.isfinite(s_b)):
+        return diff, float("nan")
+    from scipy.stats import t  # imported here: scipy's import is slow and only this needs it
+
+    va, vb = s_a**2 / n_a, s_b**2 / n_b
+    se = math.sqrt(va + vb)
+    if se == 0:
+        return diff, 0.0
+    dof = (va + vb) ** 2 / (va**2 / (n_a - 1) + vb**2 / (n_b - 1))
+    return diff, float(t.ppf(0.5 + confidence / 2, dof) * se)
+
+
 def gao_rl_fit(kl: Sequence[float], gold: Sequence[float]) -> dict:
     """Fit Gao et al. 2022's RL over-optimisation form to a gold-score curve.
 

@@ -99,6 +99,11 @@ class PromptSet:
         """The first ``n`` prompts with their metadata."""
         return PromptSet(self.prompts[:n], {k: v[:n] for k, v in self.metadata.items()})
 
+    def repeat(self, k: int) -> PromptSet:
+        """Each prompt ``k`` times in a row (with its metadata): ``k`` completions of every prompt."""
+        return PromptSet([p for p in self.prompts for _ in range(k)],
+                         {key: [v for v in values for _ in range(k)] for key, values in self.metadata.items()})
+
     def metadata_for(self, indices: Sequence[int]) -> dict[str, list]:
         """Metadata of the rows ``indices``, as one list per column (batch order)."""
         return {k: [v[i] for i in indices] for k, v in self.metadata.items()}

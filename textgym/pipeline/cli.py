@@ -105,6 +105,10 @@ def _print_comparison(result: dict, run_dir: str) -> None:
         after = result["after"].get(key, float("nan"))
         table.add_row(key, f"{before:.4g}", f"{after:.4g}")
     Console().print(table)
+    gain = result["gain"]
+    noise = "beyond its noise" if gain["ci"] < abs(gain["score"]) else "not distinguishable from no change"
+    print(f"held-out score gain: {gain['score']:+.3f} +- {gain['ci']:.3f} ({gain['confidence']:.0%} interval over "
+          f"{gain['n']} completions: {noise})")
 
 
 def _print_time(spent: dict, iterations: int, run_dir: str) -> None:

@@ -35,6 +35,8 @@ def summarise(episodes: list[dict], extra_rewards: dict[str, Any] | None = None,
     out = {
         "n": len(episodes),
         "score": float(np.mean([e["score"] for e in episodes])),
+        # spread over the completions, for the interval of a change of the mean (metrics.difference_ci)
+        "score_std": float(np.std([e["score"] for e in episodes], ddof=1)) if len(episodes) > 1 else float("nan"),
         "kl": float(np.mean([e["kl"] for e in episodes])),
         "perplexity_ref": metrics.perplexity([e["ref_logprob"] for e in episodes], lengths),
         "distinct_1": metrics.distinct_n(completions, 1),
@@ -81,7 +83,7 @@ def evaluate_target(target: str, *, env_id: str | None = None, n: int | None = N
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"{key} must be an integer >= 1, got {value!r}")
     path = Path(target)
-    source, extra = None, []
+    source, extra, samples = None, [], 1
     if (path / "config.yaml").exists():
         cfg = load_config(TrainConfig, path / "config.yaml")
         if not (path / "final_model" / "config.json").exists():
@@ -90,7 +92,7 @@ def evaluate_target(target: str, *, env_id: str | None = None, n: int | None = N
         kwargs = {**cfg.env_kwargs(), "model": str(path / "final_model"), "ref_model": ref or cfg.model.name}
         n = cfg.training.eval_n if n is None else n
         n_envs = cfg.env.n_envs if n_envs is None else n_envs
-        source, extra = cfg.training.eval_prompts, cfg.reward.eval
+        source, extra, samples = cfg.training.eval_prompts, cfg.reward.eval, cfg.training.eval_samples
         out = out or str(path / "eval.json")
     else:
         env_id = env_id or "textgym/Sentiment-v0"
@@ -99,7 +101,7 @@ def evaluate_target(target: str, *, env_id: str | None = None, n: int | None = N
         n_envs = 16 if n_envs is None else n_envs
     vec = gym.make_vec(env_id, num_envs=n_envs, vectorization_mode="vector_entry_point", **kwargs)
     core = core_of(vec)
-    prompts = held_out_prompts(core, source, n)
+    prompts = held_out_prompts(core, source, n).repeat(samples)  # a run's eval_samples completions of each
     episodes = generate(core, prompts, seed=seed)
     summary = summarise(episodes, make_rewards(extra), prompts)
     report = {"target": target, "env": env_id, "metrics": summary, "episodes": episodes}

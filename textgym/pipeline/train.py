@@ -194,7 +194,7 @@ class Run:
 
     def _eval_prompts(self):
         t = self.cfg.training
-        return held_out_prompts(self.core, t.eval_prompts, t.eval_n)
+        return held_out_prompts(self.core, t.eval_prompts, t.eval_n).repeat(t.eval_samples)
 
     def evaluate(self) -> tuple[dict, list[dict]]:
         """The held-out evaluation. Data-parallel, each rank completes its block of the prompts
@@ -315,7 +315,8 @@ class Run:
             _, summary, episodes = self._last_evaluation  # the last iteration's: same weights, same seed
         else:  # a run resumed after its last iteration, or one of no iterations
             summary, episodes = self.evaluate()
-        result = {"before": self.state["before"], "after": summary, "iterations": self.state["iteration"]}
+        result = {"before": self.state["before"], "after": summary, "iterations": self.state["iteration"],
+                  "gain": score_gain(self.state["before"], summary)}
         if self.main:
             self._write_samples("samples_after.jsonl", episodes)
             self.save_final_model()
@@ -333,6 +334,16 @@ class Run:
         """The acting policy that the evaluations played (NLPO's with its mask), LoRA merged."""
         with atomic_dir(self.dir / "final_model") as tmp:
             self.core.save_policy(tmp)
+
+
+def score_gain(before: dict, after: dict, confidence: float = 0.95) -> dict:
+    """The held-out score's change over the run, ``after - before``, with the half-width of its
+    ``confidence`` Welch-t interval over the evaluated completions (``metrics.difference_ci``; NaN
+    where a summary has no ``score_std``, as one saved before textgym recorded it)."""
+    diff, half = metrics.difference_ci((after["score"], after.get("score_std", float("nan")), after["n"]),
+                                       (before["score"], before.get("score_std", float("nan")), before["n"]),
+                                       confidence)
+    return {"score": diff, "ci": half, "confidence": confidence, "n": int(after["n"])}
 
 
 def plot_history(history: list[dict], out_dir: Path, before: dict | None = None) -> list[Path]:

@@ -126,6 +126,8 @@ class TrainingSection:
     eval_prompts: str | None = option(None, "held-out prompts (anything textgym.prompts.load_prompts reads); "
                                       "null: the env's test split (or its prompts)")
     eval_n: int = option(32, "held-out prompts per evaluation", min=1)
+    eval_samples: int = option(1, "completions of each held-out prompt per evaluation (independent samples: "
+                               "more completions narrow the interval of the held-out gain)", min=1)
     eval_every: int = option(4, "evaluate every this many iterations; 0: only before and after training", min=0)
     samples: int = option(8, "held-out completions written to samples_before/after.jsonl", min=1)
 
