@@ -72,13 +72,14 @@ def grouped_forward(model, ids, mask, prompt_len: int, *, logits: bool = True, d
     group, last, t = group_rows(ids, mask, prompt_len)
     tmax = int(t[last].max())
     width = prompt_len + tmax
-    seq, seq_mask = ids[last, :width], mask[last, :width]
+    seq, seq_mask, cut = lm.drop_padding_columns(ids[last, :width], mask[last, :width])
     kwargs: dict[str, Any] = {"logits_to_keep": tmax + 1 if logits else 1} if _is_causal_lm(model) else {}
     with autocast(seq.device, dtype):
         out = model(input_ids=seq, attention_mask=seq_mask, position_ids=lm.position_ids(seq_mask), use_cache=False,
                     output_hidden_states=True, **kwargs)
-    # Position prompt_len - 1 + t predicts the token after an observation with t generated tokens.
-    hidden = out.hidden_states[-1][:, prompt_len - 1 : width][group, t]
+    # Position prompt_len - 1 + t predicts the token after an observation with t generated tokens
+    # (``cut`` columns of padding alone were left out of the forward).
+    hidden = out.hidden_states[-1][:, prompt_len - 1 - cut : width - cut][group, t]
     next_logits = out.logits.float()[group, t] if logits else None
     return next_logits, hidden
 
@@ -272,8 +273,8 @@ class LMActorCriticPolicy(ActorCriticPolicy):
         """Log-prob and entropy of the policy at every completion token, ``[B, T]`` each (0 past
         each completion's end), from one teacher-forced forward per episode: what the critic-free
         algorithms train on (their buffer holds whole episodes, ``agents.completion_buffer``)."""
-        ids = torch.cat([prompt_ids, completion_ids], dim=1).long()
-        mask = torch.cat([prompt_mask, completion_mask], dim=1).long()
+        ids, mask, _ = lm.drop_padding_columns(torch.cat([prompt_ids, completion_ids], dim=1).long(),
+                                               torch.cat([prompt_mask, completion_mask], dim=1).long())
         T = completion_ids.shape[1]
         kwargs: dict[str, Any] = {"logits_to_keep": T + 1} if _is_causal_lm(self.lm) else {}
         with autocast(ids.device, self.compute_dtype):

@@ -21,6 +21,18 @@ def position_ids(mask: torch.Tensor) -> torch.Tensor:
     return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def drop_padding_columns(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """``ids`` and ``mask`` (``[B, L]``) without their leading columns that are padding in every
+    row, and how many were dropped. Prompts are left-padded to ``max_prompt_tokens``, which a batch
+    seldom needs in full (the shipped prompts take 10 to 16 of the default 40); positions come from
+    the mask, so a forward without those columns computes the same for every real token, for less."""
+    real = mask.any(0)
+    cut = int(real.to(torch.int8).argmax()) if bool(real.any()) else 0  # the first column real in some row
+    if cut == 0:
+        return ids, mask, 0
+    return ids[:, cut:], mask[:, cut:], cut
+
+
 def forward(model, input_ids: torch.Tensor, mask: torch.Tensor, past: Any = None, *, keep: int | None = None,
             hidden: bool = False, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor | None, Any]:
     """One forward, under autocast to ``dtype`` (``textgym.precision``; None: the weights' own).
@@ -49,6 +61,7 @@ def completion_logprobs(model, prompt_ids, prompt_mask, completion_ids, completi
 
     With ``hidden``, also the last hidden states at the positions that predict each completion
     token, ``[B, T, H]``, and the full logits ``[B, T, V]`` (for entropies and values)."""
+    prompt_ids, prompt_mask, _ = drop_padding_columns(prompt_ids, prompt_mask)
     ids = torch.cat([prompt_ids, completion_ids], dim=1)
     mask = torch.cat([prompt_mask, completion_mask], dim=1)
     P, T = prompt_ids.shape[1], completion_ids.shape[1]
@@ -91,6 +104,7 @@ class IncrementalLM:
     @torch.no_grad()
     def start(self, rows: list[int], ids: torch.Tensor, mask: torch.Tensor) -> None:
         """Encode prompts (``[k, P]``, left-padded) for ``rows``, replacing whatever those rows held."""
+        ids, mask, _ = drop_padding_columns(ids, mask)  # no column of padding alone is encoded or cached
         logits, states, cache = forward(self.model, ids, mask, keep=1, hidden=self.hidden, dtype=self.dtype)
         rows_t = torch.as_tensor(rows, dtype=torch.long, device=ids.device)
         P = ids.shape[1]
@@ -105,6 +119,14 @@ class IncrementalLM:
             if states is not None:  # hidden=True
                 self.states = states.new_zeros(self.n, states.shape[-1])
         L = self.mask.shape[1]
+        if P > L:  # the new prompts are wider than the cache's live columns: widen it on the left, masked
+            for layer in self.cache.layers:
+                layer.keys = torch.cat([layer.keys.new_zeros((*layer.keys.shape[:2], P - L, layer.keys.shape[3])),
+                                        layer.keys], dim=2)
+                layer.values = torch.cat([layer.values.new_zeros((*layer.values.shape[:2], P - L,
+                                                                  layer.values.shape[3])), layer.values], dim=2)
+            self.mask = torch.cat([self.mask.new_zeros((self.n, P - L)), self.mask], dim=1)
+            L = P
         for layer, new in zip(self.cache.layers, new_kv):
             layer.keys[rows_t, :, L - P :] = new[0]
             layer.values[rows_t, :, L - P :] = new[1]
