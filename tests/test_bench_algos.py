@@ -21,7 +21,7 @@ TRAIN = {
 def test_bench_algos_end_to_end(tmp_path, capsys):
     config = tmp_path / "bench.json"  # YAML is a superset of JSON
     config.write_text(json.dumps({"algos": ["ppo", {"name": "grpo", "label": "grpo-g2",
-                                                    "hyperparameters": {"n_epochs": 2}}],
+                                                    "hyperparameters": {"n_epochs": 2}, "env": {"kl_coef": 0.2}}],
                                   "seeds": [0], "train": TRAIN, "output_dir": str(tmp_path / "out")}))
     assert main(["bench", "algos", str(config), "train.env.kwargs.group_size=2"]) == 0
     out = tmp_path / "out"
@@ -37,8 +37,13 @@ def test_bench_algos_end_to_end(tmp_path, capsys):
         assert (out / label / "seed0" / "summary.json").exists()
     grpo_config = (out / "configs" / "grpo-g2-seed0.yaml").read_text()
     assert "algo: grpo" in grpo_config and "n_epochs: 2" in grpo_config
+    assert "kl_coef: 0.2" in grpo_config and "kl_coef: 0.05" in (out / "configs" / "ppo-seed0.yaml").read_text()
     table = (out / "results.md").read_text()
     assert "| ppo |" in table and "| grpo-g2 |" in table and "one seed: no interval" in table
+    # One seed: the gain's interval is the run's own, over its held-out completions.
+    assert "gain over untrained (95% CI over the held-out completions)" in table
+    run = results["algos"]["ppo"]["runs"][0]
+    assert results["algos"]["ppo"]["gain_ci"] == pytest.approx(run["gain"]["ci"])
     assert (out / "score_vs_kl.png").read_bytes()[:4] == b"\x89PNG"
     assert "| grpo-g2 |" in capsys.readouterr().out
 
@@ -57,6 +62,8 @@ def test_bench_algos_reports_a_failed_run(tmp_path):
 def test_bench_algos_config_errors():
     with pytest.raises(ConfigError, match="'dqn' is not an algorithm; valid: a2c, grpo"):
         load_config(BenchAlgosConfig, base={"algos": ["dqn"], "train": TRAIN})
+    with pytest.raises(ConfigError, match="env must be a mapping of env keyword arguments, got 3"):
+        load_config(BenchAlgosConfig, base={"algos": [{"name": "ppo", "env": 3}], "train": TRAIN})
     with pytest.raises(ConfigError, match="labels must be unique"):
         load_config(BenchAlgosConfig, base={"algos": ["ppo", "ppo"], "train": TRAIN})
     with pytest.raises(ConfigError, match="set by the benchmark"):

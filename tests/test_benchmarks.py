@@ -59,3 +59,23 @@ def test_peer_trl_skips_a_peer_interpreter_without_trl(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert f"skipped: trl is not installed for {sys.executable}" in out.stdout
     assert re.search(r"machine: .+; yardstick: textgym/tiny generate of 16 x 32 tokens at \d+ tok/s", out.stdout)
+
+
+def test_gain_vs_time_reports_each_evaluation(tmp_path):
+    """benchmarks/gain_vs_time.py on the tiny model: a row per evaluation, its gain and interval those
+    of metrics.difference_ci on the run's own figures, the training time growing."""
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "gain_vs_time.py"), str(ROOT / "examples" / "sentiment.yaml"),
+         "model.name=textgym/tiny", "model.lora=null", "env.id=textgym/TextGen-v0", "env.n_envs=4",
+         "env.kwargs.max_new_tokens=4", "training.iterations=2", "training.eval_n=4", "training.eval_samples=2",
+         "--eval-every", "1", "--no-yardstick", "--output-dir", str(tmp_path / "run")],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    found = re.findall(r"^\| (\d+) \| (\d+) \| ([+-]\d\.\d{3}) ± (\d\.\d{3}) \| (\d+\.\d\d) \| ([+-]\d\.\d{3}) \|$",
+                       out.stdout, re.M)
+    assert [int(r[0]) for r in found] == [1, 2] and int(found[0][1]) <= int(found[1][1])
+    summary = __import__("json").loads((tmp_path / "run" / "summary.json").read_text())
+    assert float(found[-1][2]) == pytest.approx(summary["gain"]["score"], abs=1e-3)
+    assert float(found[-1][3]) == pytest.approx(summary["gain"]["ci"], abs=1e-3)
+    assert (tmp_path / "run" / "gain_vs_time.md").read_text() == out.stdout

@@ -14,6 +14,7 @@ from textgym.pipeline import hyperparameters
 from textgym.pipeline.bench import BenchRewardsConfig
 from textgym.pipeline.cli import main
 from textgym.pipeline.config import ConfigError, load_config, save_config
+from textgym.pipeline.evaluate import evaluate_target
 from textgym.pipeline.rm import RMConfig
 from textgym.pipeline.sft import SFTConfig
 from textgym.pipeline.train import Run, TrainConfig, train
@@ -111,6 +112,18 @@ def test_help_lists_every_config_key_with_type_default_and_help(command, cls, ca
         assert "nlpo (float; default 0.9): the masking policy's top-p" in flat
     if cls is SFTConfig:
         assert "learning_rate (float; default 5.0e-05; > 0): AdamW's learning rate" in flat
+
+
+def test_eval_samples_complete_every_held_out_prompt_several_times(tmp_path):
+    result = train(tiny_config(tmp_path, "training.iterations=1", "training.eval_n=3", "training.eval_samples=2",
+                               "training.samples=6"),
+                   progress=False)
+    assert result["before"]["n"] == result["after"]["n"] == 6 and result["gain"]["n"] == 6
+    samples = [json.loads(line) for line in (tmp_path / "samples_before.jsonl").read_text().splitlines()]
+    assert [s["prompt"] for s in samples[:6:2]] == [s["prompt"] for s in samples[1:6:2]]  # each prompt twice
+    # textgym eval of the run plays the same evaluation: its figures are the run's.
+    report = evaluate_target(str(tmp_path))
+    assert report["metrics"]["n"] == 6 and report["metrics"]["score"] == pytest.approx(result["after"]["score"])
 
 
 def test_train_writes_the_run_directory(tmp_path):

@@ -35,13 +35,15 @@ class BenchAlgosConfig:
     """``textgym bench algos``'s config.
 
     ``train`` is a ``textgym train`` config (sections model, env, reward, agent, training) shared by
-    every run; each entry of ``algos`` (a name, or ``{name, label, hyperparameters}``) picks the
+    every run; each entry of ``algos`` (a name, or ``{name, label, hyperparameters, env}``) picks the
     algorithm. ``train.agent.hyperparameters`` are shared: each applies to the algorithms that take it
     (A2C has no ``n_epochs``); ``train.agent.<algo>`` sections and an entry's ``hyperparameters``
-    apply to that algorithm only.
+    apply to that algorithm only, and an entry's ``env`` (env keyword arguments, e.g. ``kl_coef``)
+    to that entry's runs only: so one config can also sweep an algorithm's settings.
     """
 
-    algos: list[str | dict] = option(["ppo", "grpo"], "the algorithms: names or {name:, label:, hyperparameters:}",
+    algos: list[str | dict] = option(["ppo", "grpo"], "the algorithms: names or {name:, label:, hyperparameters:, "
+                                     "env:} (env: env keyword arguments of that entry's runs)",
                                      nonempty=True, what="a list of at least one algorithm")
     seeds: list[int] = option([0], "training seeds, one run per algorithm and seed", nonempty=True,
                               what="a list of at least one integer")
@@ -60,13 +62,17 @@ class BenchAlgosConfig:
         for spec in self.algos:
             if isinstance(spec, str):
                 spec = {"name": spec}
-            if not isinstance(spec, dict) or "name" not in spec or set(spec) - {"name", "label", "hyperparameters"}:
-                raise ConfigError(f"each entry of algos must be a name or {{name:, label:, hyperparameters:}}, "
+            if not isinstance(spec, dict) or "name" not in spec or set(spec) - {"name", "label", "hyperparameters",
+                                                                                "env"}:
+                raise ConfigError(f"each entry of algos must be a name or {{name:, label:, hyperparameters:, env:}}, "
                                   f"got {spec!r}")
+            if not isinstance(spec.get("env") or {}, dict):
+                raise ConfigError(f"algos: {spec.get('label', spec['name'])!r}: env must be a mapping of env keyword "
+                                  f"arguments, got {spec['env']!r}")
             if spec["name"] not in agents.names():
                 raise ConfigError(f"algos: {spec['name']!r} is not an algorithm; valid: {', '.join(agents.names())}")
             out.append({"name": spec["name"], "label": str(spec.get("label", spec["name"])),
-                        "hyperparameters": dict(spec.get("hyperparameters") or {})})
+                        "hyperparameters": dict(spec.get("hyperparameters") or {}), "env": dict(spec.get("env") or {})})
         labels = [s["label"] for s in out]
         if len(set(labels)) != len(labels):
             raise ConfigError(f"algorithm labels must be unique (give each a label:), got {labels}")
@@ -78,7 +84,7 @@ class BenchAlgosConfig:
             raise ConfigError("train.agent.algo is set by the benchmark: list the algorithms under algos:")
         accepted = agents.accepted_hyperparameters(spec["name"])
         shared = {k: v for k, v in (agent.pop("hyperparameters", None) or {}).items() if k in accepted}
-        data = merge(self.train, {"agent": {"algo": spec["name"]},
+        data = merge(self.train, {"agent": {"algo": spec["name"]}, "env": {"kwargs": spec.get("env", {})},
                                   "training": {"seed": seed, "output_dir": str(out_dir)}})
         # replaced, not merged: the shared hyperparameters this algorithm does not take are left out
         data["agent"]["hyperparameters"] = {**shared, **spec["hyperparameters"]}
