@@ -3,7 +3,7 @@
 Runs ``textgym train`` on a config (default: ``examples/sentiment.yaml``, the default run) with an
 evaluation every ``--eval-every`` iterations, and prints, at each evaluation, the training wall time
 so far (the iterations' ``seconds`` less their evaluations') and the held-out score's gain over the
-untrained model with its 95% interval over the evaluated completions (``textgym.metrics.difference_ci``),
+untrained model with its 95% interval over the evaluated completions (``textgym.pipeline.train.score_gain``),
 the KL to the reference and the change of distinct-1; plus the machine's yardstick (the model's
 ``generate`` of 16 x 32 tokens). The table is also written to ``RUN_DIR/gain_vs_time.md``.
 
@@ -22,9 +22,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script or with -m
 
 from benchmarks.common import machine, yardstick
-from textgym import metrics
 from textgym.pipeline.config import load_config
-from textgym.pipeline.train import train
+from textgym.pipeline.train import score_gain, train
 from textgym.pipeline.train_config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,9 +37,11 @@ def rows(history: list[dict], before: dict) -> list[dict]:
         spent += r["seconds"] - r.get("time/evaluation", 0.0)
         if "eval/score" not in r:
             continue
-        gain, ci = metrics.difference_ci((r["eval/score"], r.get("eval/score_std", float("nan")), before["n"]),
-                                         (before["score"], before.get("score_std", float("nan")), before["n"]))
-        out.append({"iteration": r["iteration"], "seconds": spent, "gain": gain, "ci": ci, "kl": r["eval/kl"],
+        # every evaluation completes the same held-out prompts: its n is the one before training's
+        after = {"score": r["eval/score"], "score_std": r.get("eval/score_std", float("nan")), "n": before["n"]}
+        gain = score_gain(before, after)
+        out.append({"iteration": r["iteration"], "seconds": spent, "gain": gain["score"], "ci": gain["ci"],
+                    "kl": r["eval/kl"],
                     "distinct_1_change": r["eval/distinct_1"] - before["distinct_1"]})
     return out
 

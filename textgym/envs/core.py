@@ -261,7 +261,7 @@ class TextGenCore:
         would start above 0 before any update. Upcast alike, the two compute the same function
         until the policy moves. A reference the user gave (``ref_model``) or the adapter-free model
         of LoRA is left as it is."""
-        if self.cfg.ref_model is not None or self.peft_model is not None or self.ref_model is self.model:
+        if self.cfg.ref_model is not None or self.peft_model is not None:
             return
         policy_dtypes = {name: param.dtype for name, param in self.model.named_parameters()}
         for name, param in self.ref_model.named_parameters():
