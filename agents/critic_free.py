@@ -173,6 +173,7 @@ class WholeEpisodeOnPolicy(OnPolicyAlgorithm):
                 self._last_obs = env.reset()
             rewards_per_token = np.zeros((env.num_envs, core.T), dtype=np.float32)
             scores = np.zeros(env.num_envs, dtype=np.float32)
+            kl_coefs = np.zeros(env.num_envs, dtype=np.float64)
             while True:
                 rows = core.live.copy()
                 idx = np.flatnonzero(rows)
@@ -190,12 +191,15 @@ class WholeEpisodeOnPolicy(OnPolicyAlgorithm):
                 rewards, dones, infos = env.step_rows(actions, rows)
                 rewards_per_token[idx, t] = rewards[idx]
                 for i in np.flatnonzero(dones):
-                    scores[i] = infos[i]["score"]
+                    scores[i], kl_coefs[i] = infos[i]["score"], infos[i]["kl_coef"]
                 self.num_timesteps += len(idx)
                 callback.update_locals(locals())
                 if not callback.on_step():
                     return False
                 self._update_info_buffer(infos, dones)
+            if self.kl_per_token and core.cfg.kl_in == "reward" and core.cfg.kl_mode == "final":
+                rewards_per_token = spread_kl(rewards_per_token, (core.logp - core.ref_logp).numpy(), kl_coefs,
+                                              core.length)
             rollout_buffer.add_round(core, rewards_per_token, scores)
         self._last_obs = env.reset()  # the next episodes wait, unencoded, for the updated weights
         self._last_episode_starts = np.ones(env.num_envs, dtype=bool)
@@ -221,6 +225,20 @@ class WholeEpisodeOnPolicy(OnPolicyAlgorithm):
         return distributed.sample_categorical(probs, counts=counts)
 
 
+def spread_kl(rewards: np.ndarray, log_ratio: np.ndarray, kl_coefs: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Per-token rewards ``[n, T]`` of a final-mode round (each episode's whole reward on its last
+    token) with the KL penalty moved onto the tokens that incurred it: token t gets
+    ``-kl_coef * k1_t`` (``log_ratio`` = log pi - log pi_ref, 0 past the end) and the last token the
+    rest, so each episode's return is unchanged. These are exactly the rewards a per_token-mode
+    env pays step by step, from one teacher-forced reference forward per episode instead of a
+    KV-cached reference forward per step."""
+    out = (-kl_coefs[:, None] * log_ratio).astype(np.float32)
+    rows = np.flatnonzero(lengths > 0)
+    last = lengths[rows] - 1
+    out[rows, last] += rewards[rows, last] - out[rows].sum(1)
+    return out
+
+
 class CriticFreeAlgorithm(LMAlgorithm, WholeEpisodeOnPolicy):
     """The textgym layer: a policy with no value head, the env checks, and the clipped update.
 
@@ -233,6 +251,9 @@ class CriticFreeAlgorithm(LMAlgorithm, WholeEpisodeOnPolicy):
     adds_loss_terms = True
     kl_from_env = True  # the buffer holds the env's reference log-probs
     min_group_size = 1  # episodes per prompt the advantage needs
+    # With the KL in the reward of a final-mode env, charge it to the tokens that incurred it
+    # (``spread_kl``) rather than as one sum on the last token: for per-token credit (REINFORCE++).
+    kl_per_token = False
 
     def __init__(self, policy: type[LMActorCriticPolicy] | str = LMActorCriticPolicy, env: Any = None,
                  policy_kwargs: dict | None = None, **kwargs: Any):

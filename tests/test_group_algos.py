@@ -97,7 +97,7 @@ def test_one_word_is_enough_and_fixed_arguments_are_refused():
     assert core.group_size == 4 and core.cfg.kl_in == "loss"  # GRPO's env defaults
     model.learn(1)
     assert model.rollout_buffer.pos == 8 and "train/kl_loss" in model.logger.name_to_value
-    assert make("reinforce++").env.core.cfg.kl_mode == "per_token"
+    assert make("reinforce++").env.core.cfg.kl_mode == "final"  # its per-token KL is spread after the round
     with pytest.raises(ValueError, match="gamma: not hyperparameter"):
         make("rloo", gamma=0.9)
 
@@ -135,6 +135,29 @@ def test_rollout_holds_whole_groups_sampled_by_the_current_policy(algo):
     again = collect_one_rollout(make(algo, episodes_per_row=2))
     np.testing.assert_array_equal(again.completion_ids, buffer.completion_ids)
     np.testing.assert_array_equal(again.prompt_index, buffer.prompt_index)
+
+
+def test_reinforce_pp_pays_the_kl_per_token_whichever_the_kl_mode():
+    """A final-mode env (one teacher-forced reference forward per episode, REINFORCE++'s default)
+    and a per_token-mode env (a KV-cached reference forward per step) give the same episodes the
+    same per-token rewards: -beta * k1_t on each token, the score on the last."""
+    def rollout(**env_kwargs):
+        model = make("reinforce++", env_kwargs={"kl_coef": 0.3, **env_kwargs})
+        model.env.core.eos_ids = list(range(0, 600, 7))  # many end tokens: episodes of several lengths
+        return collect_one_rollout(model)
+
+    final, per_token = rollout(), rollout(kl_mode="per_token")
+    np.testing.assert_array_equal(final.completion_ids, per_token.completion_ids)
+    mask = final.completion_mask[: final.pos]
+    k1 = (final.log_probs - final.ref_log_probs)[: final.pos] * mask
+    lengths = mask.sum(1).astype(int)
+    expected = -0.3 * k1
+    expected[np.arange(final.pos), lengths - 1] += final.scores[: final.pos]
+    assert np.abs(k1).max() > 0  # a KL term to spread
+    assert len(set(lengths)) > 2
+    np.testing.assert_allclose(final.rewards[: final.pos], expected, atol=1e-5)
+    np.testing.assert_allclose(per_token.rewards[: per_token.pos], expected, atol=1e-5)
+    np.testing.assert_allclose(final.advantages[: final.pos], per_token.advantages[: per_token.pos], atol=1e-4)
 
 
 # --- advantages on a fixed batch ------------------------------------------------------------------------

@@ -76,9 +76,14 @@ def episode_return(core: TextGenCore, info: dict) -> float:
     return core.cfg.score_scale * info["score"] - coef * info["kl"]
 
 
+# Rows of an evaluation batch: decoding is memory-bound, so more rows per forward cost little more
+# than fewer (SmolLM2 on 2 CPU cores: 94 tokens/s at 16 rows, 158 at 64).
+EVALUATION_ROWS = 64
+
+
 def complete_prompts(core: TextGenCore, prompts: PromptSet, *, seed: int = 0, greedy: bool = False) -> list[dict]:
-    """One completion per prompt of ``prompts`` (played ``core.n`` at a time, each row taking the
-    next prompt as it finishes); the final infos in prompt order."""
+    """One completion per prompt of ``prompts`` (played ``max(core.n, EVALUATION_ROWS)`` at a time,
+    each row taking the next prompt as it finishes); the final infos in prompt order."""
     queue = iter(range(len(prompts)))
     order: dict[int, list[int]] = {}
 
@@ -89,7 +94,7 @@ def complete_prompts(core: TextGenCore, prompts: PromptSet, *, seed: int = 0, gr
         return index
 
     played = play(core, next_prompt, prompts=prompts, seed=seed, greedy=greedy,
-                  n_rows=min(core.n, max(len(prompts), 1)))
+                  n_rows=min(max(core.n, EVALUATION_ROWS), max(len(prompts), 1)))
     results: list[dict | None] = [None] * len(prompts)
     taken = {row: iter(indices) for row, indices in order.items()}
     for row, info in played:

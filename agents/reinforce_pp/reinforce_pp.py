@@ -13,9 +13,16 @@ normalised over every token of the whole rollout (the global batch, section 2.2)
 
 and the update is PPO's clipped surrogate (token mean, as OpenRLHF's implementation; one pass over
 the rollout, ``n_epochs=1``). It needs no groups (``group_size`` 1 is fine): each prompt may be
-sampled once. ``agents.make`` makes the env with ``kl_mode="per_token"`` from an id; with
-``kl_mode="final"`` the whole KL is paid at the end and every token's reward-to-go is the episode's
-return. With ``kl_in="loss"`` the reward-to-go is the score and the update adds ``kl_coef * k2``.
+sampled once.
+
+The per-token KL needs the reference's log-prob of every token, not when the step is taken but
+before the update. ``agents.make`` therefore makes the env with ``kl_mode="final"``: when an episode
+ends, the env scores it and computes the reference's log-probs in one teacher-forced forward, and
+the rollout charges ``-beta * k1_t`` to each token t and the rest of the episode's reward to its
+last (``critic_free.spread_kl``): the rewards a ``kl_mode="per_token"`` env pays step by step (that
+mode works too, with the same returns), without its KV-cached reference forward per generated token
+(decoding is memory-bound: on 2 CPU cores the reference's decode cost as much as the policy's).
+With ``kl_in="loss"`` the reward-to-go is the score and the update adds ``kl_coef * k2``.
 """
 
 from __future__ import annotations
@@ -55,7 +62,8 @@ class ReinforcePP(CriticFreeAlgorithm):
     """
 
     algo_name = "reinforce++"
-    env_defaults = {"kl_in": "reward", "kl_mode": "per_token"}
+    env_defaults = {"kl_in": "reward", "kl_mode": "final"}
+    kl_per_token = True
 
     def __init__(
         self,

@@ -391,8 +391,11 @@ class TextGenCore:
         """An engine of ``n`` rows (default: as many as this one) sharing this one's models,
         tokenizer, reward, prompts and acting distribution, with its own rows and KV caches and a
         frozen copy of the current KL coefficient: playing episodes on it leaves this engine (its
-        running episodes, caches and KL controller) exactly as it was."""
+        running episodes, caches and KL controller) exactly as it was. Its reference log-probs come
+        from one teacher-forced forward per finished episode (``kl_mode="final"``) whatever this
+        engine's mode: the same KL, without a reference forward per generated token."""
         other = copy.copy(self)
+        other.cfg = dataclasses.replace(self.cfg, kl_mode="final")
         other.kl_controller = klmod.FixedKLController(self.kl_controller.value)
         other.kl_batch, other.kl_batch_auto = None, False
         other.group_size = 1  # evaluation draws every episode's prompt on its own
