@@ -40,12 +40,39 @@ def test_bench_rewards_end_to_end(tmp_path):
     assert "| keyword |" in table
     assert "test_broken | failed: RewardError: reward 'test_broken' raised RuntimeError: scorer crashed" in table
     assert (tmp_path / "overoptimization.png").read_bytes()[:4] == b"\x89PNG"
-    # Gao et al.'s fit over the curve's three points (iterations 0, 1, 2), reported in the table
+    # Gao et al.'s two-parameter form is not fitted to a curve of three evaluations (it would fit any)
     fit = ok["fit"]
-    assert fit["n"] == 3 and fit["alpha"] is not None
-    assert fit["gold_0"] == pytest.approx(ok["runs"][0]["curve"][0]["gold"])
-    assert "Over-optimisation: Gao et al." in table and "| keyword | " in table.split("Over-optimisation")[1]
+    assert fit["n"] == 3 and fit["evaluations"] == 3 and fit["alpha"] is None
+    assert "| keyword | not fitted: 3 evaluations per curve, fewer than 6 |" in table
+    # one seed: the gold gain is shown without an interval, and says so
+    assert ok["gold_gain"] == pytest.approx(ok["runs"][0]["after"]["reward/gold"]
+                                            - ok["runs"][0]["before"]["reward/gold"])
+    assert "one seed: no interval" in table
     assert json.loads((tmp_path / "results.json").read_text())["seeds"] == [0]
+
+
+def test_gold_gains_over_seeds_are_compared_and_fitted_on_six_evaluations():
+    from textgym.pipeline.bench import _aggregate, _gao_fit, markdown_report
+
+    def run(seed, gold_gain, kl_scale=1.0):
+        curve = [{"iteration": i, "kl": kl_scale * i, "gold": 0.1 + gold_gain * (i / 5) ** 0.5, "proxy": 0.0}
+                 for i in range(6)]
+        after = {"score": 0.5, "reward/gold": curve[-1]["gold"], "kl": curve[-1]["kl"], "perplexity_ref": 9.0,
+                 "distinct_1": 0.5, "distinct_2": 0.9}
+        return {"seed": seed, "before": {"reward/gold": 0.1}, "after": after, "seconds": 1.0, "curve": curve}
+
+    strong = [run(s, g) for s, g in enumerate([0.40, 0.45, 0.50])]
+    weak = [run(s, g) for s, g in enumerate([0.00, 0.02, -0.02])]
+    results = {"seeds": [0, 1, 2], "speed_agreement": {"completions_per_second": {}, "spearman": {}, "errors": {}},
+               "rewards": {label: {"runs": runs, **_aggregate(runs), "fit": _gao_fit(runs)}
+                           for label, runs in (("gold itself", strong), ("length", weak))}}
+    r = results["rewards"]["gold itself"]
+    assert r["gold_gain"] == pytest.approx(0.45) and 0 < r["gold_gain_ci"] < 0.45
+    assert r["fit"]["evaluations"] == 6 and r["fit"]["alpha"] is not None and r["fit"]["n"] == 18
+    table = markdown_report(results)
+    assert "0.450 ± " in table and "(beyond the noise)" in table  # the gold-trained policy raised the gold
+    assert "(not distinguishable from no change)" in table  # the length proxy did not
+    assert "| length | 0.450 ± " in table and "| beyond the noise |" in table  # and the two differ
 
 
 def test_bench_config_validation():

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from textgym.pipeline.bench_algos import BenchAlgosConfig, aggregate, markdown_report
+from textgym.pipeline.bench_algos import BenchAlgosConfig, aggregate, comparisons, markdown_report
 from textgym.pipeline.cli import main
 from textgym.pipeline.config import ConfigError, load_config
 
@@ -80,3 +80,22 @@ def test_confidence_interval_over_seeds_in_the_table():
     assert r["score"] == 2.0 and r["score_ci"] == pytest.approx(4.3027 / 3 ** 0.5, rel=1e-4)
     table = markdown_report({"seeds": [0, 1, 2], "algos": {"ppo": {"spec": {}, "runs": runs, **r}}})
     assert "| ppo | 2.000 ± 2.484 |" in table and "95% CI over seeds" in table
+
+
+def test_comparisons_say_whether_a_difference_is_beyond_the_noise():
+    def algo(gains):
+        runs = [{"seed": s, "before": {"score": 0.0, "distinct_1": 0.5},
+                 "after": {"score": g, "kl": 1.0, "perplexity_ref": 5.0, "distinct_1": 0.4, "distinct_2": 0.6},
+                 "episodes": 8, "seconds": 1.0, "peak_mb": 100.0} for s, g in enumerate(gains)]
+        return {"spec": {}, "runs": runs, **aggregate(runs)}
+
+    results = {"seeds": [0, 1, 2], "algos": {"a": algo([0.50, 0.52, 0.48]), "b": algo([0.10, 0.12, 0.08]),
+                                             "c": algo([0.1, 0.8, 0.5])}}
+    pairs = {c["other"]: c for c in comparisons(results)}
+    assert set(pairs) == {"b", "c"} and pairs["b"]["best"] == "a"  # a has the largest mean gain
+    assert pairs["b"]["difference"] == pytest.approx(0.4) and pairs["b"]["verdict"] == "beyond the noise"
+    assert pairs["c"]["verdict"] == "not distinguishable"  # c's seeds spread over a's
+    table = markdown_report(results)
+    assert "| b | 0.400 ± " in table and "| c | " in table and "not distinguishable" in table
+    one_seed = {"seeds": [0], "algos": {"a": algo([0.5]), "b": algo([0.1])}}
+    assert comparisons(one_seed)[0]["verdict"] == "one seed: no interval"

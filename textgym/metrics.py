@@ -141,6 +141,31 @@ def difference_ci(after: tuple[float, float, int], before: tuple[float, float, i
     return diff, float(t.ppf(0.5 + confidence / 2, dof) * se)
 
 
+def compare_to_best(samples: dict[str, Sequence[float]], confidence: float = 0.95) -> list[dict]:
+    """Each sample's mean against the largest mean (one value per seed, say): the difference
+    ``best - other``, the half-width of its Welch-t interval (``difference_ci``) and a verdict,
+    "beyond the noise" when the interval excludes 0, "not distinguishable" when it does not, and
+    "one seed: no interval" when a sample has a single value. One entry per sample but the best."""
+    if len(samples) < 2:
+        return []
+
+    def summary(values: Sequence[float]) -> tuple[float, float, int]:
+        v = np.asarray(values, dtype=float)
+        return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else float("nan"), int(v.size)
+
+    stats = {label: summary(values) for label, values in samples.items()}
+    best = max(stats, key=lambda label: stats[label][0])
+    out = []
+    for label, stat in stats.items():
+        if label == best:
+            continue
+        diff, half = difference_ci(stats[best], stat, confidence)
+        verdict = ("one seed: no interval" if not math.isfinite(half)
+                   else "beyond the noise" if abs(diff) > half else "not distinguishable")
+        out.append({"best": best, "other": label, "difference": diff, "ci": half, "verdict": verdict})
+    return out
+
+
 def gao_rl_fit(kl: Sequence[float], gold: Sequence[float]) -> dict:
     """Fit Gao et al. 2022's RL over-optimisation form to a gold-score curve.
 

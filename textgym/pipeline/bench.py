@@ -102,7 +102,8 @@ def bench_rewards(cfg: BenchRewardsConfig, progress: bool = True) -> dict:
                     (r["iteration"], {k[5:]: v for k, v in r.items() if k.startswith("eval/")})
                     for r in run.state["history"] if "eval/score" in r
                 ]
-                runs.append({"seed": seed, "after": summary["after"], "seconds": time.time() - start,
+                runs.append({"seed": seed, "before": summary["before"], "after": summary["after"],
+                             "seconds": time.time() - start,
                              "curve": [{"iteration": it, "kl": m["kl"], "gold": m["reward/gold"], "proxy": m["score"]}
                                        for it, m in curve]})
             results["rewards"][label] = {"spec": spec, "runs": runs, **_aggregate(runs), "fit": _gao_fit(runs)}
@@ -117,19 +118,35 @@ def bench_rewards(cfg: BenchRewardsConfig, progress: bool = True) -> dict:
     return results
 
 
+# A fit of Gao et al.'s two-parameter form is reported only on curves of at least this many held-out
+# evaluations each (the untrained one included): on three points it fits any curve exactly.
+MIN_FIT_EVALUATIONS = 6
+
+
 def _aggregate(runs: list[dict]) -> dict:
+    """Means over seeds; the gold score and its gain over the untrained policy's with Student-t 95%
+    intervals over seeds (NaN with one seed)."""
     def mean(key):
         return float(np.mean([r["after"][key] for r in runs]))
 
-    return {"proxy": mean("score"), "gold": mean("reward/gold"), "kl": mean("kl"),
+    gains = [r["after"]["reward/gold"] - r["before"]["reward/gold"] for r in runs]
+    gold, gold_ci = metrics.mean_ci([r["after"]["reward/gold"] for r in runs])
+    gold_gain, gold_gain_ci = metrics.mean_ci(gains)
+    return {"proxy": mean("score"), "gold": gold, "gold_ci": gold_ci, "gold_gain": gold_gain,
+            "gold_gain_ci": gold_gain_ci, "gold_gains": gains, "kl": mean("kl"),
             "perplexity_ref": mean("perplexity_ref"), "distinct_1": mean("distinct_1"),
             "distinct_2": mean("distinct_2"), "seconds": float(np.mean([r["seconds"] for r in runs]))}
 
 
 def _gao_fit(runs: list[dict]) -> dict:
-    """Gao et al.'s RL form fitted to the gold-score curve of every seed together (``metrics.gao_rl_fit``)."""
+    """Gao et al.'s RL form fitted to the gold-score curve of every seed together
+    (``metrics.gao_rl_fit``), when every curve has ``MIN_FIT_EVALUATIONS`` evaluations; otherwise
+    only ``n`` and ``evaluations`` (the shortest curve's), with the fit's values None."""
     points = [p for run in runs for p in run["curve"]]
-    return metrics.gao_rl_fit([p["kl"] for p in points], [p["gold"] for p in points])
+    evaluations = min(len(run["curve"]) for run in runs)
+    if evaluations < MIN_FIT_EVALUATIONS:
+        return {**metrics.gao_rl_fit([], []), "n": len(points), "evaluations": evaluations}
+    return {**metrics.gao_rl_fit([p["kl"] for p in points], [p["gold"] for p in points]), "evaluations": evaluations}
 
 
 def speed_and_agreement(cfg: BenchRewardsConfig) -> dict:
@@ -160,17 +177,37 @@ def speed_and_agreement(cfg: BenchRewardsConfig) -> dict:
     return {"n": len(episodes), "completions_per_second": speed, "spearman": spearman, "errors": errors}
 
 
+def _pm(mean: float, half: float) -> str:
+    return f"{mean:.3f}" if not np.isfinite(half) else f"{mean:.3f} ± {half:.3f}"
+
+
+def _against_zero(mean: float, half: float) -> str:
+    if not np.isfinite(half):
+        return "one seed: no interval"
+    return "beyond the noise" if abs(mean) > half else "not distinguishable from no change"
+
+
 def markdown_report(results: dict) -> str:
-    rows = ["| reward | proxy score | gold score | KL | perplexity (ref) | distinct-1 | distinct-2 | wall time (s) | "
-            "scored / s |", "|---|---|---|---|---|---|---|---|---|"]
+    seeds = results.get("seeds", [])
+    ci = f"95% CI over {len(seeds)} seeds" if len(seeds) > 1 else "one seed: no interval"
+    rows = [f"| reward | proxy score | gold score ({ci}) | gold gain over untrained ({ci}) | KL | perplexity (ref) "
+            "| distinct-1 | distinct-2 | wall time (s) | scored / s |", "|---|---|---|---|---|---|---|---|---|---|"]
     speed = results["speed_agreement"]["completions_per_second"]
     for label, r in results["rewards"].items():
         if "error" in r:
-            rows.append(f"| {label} | failed: {r['error']} | | | | | | | |")
+            rows.append(f"| {label} | failed: {r['error']} | | | | | | | | |")
             continue
-        rows.append(f"| {label} | {r['proxy']:.3f} | {r['gold']:.3f} | {r['kl']:.2f} | {r['perplexity_ref']:.1f} | "
+        rows.append(f"| {label} | {r['proxy']:.3f} | {_pm(r['gold'], r['gold_ci'])} | "
+                    f"{_pm(r['gold_gain'], r['gold_gain_ci'])} ({_against_zero(r['gold_gain'], r['gold_gain_ci'])}) | "
+                    f"{r['kl']:.2f} | {r['perplexity_ref']:.1f} | "
                     f"{r['distinct_1']:.3f} | {r['distinct_2']:.3f} | {r['seconds']:.0f} | "
                     f"{speed.get(label, float('nan')):.0f} |")
+    pairs = metrics.compare_to_best({label: r["gold_gains"] for label, r in results["rewards"].items()
+                                     if "error" not in r})
+    if pairs:
+        rows += ["", f"Gold gain of {pairs[0]['best']} (the largest) minus each other proxy's (95% Welch interval "
+                 "over seeds):", "", "| against | difference of gold gains | verdict |", "|---|---|---|"]
+        rows += [f"| {c['other']} | {_pm(c['difference'], c['ci'])} | {c['verdict']} |" for c in pairs]
     spearman = results["speed_agreement"]["spearman"]
     labels = list(spearman)
     rows += ["", "Spearman agreement on the same completions:", "",
@@ -185,6 +222,10 @@ def markdown_report(results: dict) -> str:
              "|---|---|---|---|---|---|---|"]
     for label, r in results["rewards"].items():
         fit = r.get("fit")
+        if fit and fit.get("evaluations", MIN_FIT_EVALUATIONS) < MIN_FIT_EVALUATIONS:
+            rows.append(f"| {label} | not fitted: {fit['evaluations']} evaluations per curve, fewer than "
+                        f"{MIN_FIT_EVALUATIONS} | | | | | {fit['n']} |")
+            continue
         if not fit or fit["alpha"] is None:
             rows.append(f"| {label} | too few points | | | | | {fit['n'] if fit else 0} |")
             continue

@@ -164,7 +164,8 @@ def aggregate(runs: list[dict]) -> dict:
     def mean(key: str) -> float:
         return float(np.mean([r["after"][key] for r in done]))
 
-    return {"score": score, "score_ci": score_ci, "gain": gain, "gain_ci": gain_ci, "kl": mean("kl"),
+    return {"score": score, "score_ci": score_ci, "gain": gain, "gain_ci": gain_ci,
+            "gains": [r["after"]["score"] - r["before"]["score"] for r in done], "kl": mean("kl"),
             "perplexity_ref": mean("perplexity_ref"), "distinct_1": mean("distinct_1"),
             "distinct_2": mean("distinct_2"),
             "distinct_1_change": float(np.mean([r["after"]["distinct_1"] - r["before"]["distinct_1"] for r in done])),
@@ -174,6 +175,13 @@ def aggregate(runs: list[dict]) -> dict:
             "seconds": float(np.mean([r["seconds"] for r in done])),
             "peak_mb": float(np.max([r["peak_mb"] for r in done])), "seeds_done": len(done),
             "failed": [f"seed {r['seed']}: {r['error']}" for r in runs if "error" in r]}
+
+
+def comparisons(results: dict) -> list[dict]:
+    """Every algorithm's held-out gain against the best one's, over seeds
+    (``metrics.compare_to_best``): the difference, its Welch-t 95% interval and whether it is beyond
+    that noise. With one seed there is no interval over seeds: no verdict."""
+    return metrics.compare_to_best({label: r["gains"] for label, r in results["algos"].items() if "error" not in r})
 
 
 def _pm(mean: float, half: float, digits: int = 3) -> str:
@@ -204,6 +212,11 @@ def markdown_report(results: dict) -> str:
         rows.append(f"\nUntrained (each algorithm's acting distribution before training): held-out score "
                     f"{' / '.join(f'{v:.3f}' for v in scores)}, distinct-1 {' / '.join(f'{v:.3f}' for v in distinct)} "
                     f"(seeds {', '.join(map(str, seeds))}).")
+    pairs = comparisons(results)
+    if pairs:
+        rows += [f"\nGain of {pairs[0]['best']} (the largest) minus each other's (95% Welch interval over seeds):\n",
+                 "| against | difference of gains | verdict |", "|---|---|---|"]
+        rows += [f"| {c['other']} | {_pm(c['difference'], c['ci'])} | {c['verdict']} |" for c in pairs]
     return "\n".join(rows) + "\n"
 
 
