@@ -72,6 +72,20 @@ def test_bench_algos_config_errors():
         load_config(BenchAlgosConfig, base={"seeds": [], "train": TRAIN})
 
 
+def test_an_entry_may_change_the_run_sizes(tmp_path):
+    cfg = load_config(BenchAlgosConfig, base={
+        "algos": ["ppo", {"name": "grpo", "label": "grpo 8 rows", "train": {"env": {"n_envs": 8},
+                                                                           "training": {"iterations": 5}}}],
+        "train": TRAIN})
+    ppo, grpo = (cfg.train_config(spec, 0, tmp_path) for spec in cfg.specs())
+    assert (ppo.env.n_envs, ppo.training.iterations) == (4, 2)  # the shared sizes
+    assert (grpo.env.n_envs, grpo.training.iterations) == (8, 5)
+    assert grpo.env.kwargs["max_new_tokens"] == 6  # merged over the shared train config, not replacing it
+    with pytest.raises(ConfigError, match="train must be a mapping of train config sections without agent.algo"):
+        load_config(BenchAlgosConfig, base={"algos": [{"name": "ppo", "train": {"agent": {"algo": "a2c"}}}],
+                                            "train": TRAIN})
+
+
 def test_confidence_interval_over_seeds_in_the_table():
     runs = [{"seed": s, "before": {"score": 0.0, "distinct_1": 0.5},
              "after": {"score": v, "kl": 1.0, "perplexity_ref": 5.0, "distinct_1": 0.4, "distinct_2": 0.6},

@@ -35,15 +35,18 @@ class BenchAlgosConfig:
     """``textgym bench algos``'s config.
 
     ``train`` is a ``textgym train`` config (sections model, env, reward, agent, training) shared by
-    every run; each entry of ``algos`` (a name, or ``{name, label, hyperparameters, env}``) picks the
-    algorithm. ``train.agent.hyperparameters`` are shared: each applies to the algorithms that take it
+    every run; each entry of ``algos`` (a name, or ``{name, label, hyperparameters, env, train}``)
+    picks the algorithm. ``train.agent.hyperparameters`` are shared: each applies to the algorithms that take it
     (A2C has no ``n_epochs``); ``train.agent.<algo>`` sections and an entry's ``hyperparameters``
     apply to that algorithm only, and an entry's ``env`` (env keyword arguments, e.g. ``kl_coef``)
-    to that entry's runs only: so one config can also sweep an algorithm's settings.
+    and ``train`` (a part of a train config, e.g. ``{env: {n_envs: 16}, training: {iterations: 40}}``,
+    merged over the shared one) to that entry's runs only: so one config can also sweep an
+    algorithm's settings, sizes included.
     """
 
     algos: list[str | dict] = option(["ppo", "grpo"], "the algorithms: names or {name:, label:, hyperparameters:, "
-                                     "env:} (env: env keyword arguments of that entry's runs)",
+                                     "env:, train:} (env: env keyword arguments of that entry's runs; train: a part "
+                                     "of a train config merged over the shared one for them)",
                                      nonempty=True, what="a list of at least one algorithm")
     seeds: list[int] = option([0], "training seeds, one run per algorithm and seed", nonempty=True,
                               what="a list of at least one integer")
@@ -63,28 +66,33 @@ class BenchAlgosConfig:
             if isinstance(spec, str):
                 spec = {"name": spec}
             if not isinstance(spec, dict) or "name" not in spec or set(spec) - {"name", "label", "hyperparameters",
-                                                                                "env"}:
-                raise ConfigError(f"each entry of algos must be a name or {{name:, label:, hyperparameters:, env:}}, "
-                                  f"got {spec!r}")
+                                                                                "env", "train"}:
+                raise ConfigError(f"each entry of algos must be a name or {{name:, label:, hyperparameters:, env:, "
+                                  f"train:}}, got {spec!r}")
             if not isinstance(spec.get("env") or {}, dict):
                 raise ConfigError(f"algos: {spec.get('label', spec['name'])!r}: env must be a mapping of env keyword "
                                   f"arguments, got {spec['env']!r}")
+            if not isinstance(spec.get("train") or {}, dict) or "algo" in ((spec.get("train") or {}).get("agent") or {}):
+                raise ConfigError(f"algos: {spec.get('label', spec['name'])!r}: train must be a mapping of train config "
+                                  f"sections without agent.algo (the entry's name), got {spec['train']!r}")
             if spec["name"] not in agents.names():
                 raise ConfigError(f"algos: {spec['name']!r} is not an algorithm; valid: {', '.join(agents.names())}")
             out.append({"name": spec["name"], "label": str(spec.get("label", spec["name"])),
-                        "hyperparameters": dict(spec.get("hyperparameters") or {}), "env": dict(spec.get("env") or {})})
+                        "hyperparameters": dict(spec.get("hyperparameters") or {}), "env": dict(spec.get("env") or {}),
+                        "train": dict(spec.get("train") or {})})
         labels = [s["label"] for s in out]
         if len(set(labels)) != len(labels):
             raise ConfigError(f"algorithm labels must be unique (give each a label:), got {labels}")
         return out
 
     def train_config(self, spec: dict, seed: int, out_dir: Path) -> TrainConfig:
-        agent = dict(self.train.get("agent") or {})
+        train = merge(self.train, spec.get("train") or {})
+        agent = dict(train.get("agent") or {})
         if "algo" in agent:
             raise ConfigError("train.agent.algo is set by the benchmark: list the algorithms under algos:")
         accepted = agents.accepted_hyperparameters(spec["name"])
         shared = {k: v for k, v in (agent.pop("hyperparameters", None) or {}).items() if k in accepted}
-        data = merge(self.train, {"agent": {"algo": spec["name"]}, "env": {"kwargs": spec.get("env", {})},
+        data = merge(train, {"agent": {"algo": spec["name"]}, "env": {"kwargs": spec.get("env", {})},
                                   "training": {"seed": seed, "output_dir": str(out_dir)}})
         # replaced, not merged: the shared hyperparameters this algorithm does not take are left out
         data["agent"]["hyperparameters"] = {**shared, **spec["hyperparameters"]}
