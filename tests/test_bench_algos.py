@@ -37,7 +37,7 @@ def test_bench_algos_end_to_end(tmp_path, capsys):
         assert (out / label / "seed0" / "summary.json").exists()
     grpo_config = (out / "configs" / "grpo-g2-seed0.yaml").read_text()
     assert "algo: grpo" in grpo_config and "n_epochs: 2" in grpo_config
-    assert "kl_coef: 0.2" in grpo_config and "kl_coef: 0.05" in (out / "configs" / "ppo-seed0.yaml").read_text()
+    assert "kl_coef: 0.2" in grpo_config and "kl_coef: 0.1" in (out / "configs" / "ppo-seed0.yaml").read_text()
     table = (out / "results.md").read_text()
     assert "| ppo |" in table and "| grpo-g2 |" in table and "one seed: no interval" in table
     # One seed: the gain's interval is the run's own, over its held-out completions.

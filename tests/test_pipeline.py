@@ -104,7 +104,7 @@ def test_help_lists_every_config_key_with_type_default_and_help(command, cls, ca
         assert re.search(rf"^  {re.escape(key)} \(", out, re.M), key
         assert " ".join(help_.split()) in flat, key
     if cls is TrainConfig:
-        assert "training.iterations (int; default 8; >= 1): RL iterations" in flat  # issue 11's default run: 8
+        assert "training.iterations (int; default 22; >= 1): RL iterations" in flat  # the sweep's default run: 22
         assert "agent.ppo default {learning_rate: 0.001, n_steps: 20, batch_size: 80" in flat  # issue 11's presets
         for algo in agents.names():
             for name in hyperparameters.of(algo):

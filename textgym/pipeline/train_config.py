@@ -25,13 +25,15 @@ from textgym import agents, precision
 from textgym.pipeline import hyperparameters as algo_hyperparameters
 from textgym.pipeline.config import ConfigError, keyed_sections, load_config, option, read_layers, yaml_load_file
 
-# textgym train's defaults per algorithm: short rollouts of 20-token completions on 16 envs, sized
-# for a CPU (a PPO iteration is 20 x 16 = 320 tokens in minibatches of 80); each algorithm gets the
-# ones it takes (GRPO, RLOO and REINFORCE++ roll out whole episodes, so no n_steps). They are the
-# settings of the algorithm benchmark (examples/bench_algos.yaml), so `textgym train --algo X`
-# reproduces its row for X; the default algorithm is the one that benchmark chose (README).
+# textgym train's defaults per algorithm: rollouts of 20-token completions, sized for a CPU (a PPO
+# iteration is n_steps 20 x n_envs tokens in minibatches of 80). GRPO, RLOO and REINFORCE++ roll out
+# whole episodes (no n_steps) and take one gradient step per rollout on all of it (batch_size None,
+# 1 epoch): their advantages are noisy, and Adam's step has about the same size whatever the
+# gradient's noise, so fewer steps on larger batches move the policy further for the KL they cost.
+# The default run's settings come from the sweep of examples/sweep_default.yaml (README); the
+# algorithm benchmark (examples/bench_algos.yaml) runs every algorithm with its defaults here.
 _PPO = {"learning_rate": 1e-3, "n_steps": 20, "batch_size": 80, "n_epochs": 2, "target_kl": 0.2}
-_CRITIC_FREE = {"learning_rate": 1e-3, "batch_size": 80, "n_epochs": 2, "target_kl": 0.2}
+_CRITIC_FREE = {"learning_rate": 2e-3, "batch_size": None, "n_epochs": 1}
 PRESETS = {"ppo": _PPO, "nlpo": _PPO, "a2c": {"learning_rate": 1e-3, "n_steps": 20},
            "grpo": _CRITIC_FREE, "rloo": _CRITIC_FREE, "reinforce++": _CRITIC_FREE}
 
@@ -57,8 +59,8 @@ class EnvSection:
 
     id: str = option("textgym/Sentiment-v0", "the env id (textgym list shows them)", nonempty=True,
                      what="an env id")
-    n_envs: int = option(16, "episodes generated together, one row of a batch each", min=1)
-    kwargs: dict = option({"max_new_tokens": 20, "max_prompt_tokens": 40, "kl_coef": 0.05},
+    n_envs: int = option(32, "episodes generated together, one row of a batch each", min=1)
+    kwargs: dict = option({"max_new_tokens": 20, "max_prompt_tokens": 40, "kl_coef": 0.1},
                           "the env's keyword arguments (max_new_tokens, kl_coef, prompts, ...: see TextGenEnv); "
                           "model, reward and reward_kwargs come from their sections")
 
@@ -120,15 +122,16 @@ class AgentSection:
 class TrainingSection:
     """Length of the run, evaluation and output."""
 
-    iterations: int = option(8, "RL iterations, each one rollout and one update", min=1)
+    iterations: int = option(22, "RL iterations, each one rollout and one update", min=1)
     seed: int = option(0, "seed of the agent, the env and the evaluations")
     output_dir: str = option("runs/sentiment", "the run directory", nonempty=True, what="a directory path")
     eval_prompts: str | None = option(None, "held-out prompts (anything textgym.prompts.load_prompts reads); "
                                       "null: the env's test split (or its prompts)")
-    eval_n: int = option(32, "held-out prompts per evaluation", min=1)
-    eval_samples: int = option(1, "completions of each held-out prompt per evaluation (independent samples: "
+    eval_n: int = option(48, "held-out prompts per evaluation", min=1)
+    eval_samples: int = option(2, "completions of each held-out prompt per evaluation (independent samples: "
                                "more completions narrow the interval of the held-out gain)", min=1)
-    eval_every: int = option(4, "evaluate every this many iterations; 0: only before and after training", min=0)
+    eval_every: int = option(0, "evaluate every this many iterations; 0: only before and after training (the "
+                             "default run's evaluation of 96 completions costs about two iterations)", min=0)
     samples: int = option(8, "held-out completions written to samples_before/after.jsonl", min=1)
 
 
