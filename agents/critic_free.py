@@ -116,6 +116,10 @@ class WholeEpisodeOnPolicy(OnPolicyAlgorithm):
     :param loss_normalization: "sequence", "token" or "sum" (module docstring).
     """
 
+    # With the KL in the reward of a final-mode env, charge it to the tokens that incurred it
+    # (``spread_kl``) rather than as one sum on the last token: for per-token credit (REINFORCE++).
+    kl_per_token = False
+
     # OnPolicyAlgorithm's arguments that this class sets itself (not hyperparameters of it).
     fixed_hyperparameters = tuple(_FIXED)
     # Whole episodes, not SB3's transitions: the buffer is no RolloutBuffer, which SB3 declares
@@ -251,9 +255,6 @@ class CriticFreeAlgorithm(LMAlgorithm, WholeEpisodeOnPolicy):
     adds_loss_terms = True
     kl_from_env = True  # the buffer holds the env's reference log-probs
     min_group_size = 1  # episodes per prompt the advantage needs
-    # With the KL in the reward of a final-mode env, charge it to the tokens that incurred it
-    # (``spread_kl``) rather than as one sum on the last token: for per-token credit (REINFORCE++).
-    kl_per_token = False
 
     def __init__(self, policy: type[LMActorCriticPolicy] | str = LMActorCriticPolicy, env: Any = None,
                  policy_kwargs: dict | None = None, **kwargs: Any):

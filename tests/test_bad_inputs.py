@@ -443,7 +443,8 @@ def test_resume_overrides_apply_or_are_refused(tmp_path):
     changed = load_config(TrainConfig, overrides=["training.iterations=4", f"training.output_dir={tmp_path}",
                                                   "agent.hyperparameters.learning_rate=0.1", "env.n_envs=2"])
     with pytest.raises(ConfigError, match=r"cannot change agent.hyperparameters.learning_rate, env.n_envs "
-                                          r"\(agent.hyperparameters.learning_rate: 0.001 -> 0.1"):  # issue 11's presets
+                                          r"\(agent.hyperparameters.learning_rate: 0.002 -> 0.1; "
+                                          r"env.n_envs: 32 -> 2\)"):
         resume_config(saved, changed, done=2)
     fewer = load_config(TrainConfig, overrides=["training.iterations=1", f"training.output_dir={tmp_path}"])
     with pytest.raises(ConfigError, match=r"training.iterations=1 is fewer than the 2 iterations"):

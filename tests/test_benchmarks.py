@@ -72,7 +72,7 @@ def test_gain_vs_time_reports_each_evaluation(tmp_path):
         capture_output=True, text=True, timeout=300, cwd=ROOT,
     )
     assert out.returncode == 0, out.stderr[-2000:]
-    found = re.findall(r"^\| (\d+) \| (\d+) \| ([+-]\d\.\d{3}) ± (\d\.\d{3}) \| (\d+\.\d\d) \| ([+-]\d\.\d{3}) \|$",
+    found = re.findall(r"^\| (\d+) \| (\d+) \| ([+-]\d\.\d{3}) ± (\d\.\d{3}) \| (-?\d+\.\d\d) \| ([+-]\d\.\d{3}) \|$",
                        out.stdout, re.M)
     assert [int(r[0]) for r in found] == [1, 2] and int(found[0][1]) <= int(found[1][1])
     summary = __import__("json").loads((tmp_path / "run" / "summary.json").read_text())

@@ -113,7 +113,7 @@ def test_train_cli_on_two_ranks_writes_one_run_that_resumes(tmp_path):
             if key != "seconds" and not key.startswith(("eval/", "time/")):  # timings differ from run to run
                 assert got[key] == pytest.approx(value, rel=1e-4, abs=1e-5), (got["iteration"], key)
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["iterations"] == 3 and summary["after"]["n"] == 8  # every held-out prompt, once
+    assert summary["iterations"] == 3 and summary["after"]["n"] == 16  # every held-out prompt, twice (eval_samples)
     models.load(run / "final_model")
 
 

@@ -224,7 +224,8 @@ def test_cli_sft_rm_train_eval_end_to_end(tmp_path, capsys):
     assert saved.agent.hyperparameters == {"learning_rate": 3e-3, "n_steps": 6}  # A2C's section, then the overrides
     assert main(["eval", str(run), "--n", "4"]) == 0
     report = json.loads((run / "eval.json").read_text())
-    assert report["metrics"]["n"] == 4 and len(report["episodes"]) == 4
+    # 4 held-out prompts, each completed training.eval_samples times (2 by default), as the run's evaluations
+    assert saved.training.eval_samples == 2 and report["metrics"]["n"] == 8 and len(report["episodes"]) == 8
     assert {"score", "kl", "perplexity_ref", "distinct_1", "distinct_2", "length"} <= set(report["metrics"])
     out = capsys.readouterr().out
     assert "perplexity_ref" in out and "held-out evaluation" in out

@@ -72,9 +72,10 @@ class BenchAlgosConfig:
             if not isinstance(spec.get("env") or {}, dict):
                 raise ConfigError(f"algos: {spec.get('label', spec['name'])!r}: env must be a mapping of env keyword "
                                   f"arguments, got {spec['env']!r}")
-            if not isinstance(spec.get("train") or {}, dict) or "algo" in ((spec.get("train") or {}).get("agent") or {}):
-                raise ConfigError(f"algos: {spec.get('label', spec['name'])!r}: train must be a mapping of train config "
-                                  f"sections without agent.algo (the entry's name), got {spec['train']!r}")
+            train = spec.get("train") or {}
+            if not isinstance(train, dict) or "algo" in (train.get("agent") or {}):
+                raise ConfigError(f"algos: {spec.get('label', spec['name'])!r}: train must be a mapping of train "
+                                  f"config sections without agent.algo (the entry's name), got {spec['train']!r}")
             if spec["name"] not in agents.names():
                 raise ConfigError(f"algos: {spec['name']!r} is not an algorithm; valid: {', '.join(agents.names())}")
             out.append({"name": spec["name"], "label": str(spec.get("label", spec["name"])),

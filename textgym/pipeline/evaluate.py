@@ -20,9 +20,9 @@ from textgym.prompts import PromptSet, load_prompts
 
 def generate(core: TextGenCore, prompts: PromptSet, seed: int = 0) -> list[dict]:
     """Sample one completion per prompt from the core's acting distribution (the full LM
-    distribution, or NLPO's masked one), many rows at a time (``sampling.complete_prompts``); returns the final-step infos in
-    prompt order. Runs on an evaluation copy: ``core``'s episodes, caches and KL controller are
-    left untouched (see ``textgym.sampling``)."""
+    distribution, or NLPO's masked one), many rows at a time (``sampling.complete_prompts``);
+    returns the final-step infos in prompt order. Runs on an evaluation copy: ``core``'s episodes,
+    caches and KL controller are left untouched (see ``textgym.sampling``)."""
     return sampling.complete_prompts(core, prompts, seed=seed)
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from textgym import agents, precision
 from textgym.pipeline import hyperparameters as algo_hyperparameters
@@ -32,9 +33,9 @@ from textgym.pipeline.config import ConfigError, keyed_sections, load_config, op
 # gradient's noise, so fewer steps on larger batches move the policy further for the KL they cost.
 # The default run's settings come from the sweep of examples/sweep_default.yaml (README); the
 # algorithm benchmark (examples/bench_algos.yaml) runs every algorithm with its defaults here.
-_PPO = {"learning_rate": 1e-3, "n_steps": 20, "batch_size": 80, "n_epochs": 2, "target_kl": 0.2}
-_CRITIC_FREE = {"learning_rate": 2e-3, "batch_size": None, "n_epochs": 1}
-PRESETS = {"ppo": _PPO, "nlpo": _PPO, "a2c": {"learning_rate": 1e-3, "n_steps": 20},
+_PPO: dict[str, Any] = {"learning_rate": 1e-3, "n_steps": 20, "batch_size": 80, "n_epochs": 2, "target_kl": 0.2}
+_CRITIC_FREE: dict[str, Any] = {"learning_rate": 2e-3, "batch_size": None, "n_epochs": 1}
+PRESETS: dict[str, dict[str, Any]] = {"ppo": _PPO, "nlpo": _PPO, "a2c": {"learning_rate": 1e-3, "n_steps": 20},
            "grpo": _CRITIC_FREE, "rloo": _CRITIC_FREE, "reinforce++": _CRITIC_FREE}
 
 
