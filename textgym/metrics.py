@@ -141,6 +141,19 @@ def difference_ci(after: tuple[float, float, int], before: tuple[float, float, i
     return diff, float(t.ppf(0.5 + confidence / 2, dof) * se)
 
 
+def noise_verdict(difference: float, half: float, null: str = "not distinguishable") -> str:
+    """Whether ``difference`` is beyond its interval's half-width ``half``: "beyond the noise", ``null``
+    when the interval includes 0, "one seed: no interval" when there is no interval (NaN)."""
+    if not math.isfinite(half):
+        return "one seed: no interval"
+    return "beyond the noise" if abs(difference) > half else null
+
+
+def plus_minus(mean: float, half: float, digits: int = 3) -> str:
+    """``mean ± half`` for a table, or ``mean`` alone when there is no interval (NaN)."""
+    return f"{mean:.{digits}f} ± {half:.{digits}f}" if math.isfinite(half) else f"{mean:.{digits}f}"
+
+
 def compare_to_best(samples: dict[str, Sequence[float]], confidence: float = 0.95) -> list[dict]:
     """Each sample's mean against the largest mean (one value per seed, say): the difference
     ``best - other``, the half-width of its Welch-t interval (``difference_ci``) and a verdict,
@@ -160,9 +173,8 @@ def compare_to_best(samples: dict[str, Sequence[float]], confidence: float = 0.9
         if label == best:
             continue
         diff, half = difference_ci(stats[best], stat, confidence)
-        verdict = ("one seed: no interval" if not math.isfinite(half)
-                   else "beyond the noise" if abs(diff) > half else "not distinguishable")
-        out.append({"best": best, "other": label, "difference": diff, "ci": half, "verdict": verdict})
+        out.append({"best": best, "other": label, "difference": diff, "ci": half,
+                    "verdict": noise_verdict(diff, half)})
     return out
 
 

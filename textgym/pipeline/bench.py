@@ -177,16 +177,6 @@ def speed_and_agreement(cfg: BenchRewardsConfig) -> dict:
     return {"n": len(episodes), "completions_per_second": speed, "spearman": spearman, "errors": errors}
 
 
-def _pm(mean: float, half: float) -> str:
-    return f"{mean:.3f}" if not np.isfinite(half) else f"{mean:.3f} ± {half:.3f}"
-
-
-def _against_zero(mean: float, half: float) -> str:
-    if not np.isfinite(half):
-        return "one seed: no interval"
-    return "beyond the noise" if abs(mean) > half else "not distinguishable from no change"
-
-
 def markdown_report(results: dict) -> str:
     seeds = results.get("seeds", [])
     ci = f"95% CI over {len(seeds)} seeds" if len(seeds) > 1 else "one seed: no interval"
@@ -197,8 +187,9 @@ def markdown_report(results: dict) -> str:
         if "error" in r:
             rows.append(f"| {label} | failed: {r['error']} | | | | | | | | |")
             continue
-        rows.append(f"| {label} | {r['proxy']:.3f} | {_pm(r['gold'], r['gold_ci'])} | "
-                    f"{_pm(r['gold_gain'], r['gold_gain_ci'])} ({_against_zero(r['gold_gain'], r['gold_gain_ci'])}) | "
+        verdict = metrics.noise_verdict(r["gold_gain"], r["gold_gain_ci"], null="not distinguishable from no change")
+        rows.append(f"| {label} | {r['proxy']:.3f} | {metrics.plus_minus(r['gold'], r['gold_ci'])} | "
+                    f"{metrics.plus_minus(r['gold_gain'], r['gold_gain_ci'])} ({verdict}) | "
                     f"{r['kl']:.2f} | {r['perplexity_ref']:.1f} | "
                     f"{r['distinct_1']:.3f} | {r['distinct_2']:.3f} | {r['seconds']:.0f} | "
                     f"{speed.get(label, float('nan')):.0f} |")
@@ -207,7 +198,7 @@ def markdown_report(results: dict) -> str:
     if pairs:
         rows += ["", f"Gold gain of {pairs[0]['best']} (the largest) minus each other proxy's (95% Welch interval "
                  "over seeds):", "", "| against | difference of gold gains | verdict |", "|---|---|---|"]
-        rows += [f"| {c['other']} | {_pm(c['difference'], c['ci'])} | {c['verdict']} |" for c in pairs]
+        rows += [f"| {c['other']} | {metrics.plus_minus(c['difference'], c['ci'])} | {c['verdict']} |" for c in pairs]
     spearman = results["speed_agreement"]["spearman"]
     labels = list(spearman)
     rows += ["", "Spearman agreement on the same completions:", "",

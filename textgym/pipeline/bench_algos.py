@@ -69,18 +69,18 @@ class BenchAlgosConfig:
                                                                                 "env", "train"}:
                 raise ConfigError(f"each entry of algos must be a name or {{name:, label:, hyperparameters:, env:, "
                                   f"train:}}, got {spec!r}")
-            if not isinstance(spec.get("env") or {}, dict):
+            env, train = spec.get("env") or {}, spec.get("train") or {}
+            if not isinstance(env, dict):
                 raise ConfigError(f"algos: {spec.get('label', spec['name'])!r}: env must be a mapping of env keyword "
                                   f"arguments, got {spec['env']!r}")
-            train = spec.get("train") or {}
             if not isinstance(train, dict) or "algo" in (train.get("agent") or {}):
                 raise ConfigError(f"algos: {spec.get('label', spec['name'])!r}: train must be a mapping of train "
                                   f"config sections without agent.algo (the entry's name), got {spec['train']!r}")
             if spec["name"] not in agents.names():
                 raise ConfigError(f"algos: {spec['name']!r} is not an algorithm; valid: {', '.join(agents.names())}")
             out.append({"name": spec["name"], "label": str(spec.get("label", spec["name"])),
-                        "hyperparameters": dict(spec.get("hyperparameters") or {}), "env": dict(spec.get("env") or {}),
-                        "train": dict(spec.get("train") or {})})
+                        "hyperparameters": dict(spec.get("hyperparameters") or {}), "env": dict(env),
+                        "train": dict(train)})
         labels = [s["label"] for s in out]
         if len(set(labels)) != len(labels):
             raise ConfigError(f"algorithm labels must be unique (give each a label:), got {labels}")
@@ -193,10 +193,6 @@ def comparisons(results: dict) -> list[dict]:
     return metrics.compare_to_best({label: r["gains"] for label, r in results["algos"].items() if "error" not in r})
 
 
-def _pm(mean: float, half: float, digits: int = 3) -> str:
-    return f"{mean:.{digits}f}" if np.isnan(half) else f"{mean:.{digits}f} ± {half:.{digits}f}"
-
-
 def markdown_report(results: dict) -> str:
     seeds = results["seeds"]
     ci = "95% CI over seeds" if len(seeds) > 1 else "one seed: no interval"
@@ -210,7 +206,8 @@ def markdown_report(results: dict) -> str:
             rows.append(f"| {label} | failed: {r['error']} | | | | | | | | |")
             continue
         untrained.append((r["untrained_score"], r["untrained_distinct_1"]))
-        rows.append(f"| {label} | {_pm(r['score'], r['score_ci'])} | {_pm(r['gain'], r['gain_ci'])} | {r['kl']:.2f} | "
+        rows.append(f"| {label} | {metrics.plus_minus(r['score'], r['score_ci'])} | "
+                    f"{metrics.plus_minus(r['gain'], r['gain_ci'])} | {r['kl']:.2f} | "
                     f"{r['perplexity_ref']:.1f} | {r['distinct_1']:.3f} ({r['distinct_1_change']:+.3f}) | "
                     f"{r['distinct_2']:.3f} | {r['episodes']:.0f} "
                     f"| {r['seconds']:.0f} | {r['peak_mb']:.0f} |")
@@ -225,7 +222,7 @@ def markdown_report(results: dict) -> str:
     if pairs:
         rows += [f"\nGain of {pairs[0]['best']} (the largest) minus each other's (95% Welch interval over seeds):\n",
                  "| against | difference of gains | verdict |", "|---|---|---|"]
-        rows += [f"| {c['other']} | {_pm(c['difference'], c['ci'])} | {c['verdict']} |" for c in pairs]
+        rows += [f"| {c['other']} | {metrics.plus_minus(c['difference'], c['ci'])} | {c['verdict']} |" for c in pairs]
     return "\n".join(rows) + "\n"
 
 
