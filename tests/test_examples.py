@@ -25,9 +25,17 @@ def test_default_config_is_the_example():
 def test_bench_config_is_valid():
     from textgym.pipeline.bench import BenchRewardsConfig
 
+    from textgym.pipeline.bench import MIN_FIT_EVALUATIONS
+
     cfg = load_config(BenchRewardsConfig, EXAMPLES / "bench_rewards.yaml")
-    assert [s["label"] for s in cfg.specs()] == ["reward_model", "classifier", "length", "vader"]
+    assert [s["label"] for s in cfg.specs()] == ["reward_model", "length", "vader"]
     assert cfg.gold == "vader"
+    assert len(set(cfg.seeds)) >= 3  # intervals over seeds
+    # every curve long enough for the Gao fit: the untrained evaluation, one every eval_every, the last
+    training = cfg.train_config(cfg.specs()[0], cfg.seeds[0], Path("unused")).training
+    evaluations = 1 + len({*range(training.eval_every, training.iterations + 1, training.eval_every),
+                           training.iterations})
+    assert evaluations >= MIN_FIT_EVALUATIONS
 
 
 def test_bench_algos_config_is_valid():
