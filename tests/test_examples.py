@@ -23,9 +23,7 @@ def test_default_config_is_the_example():
 
 
 def test_bench_config_is_valid():
-    from textgym.pipeline.bench import BenchRewardsConfig
-
-    from textgym.pipeline.bench import MIN_FIT_EVALUATIONS
+    from textgym.pipeline.bench import MIN_FIT_EVALUATIONS, BenchRewardsConfig
 
     cfg = load_config(BenchRewardsConfig, EXAMPLES / "bench_rewards.yaml")
     assert [s["label"] for s in cfg.specs()] == ["reward_model", "length", "vader"]

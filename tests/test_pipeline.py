@@ -15,6 +15,7 @@ from textgym.pipeline.bench import BenchRewardsConfig
 from textgym.pipeline.cli import main
 from textgym.pipeline.config import ConfigError, load_config, save_config
 from textgym.pipeline.evaluate import evaluate_target
+from textgym.pipeline.record import record_target
 from textgym.pipeline.rm import RMConfig
 from textgym.pipeline.sft import SFTConfig
 from textgym.pipeline.train import Run, TrainConfig, train
@@ -124,6 +125,13 @@ def test_eval_samples_complete_every_held_out_prompt_several_times(tmp_path):
     # textgym eval of the run plays the same evaluation: its figures are the run's.
     report = evaluate_target(str(tmp_path))
     assert report["metrics"]["n"] == 6 and report["metrics"]["score"] == pytest.approx(result["after"]["score"])
+    # textgym record of the run at its evaluation's prompts and seed records the episodes it evaluated,
+    # with the run's env settings and its base model as the reference.
+    rec = record_target(str(tmp_path), tmp_path / "rec", n_prompts=3, samples=2, split="test", progress=False)
+    after = [json.loads(line) for line in (tmp_path / "samples_after.jsonl").read_text().splitlines()]
+    assert rec.episodes["completion"] == [s["completion"] for s in after]
+    assert rec.meta["env_id"] == "textgym/TextGen-v0" and rec.meta["env_kwargs"]["reward"] == "keyword"
+    assert rec.meta["policy"] == str(tmp_path) and rec.meta["ref_model"] == models.TINY
 
 
 def test_train_writes_the_run_directory(tmp_path):

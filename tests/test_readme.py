@@ -32,3 +32,11 @@ def test_readme_agents_example_runs(tmp_path):
     namespace: dict = {}
     exec(compile(code, "README.md", "exec"), namespace)
     assert namespace["model"].textgym_algo == "reinforce++"
+
+
+def test_readme_recording_example_runs(tmp_path):
+    code = next(b for b in blocks("python") if "load_recording" in b).replace("/tmp/textgym_recording",
+                                                                              str(tmp_path / "rec"))
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    assert len(namespace["episodes"]) == 8

@@ -24,14 +24,15 @@ MODES = ("sample", "greedy", "random")
 @torch.no_grad()
 def play(core: TextGenCore, next_prompt: Callable[[int], int | None], *, prompts: PromptSet | None = None,
          seed: int = 0, greedy: bool = False, n_rows: int | None = None, mode: str | None = None,
-         progress: int | None = None) -> list[tuple[int, dict]]:
+         progress: int | None = None, tokens: bool = False) -> list[tuple[int, dict]]:
     """Play episodes on an evaluation copy of ``core`` with ``n_rows`` rows (default ``core.n``).
 
     ``next_prompt(row)`` gives the index (into ``prompts``, default ``core.prompts``) of the next
     episode's prompt for that row, or None when the row is done. ``mode``: ``"sample"`` (default)
     from the acting distribution, ``"greedy"`` its argmax (also ``greedy=True``), ``"random"``
     uniform token ids (a baseline). ``progress``: show a progress bar over that many episodes.
-    Returns ``(row, final info)`` in the order episodes ended.
+    ``tokens``: each final info also carries the episode's token ids and per-token log-probs
+    (``TextGenCore.episode_tokens``). Returns ``(row, final info)`` in the order episodes ended.
     """
     mode = mode or ("greedy" if greedy else "sample")
     if mode not in MODES:
@@ -61,6 +62,8 @@ def play(core: TextGenCore, next_prompt: Callable[[int], int | None], *, prompts
             else:
                 actions = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=gen).squeeze(1)
         _, _, infos = engine.step(actions.cpu().numpy(), engine.live.copy())
+        if tokens:  # before the rows restart
+            infos = {row: {**info, **engine.episode_tokens(row)} for row, info in infos.items()}
         finished.extend(sorted(infos.items()))
         bar.update(len(infos))
         start(sorted(infos))
@@ -81,9 +84,11 @@ def episode_return(core: TextGenCore, info: dict) -> float:
 EVALUATION_ROWS = 64
 
 
-def complete_prompts(core: TextGenCore, prompts: PromptSet, *, seed: int = 0, greedy: bool = False) -> list[dict]:
+def complete_prompts(core: TextGenCore, prompts: PromptSet, *, seed: int = 0, greedy: bool = False,
+                     tokens: bool = False, progress: bool = False) -> list[dict]:
     """One completion per prompt of ``prompts`` (played ``max(core.n, EVALUATION_ROWS)`` at a time,
-    each row taking the next prompt as it finishes); the final infos in prompt order."""
+    each row taking the next prompt as it finishes); the final infos in prompt order. ``tokens``
+    and ``progress`` as in ``play``."""
     queue = iter(range(len(prompts)))
     order: dict[int, list[int]] = {}
 
@@ -93,8 +98,9 @@ def complete_prompts(core: TextGenCore, prompts: PromptSet, *, seed: int = 0, gr
             order.setdefault(row, []).append(index)
         return index
 
-    played = play(core, next_prompt, prompts=prompts, seed=seed, greedy=greedy,
-                  n_rows=min(max(core.n, EVALUATION_ROWS), max(len(prompts), 1)))
+    played = play(core, next_prompt, prompts=prompts, seed=seed, greedy=greedy, tokens=tokens,
+                  n_rows=min(max(core.n, EVALUATION_ROWS), max(len(prompts), 1)),
+                  progress=len(prompts) if progress else None)
     results: list[dict | None] = [None] * len(prompts)
     taken = {row: iter(indices) for row, indices in order.items()}
     for row, info in played:

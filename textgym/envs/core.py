@@ -670,6 +670,15 @@ class TextGenCore:
             self._stale_cache = True
             raise
 
+    def episode_tokens(self, row: int) -> dict:
+        """The token-level record of ``row``'s finished episode (valid until the row is reset): the
+        prompt's ids without padding, the completion's ids (actions), and per action its log-prob
+        under the distribution that sampled it and under the reference (``textgym.recordings``)."""
+        n = int(self.length[row])
+        prompt = self.input_ids[row, : self.P][self.attention_mask[row, : self.P].astype(bool)]
+        return {"prompt_ids": prompt.tolist(), "completion_ids": self.input_ids[row, self.P : self.P + n].tolist(),
+                "logprobs": self.logp[row, :n].tolist(), "ref_logprobs": self.ref_logp[row, :n].tolist()}
+
     def completion_text(self, row: int) -> str:
         tokens = self.input_ids[row, self.P : self.P + self.length[row]].tolist()
         if self.cfg.stop_on_eos and tokens and tokens[-1] in self.eos_ids:

@@ -25,6 +25,7 @@ from textgym.pipeline.bench import BenchRewardsConfig, bench_elo, bench_rewards
 from textgym.pipeline.bench_algos import BenchAlgosConfig, bench_algos
 from textgym.pipeline.config import describe, load_config
 from textgym.pipeline.evaluate import evaluate_target
+from textgym.pipeline.record import record_target
 from textgym.pipeline.rm import RMConfig, train_reward_model
 from textgym.pipeline.runlock import RunLockedError
 from textgym.pipeline.sft import SFTConfig, train_sft
@@ -140,6 +141,17 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_record(args) -> int:
+
+    rec = record_target(args.target, args.out, env_id=args.env, ref=args.ref, n_prompts=args.prompts,
+                        samples=args.samples, split=args.split, seed=args.seed, n_envs=args.n_envs)
+    scores = rec.episodes["score"]
+    print(f"recorded {len(rec)} episodes ({rec.meta['n_prompts']} prompts x {rec.meta['samples']}) of "
+          f"{rec.meta['env_id']} to {rec.path}: mean score {np.mean(scores):.3f}, "
+          f"mean KL {np.mean(rec.episodes['kl']):.3f}")
+    return 0
+
+
 def cmd_sft(args) -> int:
 
     print(json.dumps(train_sft(load_config(SFTConfig, *_config_and_overrides(args))), indent=1))
@@ -216,7 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     lst = sub.add_parser("list", help="registered environments, rewards, agents and models")
     lst.set_defaults(func=cmd_list)
 
-    tr = sub.add_parser("train", help="RL fine-tuning from a YAML config (default: PPO on Sentiment-v0 with SmolLM2)",
+    tr = sub.add_parser("train",
+                        help="RL fine-tuning from a YAML config (default: REINFORCE++ on Sentiment-v0 with SmolLM2)",
                         **config_help(TrainConfig, hyperparameters.describe()))
     tr.add_argument("config", nargs="?", default=None,
                     help="YAML config (sections model, env, reward, agent, training)")
@@ -237,6 +250,20 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--json", default=None, help="where to write the JSON (default: RUN_DIR/eval.json or ./eval.json)")
     ev.set_defaults(func=cmd_eval)
+
+    rc = sub.add_parser("record", help="play an env and write its episodes as an offline dataset (Parquet)")
+    rc.add_argument("target", help="a run directory (from textgym train) or a model name/path")
+    rc.add_argument("--out", required=True, help="a new (or empty) directory for the recording")
+    rc.add_argument("--env", default=None, help="env id (default: the run's, else textgym/Sentiment-v0)")
+    rc.add_argument("--ref", default=None, help="reference model (default: the run's base model, else the model)")
+    rc.add_argument("--prompts", type=positive_int, default=None,
+                    help="the first N prompts of the split (default: all)")
+    rc.add_argument("--samples", type=positive_int, default=1, help="completions per prompt")
+    rc.add_argument("--split", choices=["train", "test"], default="train",
+                    help="the prompts training draws from (train) or the held-out ones (test)")
+    rc.add_argument("--n-envs", type=positive_int, default=16, help="rows of the env (evaluation plays up to 64)")
+    rc.add_argument("--seed", type=int, default=0)
+    rc.set_defaults(func=cmd_record)
 
     bench = sub.add_parser("bench", help="benchmark rewards, algorithms (algos), or rate policies (elo)")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True)

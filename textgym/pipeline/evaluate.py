@@ -72,6 +72,22 @@ def held_out_prompts(core: TextGenCore, source: Any = None, n: int | None = None
     return prompts if n is None else prompts.head(n)
 
 
+def target_env(target: str, env_id: str | None = None, ref: str | None = None) -> tuple[str, dict, TrainConfig | None]:
+    """The env that plays ``target``: for a run directory (from ``textgym train``) its env id and
+    settings with its final model as the policy and its base model as the reference (``ref``
+    overrides), and its config; for a model name or path, ``env_id`` (default
+    ``textgym/Sentiment-v0``) with that model as the policy and ``ref`` (default: itself) as the
+    reference, and None. Returns ``(env_id, env kwargs, run config or None)``."""
+    path = Path(target)
+    if (path / "config.yaml").exists():
+        cfg = load_config(TrainConfig, path / "config.yaml")
+        if not (path / "final_model" / "config.json").exists():
+            raise FileNotFoundError(f"run {target!r} has no final_model/ yet: finish or resume it first")
+        kwargs = {**cfg.env_kwargs(), "model": str(path / "final_model"), "ref_model": ref or cfg.model.name}
+        return env_id or cfg.env.id, kwargs, cfg
+    return env_id or "textgym/Sentiment-v0", {"model": target, "ref_model": ref}, None
+
+
 def evaluate_target(target: str, *, env_id: str | None = None, n: int | None = None, ref: str | None = None,
                     seed: int = 0, n_envs: int | None = None, out: str | None = None) -> dict:
     """``textgym eval``: evaluate a run directory's final model against its base model, or any
@@ -84,19 +100,13 @@ def evaluate_target(target: str, *, env_id: str | None = None, n: int | None = N
             raise ValueError(f"{key} must be an integer >= 1, got {value!r}")
     path = Path(target)
     source, extra, samples = None, [], 1
-    if (path / "config.yaml").exists():
-        cfg = load_config(TrainConfig, path / "config.yaml")
-        if not (path / "final_model" / "config.json").exists():
-            raise FileNotFoundError(f"run {target!r} has no final_model/ yet: finish or resume it first")
-        env_id = env_id or cfg.env.id
-        kwargs = {**cfg.env_kwargs(), "model": str(path / "final_model"), "ref_model": ref or cfg.model.name}
+    env_id, kwargs, cfg = target_env(target, env_id, ref)
+    if cfg is not None:
         n = cfg.training.eval_n if n is None else n
         n_envs = cfg.env.n_envs if n_envs is None else n_envs
         source, extra, samples = cfg.training.eval_prompts, cfg.reward.eval, cfg.training.eval_samples
         out = out or str(path / "eval.json")
     else:
-        env_id = env_id or "textgym/Sentiment-v0"
-        kwargs = {"model": target, "ref_model": ref}
         out = out or "eval.json"
         n_envs = 16 if n_envs is None else n_envs
     vec = gym.make_vec(env_id, num_envs=n_envs, vectorization_mode="vector_entry_point", **kwargs)
