@@ -6,6 +6,7 @@ from textgym import rewards
 from textgym.pipeline.bench import BenchRewardsConfig, bench_elo, bench_rewards, judge_matches
 from textgym.pipeline.cli import main
 from textgym.pipeline.config import ConfigError, load_config
+from textgym.pipeline.train_config import TrainConfig
 
 TRAIN = {
     "model": {"name": "textgym/tiny", "lora": None},
@@ -22,7 +23,8 @@ def broken(prompts, completions):
 def test_bench_rewards_end_to_end(tmp_path):
     rewards.register("test_broken", broken, overwrite=True)
     cfg = load_config(BenchRewardsConfig, base={
-        "rewards": [{"name": "keyword", "kwargs": {"keywords": ["the"]}}, "length", "test_broken"],
+        "rewards": [{"name": "keyword", "kwargs": {"keywords": ["the"]}}, "length", "test_broken",
+                    {"name": "keyword", "kwargs": {"keywords": ["zqzqzq"]}, "label": "constant"}],
         "gold": {"name": "keyword", "kwargs": {"keywords": ["the"]}}, "seeds": [0], "train": TRAIN,
         "agreement_n": 8, "output_dir": str(tmp_path)})
     results = bench_rewards(cfg, progress=False)
@@ -33,12 +35,20 @@ def test_bench_rewards_end_to_end(tmp_path):
     assert "length" in results["rewards"] and "error" not in results["rewards"]["length"]
     assert "scorer crashed" in results["rewards"]["test_broken"]["error"]
     agreement = results["speed_agreement"]
+    # Each proxy is trained at unit spread over the untrained policy's completions (normalize, the default).
+    assert ok["score_scale"] == pytest.approx(1 / agreement["std"]["keyword"])
+    saved = load_config(TrainConfig, tmp_path / "keyword" / "seed0" / "config.yaml")
+    assert saved.env.kwargs["score_scale"] == pytest.approx(ok["score_scale"])
+    assert "gives every completion of the untrained policy the same score (0.0)" in \
+        results["rewards"]["constant"]["error"]
     assert agreement["spearman"]["keyword"]["gold"] == pytest.approx(1.0)
-    assert agreement["n"] == 8 and set(agreement["completions_per_second"]) == {"keyword", "length", "gold"}
+    assert agreement["n"] == 8
+    assert set(agreement["completions_per_second"]) == {"keyword", "length", "gold", "constant"}
     assert "test_broken" in agreement["errors"]
     table = (tmp_path / "results.md").read_text()
     assert "| keyword |" in table
-    assert "test_broken | failed: RewardError: reward 'test_broken' raised RuntimeError: scorer crashed" in table
+    assert ("test_broken | failed: RuntimeError: reward 'test_broken' could not score the untrained policy's "
+            "completions: RewardError: reward 'test_broken' raised RuntimeError: scorer crashed") in table
     assert (tmp_path / "overoptimization.png").read_bytes()[:4] == b"\x89PNG"
     # Gao et al.'s two-parameter form is not fitted to a curve of three evaluations (it would fit any)
     fit = ok["fit"]

@@ -3,7 +3,9 @@
 ``bench rewards`` trains the same policy against each proxy reward (same env, algorithm, budget and
 seeds) and reports the proxy score, the score under a designated gold reward, the KL to the
 reference, perplexity under the reference, distinct-1/2 and wall time; it measures every reward's
-speed and the rewards' agreement (Spearman) on one shared set of completions, and plots the gold
+speed and the rewards' agreement (Spearman) on one shared set of completions of the untrained
+policy, on which it also scales each proxy to unit standard deviation (``normalize``), so that one KL
+coefficient weighs a reward model's logits, a word count and a sentiment score alike, and plots the gold
 score against sqrt(KL) through training: where the curve bends down, optimising the proxy stops
 helping the gold reward (Gao et al. 2022, "Scaling Laws for Reward Model Overoptimization").
 
@@ -47,7 +49,11 @@ class BenchRewardsConfig:
     seeds: list[int] = option([0], "training seeds, one run per reward and seed", nonempty=True,
                               what="a list of at least one integer")
     train: dict = option({}, "a textgym train config (sections model, env, agent, training) shared by every run")
-    agreement_n: int = option(64, "completions scored for the speed and agreement measurements", min=1)
+    agreement_n: int = option(64, "completions of training prompts by the untrained policy, scored by every reward for "
+                              "the speed, agreement and normalisation measurements", min=1)
+    normalize: bool = option(True, "scale each proxy's score to unit standard deviation over those completions "
+                             "(the env's score_scale times 1 / std), so one KL coefficient weighs every proxy alike; "
+                             "false: raw scores (a proxy's scale then sets how far the KL lets it move the policy)")
     output_dir: str = option("runs/bench_rewards", "where the results go", nonempty=True, what="a directory path")
 
     def resolve(self) -> None:
@@ -69,14 +75,17 @@ class BenchRewardsConfig:
             raise ConfigError(f"reward labels must be unique (give each a label:), got {labels}")
         return out
 
-    def train_config(self, spec: dict, seed: int, out_dir: Path):
-
+    def train_config(self, spec: dict, seed: int, out_dir: Path, score_scale: float = 1.0):
+        """The train config of ``spec``'s run of ``seed``; ``score_scale`` multiplies the env's."""
         if "reward" in self.train:
             raise ConfigError("train.reward is set by the benchmark: list the rewards under rewards:")
         data = merge(self.train, {
             "reward": {"name": spec["name"], "kwargs": spec["kwargs"], "gold": self.gold_spec()},
             "training": {"seed": seed, "output_dir": str(out_dir)},
         })
+        if score_scale != 1.0:
+            base = float(self.train.get("env", {}).get("kwargs", {}).get("score_scale", 1.0))
+            data = merge(data, {"env": {"kwargs": {"score_scale": base * score_scale}}})
         return from_dict(TrainConfig, merge(defaults(TrainConfig), data), "train.")
 
     def gold_spec(self) -> dict:
@@ -89,14 +98,18 @@ def bench_rewards(cfg: BenchRewardsConfig, progress: bool = True) -> dict:
 
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    results: dict[str, Any] = {"rewards": {}, "gold": cfg.gold, "seeds": cfg.seeds}
+    results: dict[str, Any] = {"rewards": {}, "gold": cfg.gold, "seeds": cfg.seeds, "normalize": cfg.normalize}
+    # First, on the untrained policy's completions: every reward's speed, their agreement, and each
+    # proxy's spread, whose inverse scales it when normalising.
+    results["speed_agreement"] = shared = speed_and_agreement(cfg)
     for spec in cfg.specs():
         label = spec["label"]
         runs = []
         try:
+            scale = unit_spread_scale(shared, label) if cfg.normalize else 1.0
             for seed in cfg.seeds:
                 start = time.time()
-                run = Run(cfg.train_config(spec, seed, out / label / f"seed{seed}"), progress=progress)
+                run = Run(cfg.train_config(spec, seed, out / label / f"seed{seed}", scale), progress=progress)
                 summary = run.run()
                 curve = [(0, summary["before"])] + [
                     (r["iteration"], {k[5:]: v for k, v in r.items() if k.startswith("eval/")})
@@ -106,12 +119,12 @@ def bench_rewards(cfg: BenchRewardsConfig, progress: bool = True) -> dict:
                              "seconds": time.time() - start,
                              "curve": [{"iteration": it, "kl": m["kl"], "gold": m["reward/gold"], "proxy": m["score"]}
                                        for it, m in curve]})
-            results["rewards"][label] = {"spec": spec, "runs": runs, **_aggregate(runs), "fit": _gao_fit(runs)}
+            results["rewards"][label] = {"spec": spec, "score_scale": scale, "runs": runs, **_aggregate(runs),
+                                         "fit": _gao_fit(runs)}
         except Exception as err:  # one broken reward must not stop the benchmark
             results["rewards"][label] = {"spec": spec, "runs": runs,
                                          "error": f"{type(err).__name__}: {err}",
                                          "traceback": traceback.format_exc(limit=3)}
-    results["speed_agreement"] = speed_and_agreement(cfg)
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
     (out / "results.md").write_text(markdown_report(results))
     plot_overoptimization(results, out / "overoptimization.png")
@@ -149,16 +162,32 @@ def _gao_fit(runs: list[dict]) -> dict:
     return {**metrics.gao_rl_fit([p["kl"] for p in points], [p["gold"] for p in points]), "evaluations": evaluations}
 
 
+def unit_spread_scale(shared: dict, label: str) -> float:
+    """``1 / std`` of reward ``label``'s scores over the shared completions (``speed_and_agreement``):
+    the factor that gives it unit spread on the untrained policy, as RLHF systems normalise a reward
+    model's output before the KL penalty is weighed against it."""
+    if label in shared["errors"]:
+        raise RuntimeError(f"reward {label!r} could not score the untrained policy's completions: "
+                           f"{shared['errors'][label]}")
+    std = shared["std"][label]
+    if not std > 0:
+        raise ValueError(f"reward {label!r} gives every completion of the untrained policy the same score "
+                         f"({shared['mean'][label]!r}): nothing to normalise, and nothing to learn from")
+    return 1.0 / std
+
+
 def speed_and_agreement(cfg: BenchRewardsConfig) -> dict:
-    """Score one shared set of completions (sampled from the initial policy) with every reward and
-    the gold: completions per second, and the Spearman correlation of every pair."""
+    """Score one shared set of completions, the untrained policy's of the first ``agreement_n``
+    training prompts, with every reward and the gold: completions per second, each reward's mean
+    and standard deviation, and the Spearman correlation of every pair. (Training prompts: the
+    held-out ones stay unseen by anything that shapes training, the normalisation included.)"""
 
     train_cfg = cfg.train_config(cfg.specs()[0], cfg.seeds[0], Path(cfg.output_dir) / "_agreement")
     kwargs = {**train_cfg.env_kwargs(), "reward": "length", "reward_kwargs": {}}
     vec = gym.make_vec(train_cfg.env.id, num_envs=train_cfg.env.n_envs, vectorization_mode="vector_entry_point",
                        **kwargs)
     core = core_of(vec)
-    prompts = held_out_prompts(core, train_cfg.training.eval_prompts, cfg.agreement_n)
+    prompts = core.prompts.head(cfg.agreement_n)
     episodes = generate(core, prompts, seed=cfg.seeds[0])
     texts = ([e["prompt"] for e in episodes], [e["completion"] for e in episodes])
     meta = prompts.metadata_for(list(range(len(episodes))))
@@ -174,21 +203,25 @@ def speed_and_agreement(cfg: BenchRewardsConfig) -> dict:
             errors[spec["label"]] = f"{type(err).__name__}: {err}"
     labels = list(scores)
     spearman = {a: {b: metrics.spearman(scores[a], scores[b]) for b in labels} for a in labels}
-    return {"n": len(episodes), "completions_per_second": speed, "spearman": spearman, "errors": errors}
+    return {"n": len(episodes), "completions_per_second": speed, "spearman": spearman, "errors": errors,
+            "mean": {a: float(np.mean(scores[a])) for a in labels},
+            "std": {a: float(np.std(scores[a], ddof=1)) if len(scores[a]) > 1 else 0.0 for a in labels}}
 
 
 def markdown_report(results: dict) -> str:
     seeds = results.get("seeds", [])
     ci = f"95% CI over {len(seeds)} seeds" if len(seeds) > 1 else "one seed: no interval"
-    rows = [f"| reward | proxy score | gold score ({ci}) | gold gain over untrained ({ci}) | KL | perplexity (ref) "
-            "| distinct-1 | distinct-2 | wall time (s) | scored / s |", "|---|---|---|---|---|---|---|---|---|---|"]
+    rows = [f"| reward | proxy score | score scale | gold score ({ci}) | gold gain over untrained ({ci}) | KL "
+            "| perplexity (ref) | distinct-1 | distinct-2 | wall time (s) | scored / s |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
     speed = results["speed_agreement"]["completions_per_second"]
     for label, r in results["rewards"].items():
         if "error" in r:
-            rows.append(f"| {label} | failed: {r['error']} | | | | | | | | |")
+            rows.append(f"| {label} | failed: {r['error']} | | | | | | | | | |")
             continue
         verdict = metrics.noise_verdict(r["gold_gain"], r["gold_gain_ci"], null="not distinguishable from no change")
-        rows.append(f"| {label} | {r['proxy']:.3f} | {metrics.plus_minus(r['gold'], r['gold_ci'])} | "
+        rows.append(f"| {label} | {r['proxy']:.3f} | {r.get('score_scale', 1.0):.3g} | "
+                    f"{metrics.plus_minus(r['gold'], r['gold_ci'])} | "
                     f"{metrics.plus_minus(r['gold_gain'], r['gold_gain_ci'])} ({verdict}) | "
                     f"{r['kl']:.2f} | {r['perplexity_ref']:.1f} | "
                     f"{r['distinct_1']:.3f} | {r['distinct_2']:.3f} | {r['seconds']:.0f} | "
