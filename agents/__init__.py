@@ -1,7 +1,7 @@
 """RL agents for textgym environments: stable-baselines3 algorithms over one thin LM policy.
 
     from textgym import agents      # always safe; ``import agents`` works too where nothing else owns that name
-    model = agents.make("ppo", "textgym/Sentiment-v0", n_envs=8)   # or "a2c", "nlpo", "grpo", "rloo", "reinforce++"
+    model = agents.make("ppo", "textgym/Sentiment-v0", n_envs=8)  # or a2c, nlpo, grpo, rloo, reinforce++, trpo
     model.learn(2048, progress_bar=True)
     model.save("ppo_sentiment")
     model = agents.load("ppo_sentiment", env="textgym/Sentiment-v0", n_envs=8)
@@ -34,9 +34,10 @@ else:
     from .registry import accepted_hyperparameters, get_class, load, make, names, register
     from .reinforce_pp import ReinforcePP
     from .rloo import RLOO
+    from .trpo import TRPO
     from .vec_env import LMVecEnv, as_vec_env
 
     __all__ = ["A2C", "GRPO", "NLPO", "PPO", "RLOO", "CriticFreeAlgorithm", "EpisodeRolloutBuffer",
-               "LMActorCriticPolicy", "LMAlgorithm", "LMVecEnv", "NLPOPolicy", "ReinforcePP",
+               "LMActorCriticPolicy", "LMAlgorithm", "LMVecEnv", "NLPOPolicy", "ReinforcePP", "TRPO",
                "accepted_hyperparameters", "as_vec_env", "evaluate", "get_class", "load", "make", "names", "register",
                "serialization"]

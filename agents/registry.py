@@ -18,6 +18,7 @@ from .policy import LMActorCriticPolicy
 from .ppo import PPO
 from .reinforce_pp import ReinforcePP
 from .rloo import RLOO
+from .trpo import TRPO
 from .vec_env import LMVecEnv, as_vec_env
 
 _REGISTRY: dict[str, type[LMAlgorithm]] = {}
@@ -75,7 +76,7 @@ def make(algo: str, env: Any, *, n_envs: int | None = None, env_kwargs: dict | N
                          f"{', '.join(sorted(accepted_hyperparameters(algo) - {'env'}))}")
     vec = _vec_env_for(cls, env, n_envs, env_kwargs)
     hyperparameters.setdefault("device", vec.core.device)
-    if not issubclass(cls, (PPO, A2C, CriticFreeAlgorithm)):  # a user's class keeps its defaults but needs our policy
+    if not issubclass(cls, (PPO, A2C, CriticFreeAlgorithm, TRPO)):  # a user's class: its defaults, our policy
         hyperparameters.setdefault("policy", LMActorCriticPolicy)
     return cls(env=vec, **hyperparameters)
 
@@ -109,5 +110,5 @@ def _vec_env_for(cls: type, env: Any, n_envs: int | None, env_kwargs: dict | Non
 
 
 for _name, _cls in (("ppo", PPO), ("a2c", A2C), ("nlpo", NLPO), ("grpo", GRPO), ("rloo", RLOO),
-                    ("reinforce++", ReinforcePP)):
+                    ("reinforce++", ReinforcePP), ("trpo", TRPO)):
     register(_name, _cls)

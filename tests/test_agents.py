@@ -225,9 +225,10 @@ def test_rlhf_figures_are_logged(tmp_path):
 
 
 def test_registry_and_env_forms():
-    assert agents.names() == ["a2c", "grpo", "nlpo", "ppo", "reinforce++", "rloo"]
-    with pytest.raises(ValueError, match=r"unknown algorithm 'trpo'; valid: a2c, grpo, nlpo, ppo, reinforce\+\+, rloo"):
-        agents.make("trpo", "textgym/TextGen-v0")
+    assert agents.names() == ["a2c", "grpo", "nlpo", "ppo", "reinforce++", "rloo", "trpo"]
+    with pytest.raises(ValueError,
+                       match=r"unknown algorithm 'dqn'; valid: a2c, grpo, nlpo, ppo, reinforce\+\+, rloo, trpo"):
+        agents.make("dqn", "textgym/TextGen-v0")
 
     class MyPPO(sb3.PPO):
         pass

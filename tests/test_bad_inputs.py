@@ -233,7 +233,7 @@ def test_misspelt_hyperparameter_is_an_error_listing_valid_names():
     # Issue 10 changed this: a hyperparameter that only another algorithm takes used to be set aside
     # with a warning; now it is an error naming who takes it. agent.<algo> keeps it for that one.
     with pytest.raises(ConfigError, match=r"agent.hyperparameters.batch_size is not a hyperparameter of a2c, only of "
-                                          r"grpo, nlpo, ppo, reinforce\+\+, rloo .*; valid for a2c: ent_coef, "):
+                                          r"grpo, nlpo, ppo, reinforce\+\+, rloo, trpo .*; valid for a2c: ent_coef, "):
         load_config(TrainConfig, overrides=["agent.algo=a2c", "agent.hyperparameters.batch_size=8"])
     cfg = load_config(TrainConfig, overrides=["agent.algo=a2c", "agent.ppo.batch_size=8"])
     assert "batch_size" not in cfg.agent.hyperparameters and cfg.agent.algorithms["ppo"]["batch_size"] == 8
@@ -351,9 +351,9 @@ def test_hyperparameters_are_checked_against_the_chosen_algorithm():
         load_config(TrainConfig, overrides=["agent.algo=ppo", "agent.hyperparameters.top_p=0.5"])
     with pytest.raises(ConfigError, match=r"agent.nlpo.seed is set by textgym train \(training.seed\)"):
         load_config(TrainConfig, overrides=["agent.nlpo.seed=3"])
-    with pytest.raises(ConfigError, match=r"unknown config key 'agent.trpo'; valid keys of agent: algo, "
-                                          r"hyperparameters, a2c, grpo, nlpo, ppo, reinforce\+\+, rloo"):
-        load_config(TrainConfig, overrides=["agent.trpo.n_steps=3"])
+    with pytest.raises(ConfigError, match=r"unknown config key 'agent.dqn'; valid keys of agent: algo, "
+                                          r"hyperparameters, a2c, grpo, nlpo, ppo, reinforce\+\+, rloo, trpo"):
+        load_config(TrainConfig, overrides=["agent.dqn.n_steps=3"])
     # types come from the constructors' annotations
     for override, message in [
             ("agent.hyperparameters.n_steps=many", "'agent.hyperparameters.n_steps' must be an integer, got 'many'"),

@@ -35,8 +35,10 @@ from textgym.pipeline.config import ConfigError, keyed_sections, load_config, op
 # algorithm benchmark (examples/bench_algos.yaml) runs every algorithm with its defaults here.
 _PPO: dict[str, Any] = {"learning_rate": 1e-3, "n_steps": 20, "batch_size": 80, "n_epochs": 2, "target_kl": 0.2}
 _CRITIC_FREE: dict[str, Any] = {"learning_rate": 2e-3, "batch_size": None, "n_epochs": 1}
+# TRPO: PPO's rollout; the learning rate is the critic's (the policy's step is the trust region's).
+_TRPO: dict[str, Any] = {"learning_rate": 1e-3, "n_steps": 20, "batch_size": 80, "target_kl": 0.01}
 PRESETS: dict[str, dict[str, Any]] = {"ppo": _PPO, "nlpo": _PPO, "a2c": {"learning_rate": 1e-3, "n_steps": 20},
-           "grpo": _CRITIC_FREE, "rloo": _CRITIC_FREE, "reinforce++": _CRITIC_FREE}
+           "grpo": _CRITIC_FREE, "rloo": _CRITIC_FREE, "reinforce++": _CRITIC_FREE, "trpo": _TRPO}
 
 
 @dataclass

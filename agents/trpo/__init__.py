@@ -1,0 +1,3 @@
+from .trpo import TRPO
+
+__all__ = ["TRPO"]
