@@ -1,4 +1,4 @@
-"""The same task under all six algorithms (PPO, A2C, NLPO, GRPO, RLOO, REINFORCE++): only the name changes.
+"""The same task under every algorithm (PPO, A2C, NLPO, TRPO, GRPO, RLOO, REINFORCE++): only the name changes.
 
     python examples/compare_algorithms.py [--model textgym/smollm2-135m] [--steps 4096]
 """
@@ -19,8 +19,9 @@ def main() -> None:
     results = {}
     for algo in agents.names():
         # n_steps (tokens per row per rollout) belongs to the actor-critic algorithms; the critic-free
-        # ones play whole rounds of episodes. batch_size: transitions (PPO, NLPO) or tokens (critic-free).
-        hp = {"n_steps": 16} if algo in ("ppo", "a2c", "nlpo") else {}
+        # ones play whole rounds of episodes. batch_size: transitions (PPO, NLPO, TRPO's critic) or tokens
+        # (critic-free).
+        hp = {"n_steps": 16} if algo in ("ppo", "a2c", "nlpo", "trpo") else {}
         if algo != "a2c":
             hp["batch_size"] = 64
         model = agents.make(algo, "textgym/TextGen-v0", n_envs=8, env_kwargs=env_kwargs, seed=0, learning_rate=lr,

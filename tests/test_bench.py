@@ -83,6 +83,11 @@ def test_gold_gains_over_seeds_are_compared_and_fitted_on_six_evaluations():
     assert "0.450 ± " in table and "(beyond the noise)" in table  # the gold-trained policy raised the gold
     assert "(not distinguishable from no change)" in table  # the length proxy did not
     assert "| length | 0.450 ± " in table and "| beyond the noise |" in table  # and the two differ
+    # A fitted peak beyond the largest KL measured is an extrapolation: the table says so, with no figure.
+    assert r["fit"]["kl_max"] == pytest.approx(5.0)
+    r["fit"].update(beta=0.002, kl_peak=4.8e10, gold_peak=502.0)
+    table = markdown_report(results)
+    assert "| beyond the measured KL (at most 5.00) |  |" in table and "502" not in table
 
 
 def test_bench_config_validation():

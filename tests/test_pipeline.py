@@ -239,7 +239,7 @@ def test_cli_sft_rm_train_eval_end_to_end(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "perplexity_ref" in out and "held-out evaluation" in out
     assert re.search(r"held-out score gain: [+-]\d\.\d{3} \+- \d\.\d{3} \(95% interval over \d+ completions: "
-                     r"(beyond its noise|not distinguishable from no change)\)", out)
+                     r"(beyond the noise|not distinguishable from no change)\)", out)
     assert main(["list"]) == 0
     assert "textgym/Sentiment-v0" in capsys.readouterr().out
 

@@ -159,7 +159,8 @@ def _gao_fit(runs: list[dict]) -> dict:
     evaluations = min(len(run["curve"]) for run in runs)
     if evaluations < MIN_FIT_EVALUATIONS:
         return {**metrics.gao_rl_fit([], []), "n": len(points), "evaluations": evaluations}
-    return {**metrics.gao_rl_fit([p["kl"] for p in points], [p["gold"] for p in points]), "evaluations": evaluations}
+    return {**metrics.gao_rl_fit([p["kl"] for p in points], [p["gold"] for p in points]), "evaluations": evaluations,
+            "kl_max": max(p["kl"] for p in points)}
 
 
 def unit_spread_scale(shared: dict, label: str) -> float:
@@ -253,8 +254,12 @@ def markdown_report(results: dict) -> str:
         if not fit or fit["alpha"] is None:
             rows.append(f"| {label} | too few points | | | | | {fit['n'] if fit else 0} |")
             continue
-        peak = ("no peak (still rising)", "") if fit["kl_peak"] is None else (f"{fit['kl_peak']:.2f}",
-                                                                             f"{fit['gold_peak']:.3f}")
+        if fit["kl_peak"] is None:
+            peak = ("no peak (still rising)", "")
+        elif fit["kl_peak"] > fit.get("kl_max", float("inf")):  # an extrapolation, not a measurement
+            peak = (f"beyond the measured KL (at most {fit['kl_max']:.2f})", "")
+        else:
+            peak = (f"{fit['kl_peak']:.2f}", f"{fit['gold_peak']:.3f}")
         rows.append(f"| {label} | {fit['alpha']:.3f} | {fit['beta']:.3f} | {fit['r2']:.2f} | {peak[0]} | {peak[1]} | "
                     f"{fit['n']} |")
     return "\n".join(rows) + "\n"

@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 import textgym
-from textgym import agents, distributed, models, rewards, sampling, timing
+from textgym import agents, distributed, metrics, models, rewards, sampling, timing
 from textgym.pipeline import hyperparameters
 from textgym.pipeline.bench import BenchRewardsConfig, bench_elo, bench_rewards
 from textgym.pipeline.bench_algos import BenchAlgosConfig, bench_algos
@@ -107,7 +107,7 @@ def _print_comparison(result: dict, run_dir: str) -> None:
         table.add_row(key, f"{before:.4g}", f"{after:.4g}")
     Console().print(table)
     gain = result["gain"]
-    noise = "beyond its noise" if gain["ci"] < abs(gain["score"]) else "not distinguishable from no change"
+    noise = metrics.noise_verdict(gain["score"], gain["ci"], null="not distinguishable from no change")
     print(f"held-out score gain: {gain['score']:+.3f} +- {gain['ci']:.3f} ({gain['confidence']:.0%} interval over "
           f"{gain['n']} completions: {noise})")
 
