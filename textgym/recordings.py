@@ -101,10 +101,7 @@ def write_recording(out: str | Path, rows: list[dict], meta: dict) -> Path:
     appears whole or not at all. ``meta`` gets ``format``, ``version`` and ``n_episodes``; it must
     be JSON (no objects) and carry ``env_id``, ``env_kwargs`` and ``vocab_size``. The rows are
     checked as ``load_recording`` checks them before anything is written."""
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"{out} already exists and is not an empty directory: one recording per "
-                              "directory (choose a new one or remove it)")
+    out = ensure_new_directory(out)
     if not rows:
         raise ValueError("no episodes to record")
     meta = {"format": FORMAT, "version": VERSION, **meta, "n_episodes": len(rows)}
@@ -123,6 +120,15 @@ def write_recording(out: str | Path, rows: list[dict], meta: dict) -> Path:
     with atomic_dir(out) as tmp:
         pq.write_table(table, tmp / EPISODES_FILE)
         (tmp / META_FILE).write_text(text + "\n")
+    return out
+
+
+def ensure_new_directory(out: str | Path) -> Path:
+    """``out`` as a Path, refused if it exists and is not an empty directory: one recording per directory."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"{out} already exists and is not an empty directory: one recording per "
+                              "directory (choose a new one or remove it)")
     return out
 
 

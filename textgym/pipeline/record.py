@@ -20,7 +20,7 @@ from textgym import sampling
 from textgym.envs import core_of
 from textgym.envs.core import TextGenCore
 from textgym.pipeline.evaluate import target_env
-from textgym.recordings import Recording, jsonable, load_recording, write_recording
+from textgym.recordings import Recording, ensure_new_directory, jsonable, load_recording, write_recording
 
 SPLITS = ("train", "test")
 # Settings that name data rather than describe it: a prompt set is written as its size.
@@ -83,10 +83,7 @@ def record_target(target: str, out: str | Path, *, env_id: str | None = None, re
     settings, its final model against its base model) or a model name or path (on ``env_id``,
     default ``textgym/Sentiment-v0``, against ``ref``, default itself); see
     ``textgym.pipeline.evaluate.target_env``."""
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):  # before a model is loaded
-        raise FileExistsError(f"{out} already exists and is not an empty directory: one recording per "
-                              "directory (choose a new one or remove it)")
+    out = ensure_new_directory(out)  # before a model is loaded
     env_id, kwargs, _ = target_env(target, env_id, ref)
     vec = gym.make_vec(env_id, num_envs=n_envs, vectorization_mode="vector_entry_point", **kwargs)
     try:
