@@ -71,6 +71,8 @@ def test_recording_is_seeded_and_leaves_the_env_alone(env, recorded, tmp_path):
 def test_one_recording_per_directory_and_nothing_half_written(env, recorded, tmp_path):
     with pytest.raises(FileExistsError, match="one recording per directory"):
         record(env, recorded.path, n_prompts=1, progress=False)
+    with pytest.raises(FileExistsError, match="one recording per directory"):  # refused before anything is played
+        record(object(), recorded.path)
     rows = recorded.episodes.to_list()
     rows[1]["logprobs"] = rows[1]["logprobs"][:-1]
     with pytest.raises(RecordingError, match=r"episode 1 \(row 1\), field 'logprobs'"):

@@ -42,6 +42,7 @@ def record(env: Any, out: str | Path, *, n_prompts: int | None = None, samples: 
     :param policy: how the recording names its policy (default: the env's model setting).
     :return: the recording, as ``textgym.recordings.load_recording`` reads it back.
     """
+    out = ensure_new_directory(out)  # before any episode is played
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; valid: {', '.join(SPLITS)}")
     for key, value in (("samples", samples), ("n_prompts", n_prompts)):
