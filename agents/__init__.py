@@ -2,6 +2,7 @@
 
     from textgym import agents      # always safe; ``import agents`` works too where nothing else owns that name
     model = agents.make("ppo", "textgym/Sentiment-v0", n_envs=8)  # or a2c, nlpo, grpo, rloo, reinforce++, trpo
+    # offline, from a dataset: agents.make("ilql", env, data="recording_dir"), or "dpo" on preferences
     model.learn(2048, progress_bar=True)
     model.save("ppo_sentiment")
     model = agents.load("ppo_sentiment", env="textgym/Sentiment-v0", n_envs=8)
@@ -26,9 +27,12 @@ else:
     from .buffer import EpisodeRolloutBuffer
     from .common import LMAlgorithm
     from .critic_free import CriticFreeAlgorithm
+    from .dpo import DPO
     from .evaluate import evaluate
     from .grpo import GRPO
+    from .ilql import ILQL
     from .nlpo import NLPO, NLPOPolicy
+    from .offline import OfflineAlgorithm
     from .policy import LMActorCriticPolicy
     from .ppo import PPO
     from .registry import accepted_hyperparameters, get_class, load, make, names, register
@@ -37,7 +41,8 @@ else:
     from .trpo import TRPO
     from .vec_env import LMVecEnv, as_vec_env
 
-    __all__ = ["A2C", "GRPO", "NLPO", "PPO", "RLOO", "CriticFreeAlgorithm", "EpisodeRolloutBuffer",
+    __all__ = ["A2C", "DPO", "GRPO", "ILQL", "NLPO", "OfflineAlgorithm", "PPO", "RLOO", "CriticFreeAlgorithm",
+               "EpisodeRolloutBuffer",
                "LMActorCriticPolicy", "LMAlgorithm", "LMVecEnv", "NLPOPolicy", "ReinforcePP", "TRPO",
                "accepted_hyperparameters", "as_vec_env", "evaluate", "get_class", "load", "make", "names", "register",
                "serialization"]

@@ -179,8 +179,17 @@ class LMAlgorithm(_MixedInto):
     def core(self):
         return self.vec_env.core
 
+    @property
+    def iteration_timesteps(self) -> int:
+        """Timesteps of one rollout, ``n_steps * n_envs`` (what ``textgym train`` learns per iteration)."""
+        return self.n_steps * self.n_envs
+
     def _setup_model(self) -> None:
         core = self.core
+        if core.ilql is not None:
+            raise ValueError(f"this env acts with ILQL's decoding (a saved ILQL model), which {self.algo_name!r}'s "
+                             "policy does not sample from: train it further with --algo ilql, or start an online "
+                             "algorithm from the plain LM")
         if core.cfg.kl_in == "loss" and not self.adds_loss_terms:
             raise ValueError(f"algorithm {self.algo_name!r} does not add a KL term to its loss: make the env with "
                              "kl_in='reward' (the default), or use one of ppo, a2c, nlpo")

@@ -12,8 +12,11 @@ from . import serialization
 from .a2c import A2C
 from .common import LMAlgorithm
 from .critic_free import CriticFreeAlgorithm
+from .dpo import DPO
 from .grpo import GRPO
+from .ilql import ILQL
 from .nlpo import NLPO
+from .offline import OfflineAlgorithm
 from .policy import LMActorCriticPolicy
 from .ppo import PPO
 from .reinforce_pp import ReinforcePP
@@ -21,15 +24,22 @@ from .rloo import RLOO
 from .trpo import TRPO
 from .vec_env import LMVecEnv, as_vec_env
 
-_REGISTRY: dict[str, type[LMAlgorithm]] = {}
+_REGISTRY: dict[str, type[LMAlgorithm] | type[OfflineAlgorithm]] = {}
 
 
-def register(name: str, algo_class: type, *, overwrite: bool = False) -> type[LMAlgorithm]:
-    """Register an SB3 on-policy algorithm class under ``name``. A plain SB3 class (say a PPO
-    variant of yours) is combined with textgym's ``LMAlgorithm`` mixin; returns the class used."""
+def register(name: str, algo_class: type, *, overwrite: bool = False) -> type[LMAlgorithm] | type[OfflineAlgorithm]:
+    """Register an SB3 on-policy algorithm class under ``name``, or an offline one (a subclass
+    of ``agents.offline.OfflineAlgorithm``). A plain SB3 class (say a PPO variant of yours) is
+    combined with textgym's ``LMAlgorithm`` mixin; returns the class used."""
+    if isinstance(algo_class, type) and issubclass(algo_class, OfflineAlgorithm):
+        if name in _REGISTRY and not overwrite:
+            raise ValueError(f"algorithm {name!r} is already registered; pass overwrite=True to replace it")
+        _REGISTRY[name] = algo_class
+        return algo_class
     if not isinstance(algo_class, type) or not issubclass(algo_class, OnPolicyAlgorithm):
         raise ValueError(
-            f"algorithm {name!r} must be a stable-baselines3 OnPolicyAlgorithm subclass, got {algo_class!r}"
+            f"algorithm {name!r} must be a stable-baselines3 OnPolicyAlgorithm subclass or a textgym "
+            f"OfflineAlgorithm subclass, got {algo_class!r}"
         )
     if name in _REGISTRY and not overwrite:
         raise ValueError(f"algorithm {name!r} is already registered; pass overwrite=True to replace it")
@@ -45,7 +55,7 @@ def names() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def get_class(name: str) -> type[LMAlgorithm]:
+def get_class(name: str) -> type[LMAlgorithm] | type[OfflineAlgorithm]:
     if name not in _REGISTRY:
         raise ValueError(f"unknown algorithm {name!r}; valid: {', '.join(names())}")
     return _REGISTRY[name]
@@ -76,7 +86,8 @@ def make(algo: str, env: Any, *, n_envs: int | None = None, env_kwargs: dict | N
                          f"{', '.join(sorted(accepted_hyperparameters(algo) - {'env'}))}")
     vec = _vec_env_for(cls, env, n_envs, env_kwargs)
     hyperparameters.setdefault("device", vec.core.device)
-    if not issubclass(cls, (PPO, A2C, CriticFreeAlgorithm, TRPO)):  # a user's class: its defaults, our policy
+    # a user's class: its defaults, our policy
+    if not issubclass(cls, (PPO, A2C, CriticFreeAlgorithm, TRPO, OfflineAlgorithm)):
         hyperparameters.setdefault("policy", LMActorCriticPolicy)
     return cls(env=vec, **hyperparameters)
 
@@ -110,5 +121,5 @@ def _vec_env_for(cls: type, env: Any, n_envs: int | None, env_kwargs: dict | Non
 
 
 for _name, _cls in (("ppo", PPO), ("a2c", A2C), ("nlpo", NLPO), ("grpo", GRPO), ("rloo", RLOO),
-                    ("reinforce++", ReinforcePP), ("trpo", TRPO)):
+                    ("reinforce++", ReinforcePP), ("trpo", TRPO), ("ilql", ILQL), ("dpo", DPO)):
     register(_name, _cls)

@@ -6,8 +6,9 @@ model in ``kl_mode="per_token"``); rows that finish are scored and, with ``kl_mo
 teacher-forced through the reference model, all in one batch.
 
 The *acting distribution* is the policy LM's next-token distribution, restricted to the top-p
-tokens of a masking model when one is set (NLPO, ``set_nucleus_mask``): tokens are sampled from it
-and every log-prob (the KL term included) is taken under it.
+tokens of a masking model when one is set (NLPO, ``set_nucleus_mask``), or perturbed by ILQL's
+advantage when that is set (``set_ilql_decoding``): tokens are sampled from it and every log-prob
+(the KL term included) is taken under it.
 
 An agent's policy reads what a step already computed (next-token logits, last hidden states, the
 nucleus mask) through an explicit ticket instead of recomputing it: whoever hands out an
@@ -36,6 +37,7 @@ from textgym import distributed, lm, models, precision, rewards
 from textgym import kl as klmod
 from textgym import lora as lora_mod
 from textgym.envs.groups import PromptGroups
+from textgym.ilql import ILQLDecoding, ILQLHeads
 from textgym.prompts import PromptSet, load_prompts, sentiment_prompts
 from textgym.prompts import encode_prompt as _encode_prompt
 from textgym.timing import PhaseTimer
@@ -168,6 +170,7 @@ class TextGenCore:
         self.kl_batch: list[float] | None = []
         self.kl_batch_auto = True
         self.nucleus: dict | None = None  # {"top_p", "min_tokens_to_keep"} when the acting distribution is masked
+        self.ilql: ILQLDecoding | None = None  # when the acting distribution is ILQL's (set_ilql_decoding)
         self.peft_model = None  # the peft wrapper of model, when LoRA adapters are attached (attach_lora)
         self.vocab = models.logits_width(self.model)
         self.pad_id = int(self.tokenizer.pad_token_id)
@@ -201,7 +204,8 @@ class TextGenCore:
         self.ref_logp = torch.zeros(n, self.T)
         self.mask_mass = torch.zeros(n, self.T)  # with a nucleus mask: policy probability the mask kept
         self._allowed: tuple | None = None  # (masking decoder, its version, nucleus mask [n, V]): see nucleus_allowed
-        self.policy = lm.IncrementalLM(self.model, n, dtype=self.dtype)
+        # ILQL's heads read the policy's last hidden states at every step
+        self.policy = lm.IncrementalLM(self.model, n, dtype=self.dtype, hidden=self.ilql is not None)
         # Models decoded in lockstep with the policy, one KV-cached forward per step each: the
         # reference in per_token mode, and whatever an agent adds (e.g. NLPO's masking policy).
         self.followers: dict[str, lm.IncrementalLM] = {}
@@ -280,9 +284,28 @@ class TextGenCore:
             raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
         if isinstance(min_tokens_to_keep, bool) or not isinstance(min_tokens_to_keep, int) or min_tokens_to_keep < 1:
             raise ValueError(f"min_tokens_to_keep must be an integer >= 1, got {min_tokens_to_keep!r}")
+        if self.ilql is not None:
+            raise ValueError("this env acts with ILQL's decoding, which a nucleus mask cannot be combined with")
         self.nucleus = {"top_p": float(top_p), "min_tokens_to_keep": int(min_tokens_to_keep)}
         self._allowed = None
         self.add_follower(NUCLEUS, model)
+
+    def set_ilql_decoding(self, heads: ILQLHeads, beta: float, top_k: int | None) -> None:
+        """Act with ILQL's perturbed distribution ``log pi + beta * (Q - V)``, top-k kept
+        (``textgym.ilql``); ``heads`` are used as they are (an agent training them shares them)."""
+        if self.nucleus is not None:
+            raise ValueError("this env already acts with a nucleus mask (NLPO's): ILQL's decoding replaces the "
+                             "policy's distribution and cannot be combined with it")
+        if heads.vocab_size != self.vocab:
+            raise ValueError(f"ILQL heads over {heads.vocab_size} logits do not fit this model's {self.vocab}")
+        self.ilql = ILQLDecoding(heads, beta, top_k)
+        if not self.policy.hidden:
+            self.policy.hidden = True
+            self.refresh([self.policy])
+
+    def output_embedding(self) -> torch.Tensor:
+        """The policy LM's output embedding ``[V, H]`` (ILQL's Q heads project onto it)."""
+        return self.model.get_output_embeddings().weight
 
     @property
     def nucleus_model(self):
@@ -309,9 +332,15 @@ class TextGenCore:
         fp32): what is sampled from, and what every log-prob is taken under."""
         self.ensure_started()
         logits = self.policy.logits[rows]
+        if self.ilql is not None:
+            return self._ilql_logits(logits, rows)
         if self.nucleus is None:
             return logits
         return lm.mask_logits(logits, self.nucleus_allowed(rows))
+
+    def _ilql_logits(self, logits: torch.Tensor, rows) -> torch.Tensor:
+        assert self.ilql is not None and self.policy.states is not None  # hidden states kept (set_ilql_decoding)
+        return self.ilql.logits(logits, self.policy.states[rows], self.output_embedding())
 
     # --- cached outputs of named rows -------------------------------------------------------------
 
@@ -361,7 +390,7 @@ class TextGenCore:
         """Save the acting policy as a model directory: the policy LM (LoRA adapters merged into a
         copy), its tokenizer and, with a nucleus mask, the masking model and its settings, so that
         an env made with ``model=directory`` acts exactly as this one: what is evaluated is what
-        is saved."""
+        is saved. ILQL's decoding is saved as its heads (safetensors) and settings."""
         directory = Path(directory)
         self._plain_copy(self.model).save_pretrained(directory)
         self.tokenizer.save_pretrained(directory)
@@ -369,6 +398,8 @@ class TextGenCore:
             self._plain_copy(self.nucleus_model).save_pretrained(directory / NUCLEUS)
             self.tokenizer.save_pretrained(directory / NUCLEUS)  # a loadable model directory of its own
             (directory / ACTING_FILE).write_text(json.dumps({"nucleus_mask": {**self.nucleus, "model": NUCLEUS}}))
+        if self.ilql is not None:
+            (directory / ACTING_FILE).write_text(json.dumps({"ilql": self.ilql.save(directory)}))
 
     def _plain_copy(self, model):
         """``model`` as a plain Hugging Face model: with LoRA attached (``peft_model``), a merged
@@ -381,7 +412,15 @@ class TextGenCore:
         return merged.merge_and_unload()
 
     def _load_acting(self, directory: Path) -> None:
-        spec = json.loads((directory / ACTING_FILE).read_text())["nucleus_mask"]
+        acting = json.loads((directory / ACTING_FILE).read_text())
+        if not isinstance(acting, dict) or len(acting) != 1 or next(iter(acting)) not in ("nucleus_mask", "ilql"):
+            raise ValueError(f"{str(directory / ACTING_FILE)!r} must hold one of 'nucleus_mask', 'ilql', "
+                             f"got {acting!r}")
+        if "ilql" in acting:
+            decoding = ILQLDecoding.load(directory, acting["ilql"], self.device)
+            self.set_ilql_decoding(decoding.heads, decoding.beta, decoding.top_k)
+            return
+        spec = acting["nucleus_mask"]
         mask_model, _ = models.load(directory / spec["model"], device=self.device, dtype=self.dtype)
         self.set_nucleus_mask(mask_model, spec["top_p"], spec["min_tokens_to_keep"])
 
@@ -623,6 +662,8 @@ class TextGenCore:
             allowed = self.nucleus_allowed(idx_t)
             self.mask_mass[idx, t] = (torch.softmax(logits, -1) * allowed).sum(-1).cpu()
             logits = lm.mask_logits(logits, allowed)
+        if self.ilql is not None:
+            logits = self._ilql_logits(logits, idx_t)
         logp = _token_logp(logits, acts)  # under the distribution that acts
         self.logp[idx, t] = logp.cpu()
         if self.ref is not None:

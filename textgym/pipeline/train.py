@@ -247,15 +247,16 @@ class Run:
             # and reward phases nested in it) and one update: what remains of it is the update,
             # with SB3's few lines of bookkeeping around it.
             with timer.phase("update"):
-                agent.learn(agent.n_steps * agent.n_envs, reset_num_timesteps=False)
+                agent.learn(agent.iteration_timesteps, reset_num_timesteps=False)
             stats = agent.rollout_stats  # over the episodes of every rank
             record: dict[str, Any] = {"iteration": it + 1, "timesteps": int(agent.num_timesteps),
                                       "episodes": stats["episodes"]}
             for key in ("score", "kl", "length", "reward"):
-                record[key] = stats.get(key, float("nan"))
+                if key in stats:  # an offline algorithm plays no rollout: none of them
+                    record[key] = stats[key]
             record["kl_coef"] = float(self.core.kl_controller.value)
             for key, value in agent.logger.name_to_value.items():
-                if key.startswith("train/"):
+                if key.startswith(("train/", "heldout/")):
                     record[key] = float(value)
             every = self.cfg.training.eval_every
             if (every and (it + 1) % every == 0) or it + 1 == self.cfg.training.iterations:
@@ -310,7 +311,8 @@ class Run:
             self.state["iteration"] = it + 1
             if self.main:
                 self.save_checkpoint()
-            bar.set_postfix(score=f"{record['score']:.3f}", kl=f"{record['kl']:.2f}")
+            if "score" in record:
+                bar.set_postfix(score=f"{record['score']:.3f}", kl=f"{record['kl']:.2f}")
         if self._last_evaluation is not None and self._last_evaluation[0] == self.state["iteration"]:
             _, summary, episodes = self._last_evaluation  # the last iteration's: same weights, same seed
         else:  # a run resumed after its last iteration, or one of no iterations
@@ -351,11 +353,12 @@ def plot_history(history: list[dict], out_dir: Path, before: dict | None = None)
     (``before``: the one before training, drawn at iteration 0)."""
     plt = pyplot()
 
-    its = [r["iteration"] for r in history]
     paths = []
     for key, title in (("score", "mean score"), ("kl", "mean KL to the reference"), ("kl_coef", "KL coefficient")):
         fig, ax = plt.subplots(figsize=(6, 3.5))
-        ax.plot(its, [r[key] for r in history], marker="o", label="training rollouts")
+        rollouts = [(r["iteration"], r[key]) for r in history if key in r]  # none for an offline algorithm
+        if rollouts:
+            ax.plot(*zip(*rollouts), marker="o", label="training rollouts")
         evals = [(0, before[key])] if before and key in before else []
         evals += [(r["iteration"], r[f"eval/{key}"]) for r in history if f"eval/{key}" in r]
         if evals:

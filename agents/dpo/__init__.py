@@ -1,0 +1,3 @@
+from .dpo import DPO
+
+__all__ = ["DPO"]

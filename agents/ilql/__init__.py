@@ -1,0 +1,3 @@
+from .ilql import ILQL
+
+__all__ = ["ILQL"]
