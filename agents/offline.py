@@ -83,7 +83,8 @@ class OfflineAlgorithm(BaseAlgorithm):
     # monitor): not hyperparameters (agents.accepted_hyperparameters leaves them out).
     fixed_hyperparameters = ("policy_kwargs", "stats_window_size", "support_multi_env", "monitor_wrapper",
                              "use_sde", "sde_sample_freq", "supported_action_spaces")
-    policy: OfflineLMPolicy
+    # (not an SB3 BasePolicy: it never predicts an action)
+    policy: OfflineLMPolicy  # type: ignore[assignment]
 
     def __init__(self, policy: type = OfflineLMPolicy, env: Any = None, data: Any = None,
                  learning_rate: float | None = None, batch_size: int = 16, gradient_steps: int = 16,

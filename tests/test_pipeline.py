@@ -41,7 +41,7 @@ def test_config_validation_names_the_key():
     with pytest.raises(ConfigError, match=r"'training.iterations' must be an integer, got 'many'"):
         load_config(TrainConfig, overrides=["training.iterations=many"])
     with pytest.raises(ConfigError,
-                       match=r"agent.algo 'dqn' is not an algorithm; valid: a2c, grpo, nlpo, ppo, "
+                       match=r"agent.algo 'dqn' is not an algorithm; valid: a2c, dpo, grpo, ilql, nlpo, ppo, "
                              r"reinforce\+\+, rloo, trpo"):
         load_config(TrainConfig, overrides=["agent.algo=dqn"])
     with pytest.raises(ConfigError, match=r"env.kwargs.model is set by the model section"):

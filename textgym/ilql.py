@@ -29,6 +29,7 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -145,6 +146,8 @@ class ILQLDecoding:
         try:
             heads = ILQLHeads(int(spec["hidden_size"]), int(spec["vocab_size"]), bool(spec["two_qs"]))
             name = str(spec["heads"])
+            beta: Any = spec.get("beta")
+            top_k: Any = spec.get("top_k")
         except (KeyError, TypeError, ValueError) as err:
             raise ValueError(f"{where}: the ILQL decoding spec {json.dumps(spec)} is malformed ({err!r})") from None
         if Path(name).name != name:
@@ -153,4 +156,4 @@ class ILQLDecoding:
             heads.load_state_dict(load_file(str(Path(directory) / name)))
         except (OSError, RuntimeError) as err:
             raise ValueError(f"{where}: its ILQL heads ({name}) do not load: {err}") from None
-        return cls(heads.to(device).requires_grad_(False), spec.get("beta"), spec.get("top_k"))
+        return cls(heads.to(device).requires_grad_(False), beta, top_k)

@@ -5,7 +5,8 @@ A recording is a directory of two files:
 - ``episodes.parquet``: one row per finished episode, the columns of ``SCHEMA`` (below);
 - ``recording.json``: what played them: ``format`` (``"textgym-episodes"``), ``version``, the env's
   id and settings (``env_id``, ``env_kwargs``), the policy and reference models, ``vocab_size``,
-  the prompts' split, the seed and the number of completions per prompt.
+  the prompts' split, the seed, the number of completions per prompt and ``seconds``, the time
+  playing them took (what the data cost to produce).
 
 Why not Minari (Farama's format for Gymnasium offline datasets): Minari stores an observation per
 step, and a textgym observation is the whole token sequence so far (``input_ids`` and

@@ -109,10 +109,12 @@ class DPO(OfflineAlgorithm):
             raise ValueError(f"no preference data left to train on in {self.data!r}")
         self._groups, self._held_out = train, held_out
         # The reference's log-probs of every completion: once, they never change.
-        everything = [*train, *held_out]
+        # (in the held-out evaluation's chunks: the same shapes give the same rounding, so an
+        # untrained policy's held-out margins are exactly 0)
         self._ref = {}
-        for i in range(0, len(everything), self.batch_size):
-            chunk = everything[i:i + self.batch_size]
+        chunks = [part[i:i + self.batch_size] for part in (train, held_out)
+                  for i in range(0, len(part), self.batch_size)]
+        for chunk in chunks:
             ref = self._sequence_log_probs(chunk, self.core.ref_model).cpu()
             for group, part in zip(chunk, torch.split(ref, [len(g.completions) for g in chunk])):
                 self._ref[id(group)] = part

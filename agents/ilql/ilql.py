@@ -67,12 +67,12 @@ def ilql_losses(q_values: list[torch.Tensor], target_q: torch.Tensor, v: torch.T
     q_target = rewards + gamma * v_next.detach()
     index = actions.unsqueeze(-1)
     q_taken = [q.gather(-1, index).squeeze(-1) for q in q_values]
-    loss_q = sum((((q - q_target) ** 2) * mask).sum() / n for q in q_taken)
+    loss_q = torch.stack([(((q - q_target) ** 2) * mask).sum() / n for q in q_taken]).sum()
     q_hat = target_q.gather(-1, index).squeeze(-1).detach()
     diff = q_hat - v
     loss_v = ((tau - (diff < 0).to(v.dtype)).abs() * diff ** 2 * mask).sum() / n
-    loss_cql = sum((F.cross_entropy(q.flatten(0, 1), actions.flatten(), reduction="none").view_as(mask) * mask).sum()
-                   / n for q in q_values)
+    loss_cql = torch.stack([(F.cross_entropy(q.flatten(0, 1), actions.flatten(), reduction="none").view_as(mask)
+                             * mask).sum() / n for q in q_values]).sum()
     weight = torch.exp(awac_beta * diff.detach()).clamp(max=AWAC_WEIGHT_CAP)
     loss_awac = (-log_probs * weight * mask).sum() / n
     return {"loss_q": loss_q, "loss_v": loss_v, "loss_cql": loss_cql, "loss_awac": loss_awac,

@@ -10,6 +10,7 @@ controller are untouched.
 from __future__ import annotations
 
 import dataclasses
+import time
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +52,9 @@ def record(env: Any, out: str | Path, *, n_prompts: int | None = None, samples: 
     core = env if isinstance(env, TextGenCore) else core_of(env)
     pool = core.prompts if split == "train" else core.test_prompts
     chosen = pool if n_prompts is None else pool.head(n_prompts)
+    start = time.perf_counter()
     infos = sampling.complete_prompts(core, chosen.repeat(samples), seed=seed, tokens=True, progress=progress)
+    seconds = time.perf_counter() - start  # what the data cost to produce (the algorithm benchmark reports it)
     rows = []
     for i, info in enumerate(infos):
         rows.append({
@@ -71,7 +74,7 @@ def record(env: Any, out: str | Path, *, n_prompts: int | None = None, samples: 
         "policy": policy or jsonable(core.cfg.model),
         "ref_model": jsonable(core.cfg.ref_model if core.cfg.ref_model is not None else core.cfg.model),
         "vocab_size": int(core.vocab), "split": split, "n_prompts": len(chosen), "samples": samples, "seed": seed,
-        "textgym": textgym.__version__,
+        "textgym": textgym.__version__, "seconds": round(seconds, 3),
     }
     write_recording(out, rows, meta)
     return load_recording(out)

@@ -37,8 +37,15 @@ _PPO: dict[str, Any] = {"learning_rate": 1e-3, "n_steps": 20, "batch_size": 80, 
 _CRITIC_FREE: dict[str, Any] = {"learning_rate": 2e-3, "batch_size": None, "n_epochs": 1}
 # TRPO: PPO's rollout; the learning rate is the critic's (the policy's step is the trust region's).
 _TRPO: dict[str, Any] = {"learning_rate": 1e-3, "n_steps": 20, "batch_size": 80, "target_kl": 0.01}
+# The offline algorithms (ILQL, DPO) learn from a dataset named by agent.<algo>.data: by default the
+# recording that README "Learning offline" makes first (textgym record ... --out runs/sentiment_recording);
+# an iteration is gradient_steps steps on batch_size examples.
+RECORDING = "runs/sentiment_recording"
+_ILQL: dict[str, Any] = {"data": RECORDING, "learning_rate": 1e-3, "batch_size": 16, "gradient_steps": 16}
+_DPO: dict[str, Any] = {"data": RECORDING, "learning_rate": 5e-4, "batch_size": 8, "gradient_steps": 8}
 PRESETS: dict[str, dict[str, Any]] = {"ppo": _PPO, "nlpo": _PPO, "a2c": {"learning_rate": 1e-3, "n_steps": 20},
-           "grpo": _CRITIC_FREE, "rloo": _CRITIC_FREE, "reinforce++": _CRITIC_FREE, "trpo": _TRPO}
+           "grpo": _CRITIC_FREE, "rloo": _CRITIC_FREE, "reinforce++": _CRITIC_FREE, "trpo": _TRPO,
+           "ilql": _ILQL, "dpo": _DPO}
 
 
 @dataclass
@@ -119,13 +126,18 @@ class AgentSection:
         each checked against it."""
         self.hyperparameters = {**self.algorithms.get(self.algo, {}),
                                 **algo_hyperparameters.check(self.algo, self.hyperparameters, "agent.hyperparameters.")}
+        cls = agents.get_class(self.algo)
+        if getattr(cls, "offline", False) and self.hyperparameters.get("data") is None:
+            raise ConfigError(f"{self.algo} learns from a dataset: set agent.{self.algo}.data (or --algo {self.algo} "
+                              f"agent.hyperparameters.data=...) to {getattr(cls, 'data_help', 'its dataset')}")
 
 
 @dataclass
 class TrainingSection:
     """Length of the run, evaluation and output."""
 
-    iterations: int = option(22, "RL iterations, each one rollout and one update", min=1)
+    iterations: int = option(22, "RL iterations, each one rollout and one update (an offline algorithm: "
+                             "gradient_steps steps on its dataset)", min=1)
     seed: int = option(0, "seed of the agent, the env and the evaluations")
     output_dir: str = option("runs/sentiment", "the run directory", nonempty=True, what="a directory path")
     eval_prompts: str | None = option(None, "held-out prompts (anything textgym.prompts.load_prompts reads); "
