@@ -60,7 +60,7 @@ def test_bench_algos_reports_a_failed_run(tmp_path):
 
 
 def test_bench_algos_config_errors():
-    with pytest.raises(ConfigError, match="'dqn' is not an algorithm; valid: a2c, grpo"):
+    with pytest.raises(ConfigError, match="'dqn' is not an algorithm; valid: a2c, dpo, grpo"):
         load_config(BenchAlgosConfig, base={"algos": ["dqn"], "train": TRAIN})
     with pytest.raises(ConfigError, match="env must be a mapping of env keyword arguments, got 3"):
         load_config(BenchAlgosConfig, base={"algos": [{"name": "ppo", "env": 3}], "train": TRAIN})
@@ -113,3 +113,37 @@ def test_comparisons_say_whether_a_difference_is_beyond_the_noise():
     assert "| b | 0.400 ± " in table and "| c | " in table and "not distinguishable" in table
     one_seed = {"seeds": [0], "algos": {"a": algo([0.5]), "b": algo([0.1])}}
     assert comparisons(one_seed)[0]["verdict"] == "one seed: no interval"
+
+
+def test_bench_algos_takes_offline_algorithms_at_equal_wall_time(tmp_path):
+    """ILQL beside PPO: its data (a recording) and that data's cost in the table, and a budget of
+    wall time that charges an offline run for its recording."""
+    import gymnasium as gym
+
+    from textgym.pipeline.bench_algos import bench_algos
+    from textgym.pipeline.record import record
+
+    env = gym.make_vec("textgym/TextGen-v0", num_envs=4, vectorization_mode="vector_entry_point",
+                       model="textgym/tiny", reward="keyword", reward_kwargs={"keywords": ["the"]},
+                       max_new_tokens=6, max_prompt_tokens=16)
+    rec = record(env, tmp_path / "rec", n_prompts=8, samples=2, seed=0, progress=False)
+    env.close()
+    assert rec.meta["seconds"] > 0  # a recording keeps what it cost to play
+    meta = json.loads((rec.path / "recording.json").read_text())
+    (rec.path / "recording.json").write_text(json.dumps({**meta, "seconds": 0.0004}))
+    train = {**TRAIN, "training": {**TRAIN["training"], "iterations": 3},
+             "agent": {"hyperparameters": TRAIN["agent"]["hyperparameters"],
+                       "ilql": {"data": str(rec.path), "batch_size": 4, "gradient_steps": 2}}}
+    base = {"algos": ["ppo", "ilql"], "seeds": [0], "train": train, "output_dir": str(tmp_path / "out")}
+    cfg = load_config(BenchAlgosConfig, base={**base, "seconds": 0.001})
+    ppo, ilql = (cfg.train_config(spec, 0, tmp_path / "x") for spec in cfg.specs())
+    assert ppo.training.max_seconds == 0.001 and ilql.training.max_seconds == pytest.approx(0.0006)
+    results = bench_algos(cfg)
+    for label in ("ppo", "ilql"):  # each stopped after the first iteration past its budget
+        r = results["algos"][label]
+        assert "error" not in r, r
+        assert [p["iteration"] for p in r["runs"][0]["curve"]] == [0, 1], label
+    table = (tmp_path / "out" / "results.md").read_text()
+    assert "| own rollouts |" in table and "| recording rec, 16 episodes (0 s) |" in table
+    with pytest.raises(ConfigError, match="its data took 0 s to record, more than the budget seconds=0.0001"):
+        load_config(BenchAlgosConfig, base={**base, "seconds": 0.0001})

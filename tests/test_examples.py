@@ -42,6 +42,7 @@ def test_bench_algos_config_is_valid():
 
     cfg = load_config(BenchAlgosConfig, EXAMPLES / "bench_algos.yaml")
     assert sorted(s["name"] for s in cfg.specs()) == agents.names()  # every algorithm, the same budget
+    assert cfg.seconds is not None  # at equal wall time, offline algorithms paying for their data
 
 
 def test_rm_config_is_valid():

@@ -6,14 +6,22 @@ actually generated), once per seed. Each run is a ``textgym train`` run of its o
 process (its run directory under ``output_dir/LABEL/seedN``), so that its wall time and peak
 memory are its own. The report: a Markdown table (held-out score with a Student-t confidence
 interval over seeds, its gain over the untrained model, KL to the reference, perplexity under the
-reference, distinct-1/2, episodes, wall time, peak memory) and a plot of held-out score against KL
-through training, one line per algorithm and seed.
+reference, distinct-1/2, episodes, the data each learnt from and its cost, wall time, peak memory)
+and a plot of held-out score against KL through training, one line per algorithm and seed.
+
+Offline algorithms (ILQL, DPO) sit beside the online ones: they learn from data played before the
+run (a recording, ``agent.<algo>.data``), whose cost is the seconds its recording took (read from
+its ``recording.json``). ``seconds`` compares the algorithms at equal wall time: every run stops after
+the first iteration that ends past its budget (``training.max_seconds``), an offline run's budget
+less its data's cost, so an offline algorithm pays for its data out of the same time. (A recording
+shared by several algorithms is charged to each in full: each could have had it alone.)
 """
 
 from __future__ import annotations
 
 import codecs
 import json
+import math
 import os
 import subprocess
 import sys
@@ -28,6 +36,7 @@ from textgym import agents, metrics
 from textgym.pipeline.config import ConfigError, defaults, from_dict, merge, option, save_config
 from textgym.pipeline.plots import pyplot, save
 from textgym.pipeline.train_config import TrainConfig
+from textgym.recordings import META_FILE
 
 
 @dataclass
@@ -53,6 +62,9 @@ class BenchAlgosConfig:
     train: dict = option({}, "a textgym train config (sections model, env, reward, agent, training) shared by every "
                          "run")
     output_dir: str = option("runs/bench_algos", "where the results go", nonempty=True, what="a directory path")
+    seconds: float | None = option(None, "each run's budget of wall time (training.max_seconds; an offline "
+                                   "algorithm's less the seconds its recording took): equal wall time; null: "
+                                   "train.training.iterations alone bound every run", gt=0)
 
     def resolve(self) -> None:
         """Each entry names an algorithm, labels are unique, and every run's train config is valid."""
@@ -97,7 +109,30 @@ class BenchAlgosConfig:
                                   "training": {"seed": seed, "output_dir": str(out_dir)}})
         # replaced, not merged: the shared hyperparameters this algorithm does not take are left out
         data["agent"]["hyperparameters"] = {**shared, **spec["hyperparameters"]}
-        return from_dict(TrainConfig, merge(defaults(TrainConfig), data), "train.")
+        cfg = from_dict(TrainConfig, merge(defaults(TrainConfig), data), "train.")
+        if self.seconds is not None:
+            cost = data_cost(cfg)["seconds"]
+            budget = self.seconds - (0.0 if math.isnan(cost) else cost)  # (a cost unknown is not charged)
+            if budget <= 0:
+                raise ConfigError(f"algos: {spec['label']!r}: its data took {cost:.0f} s to record, more than the "
+                                  f"budget seconds={self.seconds:g}")
+            cfg.training.max_seconds = budget
+        return cfg
+
+
+def data_cost(cfg: TrainConfig) -> dict:
+    """What a run learns from and what that cost: ``{"data", "seconds", "episodes"}``: an online
+    run's own rollouts (their time is in its wall time: 0 s more); an offline run's recording, the
+    seconds its playing took and its episodes (a preference file made elsewhere: unknown cost, NaN)."""
+    if not getattr(agents.get_class(cfg.agent.algo), "offline", False):
+        return {"data": "own rollouts", "seconds": 0.0, "episodes": None}
+    source = cfg.agent.hyperparameters.get("data")
+    meta_file = Path(str(source)) / META_FILE
+    if isinstance(source, str) and meta_file.exists():
+        meta = json.loads(meta_file.read_text())
+        return {"data": f"recording {Path(source).name}", "seconds": float(meta.get("seconds", float("nan"))),
+                "episodes": meta.get("n_episodes")}
+    return {"data": f"preferences {source}", "seconds": float("nan"), "episodes": None}
 
 
 def bench_algos(cfg: BenchAlgosConfig) -> dict:
@@ -113,8 +148,9 @@ def bench_algos(cfg: BenchAlgosConfig) -> dict:
             run_dir = out / spec["label"] / f"seed{seed}"
             print(f"textgym bench algos: {spec['label']}, seed {seed} ({n * len(cfg.seeds) + len(runs) + 1}/"
                   f"{len(specs) * len(cfg.seeds)}) -> {run_dir}", file=sys.stderr, flush=True)
-            runs.append({"seed": seed, **train_in_child(cfg.train_config(spec, seed, run_dir), out / "configs")})
-        results["algos"][spec["label"]] = {"spec": spec, "runs": runs, **aggregate(runs)}
+            train_cfg = cfg.train_config(spec, seed, run_dir)
+            runs.append({"seed": seed, **train_in_child(train_cfg, out / "configs")})
+        results["algos"][spec["label"]] = {"spec": spec, "runs": runs, "data": data_cost(train_cfg), **aggregate(runs)}
     (out / "results.json").write_text(json.dumps(results, indent=1))
     (out / "results.md").write_text(markdown_report(results))
     plot_score_vs_kl(results, out / "score_vs_kl.png")
@@ -198,21 +234,26 @@ def markdown_report(results: dict) -> str:
     ci = "95% CI over seeds" if len(seeds) > 1 else "one seed: no interval"
     gain_ci = "95% CI over seeds" if len(seeds) > 1 else "95% CI over the held-out completions"
     rows = [f"| algorithm | held-out score ({ci}) | gain over untrained ({gain_ci}) | KL | perplexity (ref) "
-            "| distinct-1 (change) | distinct-2 | episodes | wall time (s) | peak memory (MB) |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
+            "| distinct-1 (change) | distinct-2 | episodes | data (cost) | wall time (s) | with data (s) "
+            "| peak memory (MB) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     untrained = []
     for label, r in results["algos"].items():
         if "error" in r:
-            rows.append(f"| {label} | failed: {r['error']} | | | | | | | | |")
+            rows.append(f"| {label} | failed: {r['error']} | | | | | | | | | | |")
             continue
+        cost = r.get("data", {"data": "own rollouts", "seconds": 0.0, "episodes": None})
+        data = cost["data"] + (f", {cost['episodes']} episodes" if cost.get("episodes") else "")
+        data += f" ({cost['seconds']:.0f} s)" if cost["seconds"] > 0 else (" (unknown)" if cost["seconds"] != 0
+                                                                            else "")
         untrained.append((r["untrained_score"], r["untrained_distinct_1"]))
         rows.append(f"| {label} | {metrics.plus_minus(r['score'], r['score_ci'])} | "
                     f"{metrics.plus_minus(r['gain'], r['gain_ci'])} | {r['kl']:.2f} | "
                     f"{r['perplexity_ref']:.1f} | {r['distinct_1']:.3f} ({r['distinct_1_change']:+.3f}) | "
-                    f"{r['distinct_2']:.3f} | {r['episodes']:.0f} "
-                    f"| {r['seconds']:.0f} | {r['peak_mb']:.0f} |")
+                    f"{r['distinct_2']:.3f} | {r['episodes']:.0f} | {data} "
+                    f"| {r['seconds']:.0f} | {r['seconds'] + cost['seconds']:.0f} | {r['peak_mb']:.0f} |")
         for failure in r["failed"]:
-            rows.append(f"| {label} | failed, {failure} | | | | | | | | |")
+            rows.append(f"| {label} | failed, {failure} | | | | | | | | | | |")
     if untrained:  # each algorithm's acting distribution before training (NLPO's is masked, so it differs)
         scores, distinct = sorted({round(u[0], 3) for u in untrained}), sorted({round(u[1], 3) for u in untrained})
         rows.append(f"\nUntrained (each algorithm's acting distribution before training): held-out score "

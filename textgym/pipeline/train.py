@@ -313,6 +313,9 @@ class Run:
                 self.save_checkpoint()
             if "score" in record:
                 bar.set_postfix(score=f"{record['score']:.3f}", kl=f"{record['kl']:.2f}")
+            if t.max_seconds is not None and distributed.broadcast_object(
+                    sum(r["seconds"] for r in self.state["history"]) >= t.max_seconds):
+                break  # the budget is spent (rank 0's clock decides for all; a resume counts the earlier iterations)
         if self._last_evaluation is not None and self._last_evaluation[0] == self.state["iteration"]:
             _, summary, episodes = self._last_evaluation  # the last iteration's: same weights, same seed
         else:  # a run resumed after its last iteration, or one of no iterations

@@ -148,6 +148,10 @@ class TrainingSection:
     eval_every: int = option(0, "evaluate every this many iterations; 0: only before and after training (the "
                              "default run's evaluation of 96 completions costs about two iterations)", min=0)
     samples: int = option(8, "held-out completions written to samples_before/after.jsonl", min=1)
+    max_seconds: float | None = option(None, "a budget of wall time: the run ends after the first iteration that "
+                                       "ends past this many seconds of iterations (evaluations before and after "
+                                       "training not counted), or after training.iterations; null: no budget (the "
+                                       "algorithm benchmark compares algorithms at equal wall time with it)", gt=0)
 
 
 @dataclass
