@@ -21,6 +21,7 @@ from textgym import agents, lm
 from textgym.envs import core_of
 from textgym.ilql import ILQLHeads, top_k_mask
 from textgym.pipeline.config import ConfigError, load_config
+from textgym.pipeline.evaluate import evaluate_target
 from textgym.pipeline.record import record
 from textgym.pipeline.train import Run, TrainConfig, train
 from textgym.recordings import RecordingError
@@ -193,6 +194,18 @@ def test_dpo_raises_held_out_preference_accuracy(tmp_path):
     assert after["preference_accuracy"] > 0.6 and after["reward_margin"] > 0, after
 
 
+def test_dpo_with_lora_takes_the_adapters_off_model_as_its_frozen_reference(recording):
+    model = make("dpo", recording.path, lora={"r": 4}, batch_size=2, gradient_steps=2, eval_fraction=0.25)
+    core = model.core
+    assert core.peft_model is not None and type(core.ref_model).__name__ == "AdapterDisabledRef"
+    assert model.held_out_figures()["preference_accuracy"] == 0.5  # adapters start at zero: policy == reference
+    model.learn(2 * model.iteration_timesteps)
+    assert model.held_out_figures()["reward_margin"] != 0.0
+    assert model.policy.trainable() and all("lora" in name for name, p in core.model.named_parameters() if p.requires_grad)
+    group = model._held_out[0]  # the reference's log-probs, computed once, are still the adapters-off model's
+    torch.testing.assert_close(model._ref[id(group)], model._sequence_log_probs([group], core.ref_model).cpu())
+
+
 def core_of_prompt(group: TokenGroup) -> tuple:
     return tuple(group.prompt_ids)
 
@@ -221,6 +234,11 @@ def test_train_runs_an_offline_algorithm_and_resumes_it(algo, recording, tmp_pat
     assert key in rows[0]
     assert (full / "time.md").exists() and (full / "score.png").exists() and result["iterations"] == 3
     assert ((full / "final_model" / "textgym_acting.json").exists()) == (algo == "ilql")
+    # textgym eval of the run plays its final evaluation again, with the saved acting distribution
+    # (ILQL's heads and beta): the figures are the run's.
+    report = evaluate_target(str(full))
+    assert report["metrics"]["score"] == pytest.approx(result["after"]["score"])
+    assert report["metrics"]["kl"] == pytest.approx(result["after"]["kl"], abs=1e-4)
 
     killed = tmp_path / "killed"
     original = Run.iterate

@@ -120,7 +120,8 @@ def markdown(totals: Mapping[str, float], title: str = "") -> str:
     lines = [title, ""] if title else []
     lines += ["| phase | seconds | share |", "|---|---:|---:|"]
     lines += [f"| {name} | {seconds:.2f} | {share:.1%} |" for name, seconds, share in breakdown_rows(totals)]
-    if "tokens_per_second" in totals:
+    rollout = sum(totals.get(name, 0.0) for name in ROLLOUT_PHASES)
+    if "tokens_per_second" in totals and rollout > 0:  # (an offline run generates nothing)
         lines += ["", f"generated tokens per second of rollout (generation + reference + reward): "
                       f"{totals['tokens_per_second']:.1f}"]
     return "\n".join(lines) + "\n"
