@@ -19,9 +19,15 @@ embedding ``E`` (``[V, H]``, frozen, not copied)::
     Q_i(s, .) = E (A_i s) + b_i          A_i: H x H,  b_i: V
 
 so a head holds ``H^2 + V`` weights (381k for SmolLM2, 0.7% of trlX's) and costs one more
-vocabulary projection per token, as the LM head does. ``A_i = I, b_i = 0`` gives exactly the LM's
-logits: Q lives in the span the LM's logits live in, which is where the CQL term (a cross-entropy
-over the vocabulary) pulls it. V is a linear ``H -> 1``.
+vocabulary projection per token, as the LM head does. Q lives in the span the LM's logits live in
+(``A_i = rms(s) I, b_i = 0`` gives exactly the LM's logits), which is where the CQL term (a
+cross-entropy over the vocabulary) pulls it. V is a linear ``H -> 1``.
+
+The heads read the hidden state scaled to unit root-mean-square, ``s / rms(s)`` (entries of order
+1 whatever the LM). SmolLM2's last hidden states have entries of several units, and Adam moves every
+weight by about the learning rate whatever its gradient's size, so on the raw state one Adam step of
+``A`` or of V's weights moved the values by several reward units (a first run's Q loss started at 18
+for rewards in [-1, 1]).
 """
 
 from __future__ import annotations
@@ -73,19 +79,26 @@ class ILQLHeads(nn.Module):
         nn.init.zeros_(self.v_head.weight)
         nn.init.zeros_(self.v_head.bias)
 
+    @staticmethod
+    def unit(states: torch.Tensor) -> torch.Tensor:
+        """The hidden states scaled to unit root-mean-square (module docstring: why)."""
+        return states * torch.rsqrt(states.pow(2).mean(-1, keepdim=True).clamp(min=1e-12))
+
     def q(self, states: torch.Tensor, embedding: torch.Tensor) -> list[torch.Tensor]:
-        """Each Q head's values over the vocabulary, ``[..., V]``."""
+        """Each Q head's values over the vocabulary, ``[..., V]``, at the LM's hidden states."""
+        states = self.unit(states)
         return [head(states, embedding) for head in self.q_heads]
 
     def target_q(self, states: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
         """The minimum over the target Q heads, ``[..., V]`` (no gradient)."""
+        states = self.unit(states)
         with torch.no_grad():
             values = [head(states, embedding) for head in self.target_q_heads]
         return values[0] if len(values) == 1 else torch.minimum(*values)
 
     def v(self, states: torch.Tensor) -> torch.Tensor:
-        """V(s), ``[...]``."""
-        return self.v_head(states).squeeze(-1)
+        """V(s), ``[...]``, at the LM's hidden states."""
+        return self.v_head(self.unit(states)).squeeze(-1)
 
     @torch.no_grad()
     def sync_targets(self, alpha: float) -> None:
