@@ -71,8 +71,8 @@ class OfflineAlgorithm(BaseAlgorithm):
     :param learning_rate: Adam's learning rate; None: textgym's default by model size and LoRA
         (``agents.common.default_learning_rate``).
     :param batch_size: dataset examples per gradient step.
-    :param gradient_steps: gradient steps per iteration (``textgym train`` runs one iteration per
-        ``training.iterations``).
+    :param gradient_steps: gradient steps per iteration (``textgym train`` runs
+        ``training.iterations`` iterations).
     :param max_grad_norm: the gradients' global norm is clipped to this.
     """
 

@@ -40,3 +40,11 @@ def test_readme_recording_example_runs(tmp_path):
     namespace: dict = {}
     exec(compile(code, "README.md", "exec"), namespace)
     assert len(namespace["episodes"]) == 8
+
+
+def test_readme_offline_example_runs(tmp_path):
+    code = next(b for b in blocks("python") if 'agents.make(algo' in b and "record(" in b)
+    code = code.replace("/tmp/textgym_offline", str(tmp_path / "rec"))
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    assert namespace["model"].textgym_algo == "dpo" and "preference_accuracy" in namespace["model"].held_out_figures()
