@@ -227,7 +227,8 @@ def test_rlhf_figures_are_logged(tmp_path):
 def test_registry_and_env_forms():
     assert agents.names() == ["a2c", "dpo", "grpo", "ilql", "nlpo", "ppo", "reinforce++", "rloo", "trpo"]
     with pytest.raises(ValueError,
-                       match=r"unknown algorithm 'dqn'; valid: a2c, grpo, nlpo, ppo, reinforce\+\+, rloo, trpo"):
+                       match=r"unknown algorithm 'dqn'; valid: a2c, dpo, grpo, ilql, nlpo, ppo, reinforce\+\+, rloo, "
+                             r"trpo"):
         agents.make("dqn", "textgym/TextGen-v0")
 
     class MyPPO(sb3.PPO):

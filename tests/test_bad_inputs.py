@@ -233,7 +233,8 @@ def test_misspelt_hyperparameter_is_an_error_listing_valid_names():
     # Issue 10 changed this: a hyperparameter that only another algorithm takes used to be set aside
     # with a warning; now it is an error naming who takes it. agent.<algo> keeps it for that one.
     with pytest.raises(ConfigError, match=r"agent.hyperparameters.batch_size is not a hyperparameter of a2c, only of "
-                                          r"grpo, nlpo, ppo, reinforce\+\+, rloo, trpo .*; valid for a2c: ent_coef, "):
+                                          r"dpo, grpo, ilql, nlpo, ppo, reinforce\+\+, rloo, trpo .*; valid for a2c: "
+                                          r"ent_coef, "):
         load_config(TrainConfig, overrides=["agent.algo=a2c", "agent.hyperparameters.batch_size=8"])
     cfg = load_config(TrainConfig, overrides=["agent.algo=a2c", "agent.ppo.batch_size=8"])
     assert "batch_size" not in cfg.agent.hyperparameters and cfg.agent.algorithms["ppo"]["batch_size"] == 8
@@ -254,7 +255,9 @@ def _bounded(cls, prefix=""):
         if dataclasses.is_dataclass(hints[f.name]):
             yield from _bounded(hints[f.name], f"{prefix}{f.name}.")
         elif any(f.metadata.get(k) is not None for k in ("min", "max", "gt", "lt")):
-            yield prefix + f.name, f.metadata, hints[f.name]
+            # an optional number (float | None) is bounded as the number
+            hint = next((a for a in typing.get_args(hints[f.name]) if a is not type(None)), hints[f.name])
+            yield prefix + f.name, f.metadata, hint
 
 
 REQUIRED = {TrainConfig: [], SFTConfig: ["data=pairs.jsonl"], RMConfig: ["data=prefs.jsonl"], BenchRewardsConfig: []}
@@ -345,14 +348,15 @@ def test_hyperparameters_are_checked_against_the_chosen_algorithm():
                                           r"valid for grpo: batch_size, clip_range, ent_coef, episodes_per_row, "):
         load_config(TrainConfig, overrides=["agent.algo=grpo", "agent.grpo.n_step=3"])
     # a section of an algorithm that is not running is checked too: found now, not when you switch
-    with pytest.raises(ConfigError, match=r"agent.a2c.batch_size is not a hyperparameter of a2c, only of grpo, nlpo"):
+    with pytest.raises(ConfigError, match=r"agent.a2c.batch_size is not a hyperparameter of a2c, only of dpo, grpo"):
         load_config(TrainConfig, overrides=["agent.a2c.batch_size=8"])
     with pytest.raises(ConfigError, match=r"agent.hyperparameters.top_p is not a hyperparameter of ppo, only of nlpo "):
         load_config(TrainConfig, overrides=["agent.algo=ppo", "agent.hyperparameters.top_p=0.5"])
     with pytest.raises(ConfigError, match=r"agent.nlpo.seed is set by textgym train \(training.seed\)"):
         load_config(TrainConfig, overrides=["agent.nlpo.seed=3"])
     with pytest.raises(ConfigError, match=r"unknown config key 'agent.dqn'; valid keys of agent: algo, "
-                                          r"hyperparameters, a2c, grpo, nlpo, ppo, reinforce\+\+, rloo, trpo"):
+                                          r"hyperparameters, a2c, dpo, grpo, ilql, nlpo, ppo, reinforce\+\+, rloo, "
+                                          r"trpo"):
         load_config(TrainConfig, overrides=["agent.dqn.n_steps=3"])
     # types come from the constructors' annotations
     for override, message in [
