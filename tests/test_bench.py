@@ -119,6 +119,10 @@ def test_bench_elo_ranks_a_trained_policy(tmp_path, capsys):
     for r in result["ratings"].values():
         assert r["low"] <= r["high"]
     assert set(result["ratings"]) == {"textgym/tiny", str(run)}
-    assert (tmp_path / "elo" / "elo.png").exists() and "| policy | Elo |" in capsys.readouterr().out
+    for r in result["bradley_terry"].values():
+        assert r["low"] <= r["rating"] <= r["high"]
+    assert set(result["bradley_terry"]) == set(result["ratings"])
+    out = capsys.readouterr().out
+    assert (tmp_path / "elo" / "elo.png").exists() and "| policy | Bradley-Terry | 95% CI | Elo (online) |" in out
     with pytest.raises(ValueError, match="at least two policies"):
         bench_elo(["textgym/tiny"])

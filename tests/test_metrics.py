@@ -146,3 +146,29 @@ def test_difference_ci_is_welchs_interval():
     assert diff == pytest.approx(after.mean() - before.mean())
     assert (diff - half, diff + half) == pytest.approx((low, high))
     assert math.isnan(difference_ci((1.0, 0.1, 1), (0.0, 0.1, 5))[1])  # one completion: no interval
+
+
+def test_bradley_terry_recovers_known_strengths_whatever_the_order_of_the_games():
+    from textgym.metrics import bradley_terry, bradley_terry_bootstrap
+
+    rng = np.random.default_rng(0)
+    true = {"a": 1200.0, "b": 1000.0, "c": 900.0, "d": 900.0}  # mean 1000, as the fit is anchored
+    players = list(true)
+    games = []
+    for _ in range(3000):
+        i, j = rng.choice(4, 2, replace=False)
+        a, b = players[i], players[j]
+        games.append((a, b, float(rng.random() < 1 / (1 + 10 ** ((true[b] - true[a]) / 400)))))
+    fitted = bradley_terry(players, games)
+    for p in players:
+        assert abs(fitted[p] - true[p]) < 25, (p, fitted[p])
+    reordered = bradley_terry(players, games[::-1])  # unlike online Elo, the order does not matter
+    assert all(abs(fitted[p] - reordered[p]) < 1e-3 for p in players)
+    assert bradley_terry(["x", "y"], [("x", "y", 0.5)] * 10) == pytest.approx({"x": 1000.0, "y": 1000.0})
+    unbeaten = bradley_terry(["x", "y"], [("x", "y", 1.0)] * 5)  # finite, thanks to the weak prior
+    assert np.isfinite(unbeaten["x"]) and unbeaten["x"] > unbeaten["y"]
+    boot = bradley_terry_bootstrap(players, games[:600], n_bootstrap=50)
+    for p in players:
+        assert boot[p]["low"] <= boot[p]["rating"] <= boot[p]["high"] and boot[p]["low"] < true[p] < boot[p]["high"]
+    with pytest.raises(ValueError, match="unknown player 'z'"):
+        bradley_terry(["x"], [("x", "z", 1.0)])

@@ -1,5 +1,5 @@
 """Evaluation metrics of generated text and of rankings: diversity, perplexity, rank correlation,
-Elo ratings with bootstrap confidence intervals, confidence intervals over seeds, and Gao et al.'s
+Elo and Bradley-Terry ratings with bootstrap confidence intervals, confidence intervals over seeds, and Gao et al.'s
 over-optimisation fit. Plain Python and numpy; Spearman's rho and Student's t from scipy."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["distinct_n", "perplexity", "spearman", "elo_ratings", "elo_bootstrap", "mean_ci", "gao_rl_fit",
-           "gao_rl_curve", "proxy_up_gold_down"]
+__all__ = ["distinct_n", "perplexity", "spearman", "elo_ratings", "elo_bootstrap", "bradley_terry",
+           "bradley_terry_bootstrap", "mean_ci", "gao_rl_fit", "gao_rl_curve", "proxy_up_gold_down"]
 
 Match = tuple[str, str, float]  # (player a, player b, score of a: 1 win, 0.5 draw, 0 loss)
 
@@ -105,6 +105,63 @@ def elo_bootstrap(players: Sequence[str], matches: Sequence[Match], n_bootstrap:
             "high": float(np.percentile(samples[p], 100 - tail))}
         for p in players
     }
+
+
+# Bradley-Terry's weak Gaussian prior on the log-strengths (in nats): it keeps a player that won (or
+# lost) every match at a finite rating, and moves the others by far less than their intervals.
+BT_PRIOR = 1e-4
+
+
+def bradley_terry(players: Sequence[str], matches: Sequence[Match], initial: float = 1000) -> dict[str, float]:
+    """Bradley-Terry maximum-likelihood ratings on the Elo scale: ``P(a beats b) = 1 / (1 + 10 **
+    ((r_b - r_a) / 400))`` fitted to all ``matches`` (``(a, b, score_of_a)``, a draw scoring 0.5 to
+    each) at once, so, unlike online Elo, the order of the matches does not matter (Chatbot Arena
+    moved to it for that reason). Ratings average ``initial``; a weak prior (``BT_PRIOR``) keeps an
+    unbeaten player finite."""
+    from scipy.optimize import minimize  # imported here: scipy's import is slow and only this needs it
+
+    index = {p: i for i, p in enumerate(players)}
+    wins = np.zeros((len(players), len(players)))
+    for a, b, score in matches:
+        for p in (a, b):
+            if p not in index:
+                raise ValueError(f"match ({a!r}, {b!r}, {score!r}) has unknown player {p!r}; players: {list(players)}")
+        if not 0 <= score <= 1:
+            raise ValueError(f"match ({a!r}, {b!r}, {score!r}): the score must be in [0, 1]")
+        wins[index[a], index[b]] += score
+        wins[index[b], index[a]] += 1 - score
+
+    def loss(theta: np.ndarray) -> tuple[float, np.ndarray]:
+        diff = theta[:, None] - theta[None, :]
+        log_p = -np.logaddexp(0.0, -diff)  # log sigmoid(theta_a - theta_b)
+        nll = -float((wins * log_p).sum()) + BT_PRIOR * float(theta @ theta)
+        p = np.exp(log_p)
+        grad = -((wins * (1 - p)).sum(1) - (wins.T * (1 - p.T)).sum(1)) + 2 * BT_PRIOR * theta
+        return nll, grad
+
+    theta = minimize(loss, np.zeros(len(players)), jac=True, method="L-BFGS-B").x
+    theta -= theta.mean()
+    return {p: float(initial + 400 / math.log(10) * theta[i]) for p, i in index.items()}
+
+
+def bradley_terry_bootstrap(players: Sequence[str], matches: Sequence[Match], n_bootstrap: int = 200, seed: int = 0,
+                            ci: float = 0.95) -> dict[str, dict[str, float]]:
+    """Bradley-Terry ``rating`` of every player on all matches with a percentile ``low``/``high``
+    interval from ``n_bootstrap`` resamples of the matches (with replacement)."""
+    if n_bootstrap < 1:
+        raise ValueError(f"n_bootstrap must be >= 1, got {n_bootstrap}")
+    if not 0 < ci < 1:
+        raise ValueError(f"ci must be in (0, 1), got {ci}")
+    point = bradley_terry(players, matches)
+    rng = np.random.default_rng(seed)
+    samples: dict[str, list[float]] = {p: [] for p in players}
+    for _ in range(n_bootstrap):
+        idx: np.ndarray | list[int] = rng.integers(0, len(matches), len(matches)) if matches else []
+        for p, r in bradley_terry(players, [matches[i] for i in idx]).items():
+            samples[p].append(r)
+    tail = (1 - ci) / 2 * 100
+    return {p: {"rating": point[p], "low": float(np.percentile(samples[p], tail)),
+                "high": float(np.percentile(samples[p], 100 - tail))} for p in players}
 
 
 def mean_ci(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float]:

@@ -297,9 +297,11 @@ def plot_overoptimization(results: dict, path: Path) -> None:
 def bench_elo(targets: list[str], *, judge: Any = "vader", env_id: str = "textgym/Sentiment-v0", n: int = 32,
               seed: int = 0, n_envs: int = 16, n_bootstrap: int = 200, output_dir: str = "runs/bench_elo",
               env_kwargs: dict | None = None) -> dict:
-    """Rate policies (run directories or models) by Elo from pairwise comparisons of their
-    completions of the same ``n`` held-out prompts under ``judge``: a higher judge score wins the
-    comparison, equal scores draw. Writes ``elo.json``, ``elo.md`` and ``elo.png``."""
+    """Rate policies (run directories or models) from pairwise comparisons of their completions of
+    the same ``n`` held-out prompts under ``judge``: a higher judge score wins the comparison, equal
+    scores draw. Ratings: Bradley-Terry maximum likelihood (``metrics.bradley_terry``: all games at
+    once, independent of their order) and online Elo (order-dependent, kept for comparison), each with
+    a bootstrap interval. Writes ``elo.json``, ``elo.md`` and ``elo.png`` (Bradley-Terry)."""
 
     if len(targets) < 2:
         raise ValueError(f"bench elo needs at least two policies, got {targets!r}")
@@ -322,13 +324,14 @@ def bench_elo(targets: list[str], *, judge: Any = "vader", env_id: str = "textgy
     scores = {name: judge_fn(prompts.prompts, completions[name], **meta) for name in names}
     matches = judge_matches(names, scores)
     ratings = metrics.elo_bootstrap(names, matches, n_bootstrap=n_bootstrap, seed=seed)
-    result = {"judge": judge_spec, "n_prompts": len(prompts), "ratings": ratings,
+    bt = metrics.bradley_terry_bootstrap(names, matches, n_bootstrap=n_bootstrap, seed=seed)
+    result = {"judge": judge_spec, "n_prompts": len(prompts), "ratings": ratings, "bradley_terry": bt,
               "mean_judge_score": {k: float(np.mean(v)) for k, v in scores.items()}}
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "elo.json").write_text(json.dumps(result, indent=1))
     (out / "elo.md").write_text(elo_markdown(result))
-    plot_elo(ratings, out / "elo.png")
+    plot_elo(bt, out / "elo.png", "Bradley-Terry rating (95% bootstrap interval)")
     return result
 
 
@@ -343,15 +346,22 @@ def judge_matches(names: list[str], scores: dict[str, list[float]]) -> list[tupl
 
 
 def elo_markdown(result: dict) -> str:
-    rows = ["| policy | Elo | 95% CI | mean judge score |", "|---|---|---|---|"]
-    ordered = sorted(result["ratings"].items(), key=lambda kv: -kv[1]["rating"])
-    for name, r in ordered:
-        rows.append(f"| {name} | {r['rating']:.0f} | [{r['low']:.0f}, {r['high']:.0f}] | "
+    """The ratings as a Markdown table, best first by Bradley-Terry (by Elo in a result saved before
+    textgym computed Bradley-Terry)."""
+    bt = result.get("bradley_terry")
+    rows = ["| policy | Bradley-Terry | 95% CI | Elo (online) | 95% CI | mean judge score |",
+            "|---|---|---|---|---|---|"]
+    ordered = sorted(result["ratings"], key=lambda name: -(bt or result["ratings"])[name]["rating"])
+    for name in ordered:
+        r = result["ratings"][name]
+        b = bt[name] if bt else None
+        rows.append((f"| {name} | {b['rating']:.0f} | [{b['low']:.0f}, {b['high']:.0f}] " if b else f"| {name} | | ")
+                    + f"| {r['rating']:.0f} | [{r['low']:.0f}, {r['high']:.0f}] | "
                     f"{result['mean_judge_score'][name]:.3f} |")
     return "\n".join(rows) + "\n"
 
 
-def plot_elo(ratings: dict, path: Path) -> None:
+def plot_elo(ratings: dict, path: Path, label: str = "Elo rating (95% bootstrap interval)") -> None:
     plt = pyplot()
 
     ordered = sorted(ratings.items(), key=lambda kv: kv[1]["rating"])
@@ -361,7 +371,7 @@ def plot_elo(ratings: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 0.5 + 0.5 * len(names)))
     ax.errorbar(values, range(len(names)), xerr=np.maximum(err, 0), fmt="o", capsize=4)
     ax.set_yticks(range(len(names)), names)
-    ax.set_xlabel("Elo rating (95% bootstrap interval)")
+    ax.set_xlabel(label)
     ax.grid(alpha=0.3)
     save(fig, path)
 
