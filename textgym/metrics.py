@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -63,13 +63,8 @@ def elo_ratings(players: Sequence[str], matches: Sequence[Match], k: float = 16,
     """
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
+    _check_matches(players, matches)
     ratings = {p: float(initial) for p in players}
-    for a, b, score in matches:
-        for p in (a, b):
-            if p not in ratings:
-                raise ValueError(f"match ({a!r}, {b!r}, {score!r}) has unknown player {p!r}; players: {list(players)}")
-        if not 0 <= score <= 1:
-            raise ValueError(f"match ({a!r}, {b!r}, {score!r}): the score must be in [0, 1]")
     rng = random.Random(seed) if seed is not None else None
     order = list(matches)
     for _ in range(rounds):
@@ -83,21 +78,31 @@ def elo_ratings(players: Sequence[str], matches: Sequence[Match], k: float = 16,
     return ratings
 
 
-def elo_bootstrap(players: Sequence[str], matches: Sequence[Match], n_bootstrap: int = 200, seed: int = 0,
-                  ci: float = 0.95, **elo_kwargs) -> dict[str, dict[str, float]]:
-    """Elo ``rating`` of every player on all matches, with a percentile ``low``/``high`` confidence
-    interval from ``n_bootstrap`` resamples of the matches (with replacement). ``elo_kwargs`` go to
-    :func:`elo_ratings`. The interval need not contain the rating (Elo is order-dependent)."""
+def _check_matches(players: Sequence[str], matches: Sequence[Match]) -> None:
+    """Every match between known players, with a score in [0, 1]."""
+    known = set(players)
+    for a, b, score in matches:
+        for p in (a, b):
+            if p not in known:
+                raise ValueError(f"match ({a!r}, {b!r}, {score!r}) has unknown player {p!r}; players: {list(players)}")
+        if not 0 <= score <= 1:
+            raise ValueError(f"match ({a!r}, {b!r}, {score!r}): the score must be in [0, 1]")
+
+
+def _bootstrap(rate: Callable[[Sequence[Match]], dict[str, float]], players: Sequence[str],
+               matches: Sequence[Match], n_bootstrap: int, seed: int, ci: float) -> dict[str, dict[str, float]]:
+    """``rate(matches)`` of every player, with a percentile ``low``/``high`` interval from
+    ``n_bootstrap`` resamples of the matches (with replacement)."""
     if n_bootstrap < 1:
         raise ValueError(f"n_bootstrap must be >= 1, got {n_bootstrap}")
     if not 0 < ci < 1:
         raise ValueError(f"ci must be in (0, 1), got {ci}")
-    point = elo_ratings(players, matches, **elo_kwargs)
+    point = rate(matches)
     rng = np.random.default_rng(seed)
     samples: dict[str, list[float]] = {p: [] for p in players}
     for _ in range(n_bootstrap):
         idx: np.ndarray | list[int] = rng.integers(0, len(matches), len(matches)) if matches else []
-        for p, r in elo_ratings(players, [matches[i] for i in idx], **elo_kwargs).items():
+        for p, r in rate([matches[i] for i in idx]).items():
             samples[p].append(r)
     tail = (1 - ci) / 2 * 100
     return {
@@ -105,6 +110,14 @@ def elo_bootstrap(players: Sequence[str], matches: Sequence[Match], n_bootstrap:
             "high": float(np.percentile(samples[p], 100 - tail))}
         for p in players
     }
+
+
+def elo_bootstrap(players: Sequence[str], matches: Sequence[Match], n_bootstrap: int = 200, seed: int = 0,
+                  ci: float = 0.95, **elo_kwargs) -> dict[str, dict[str, float]]:
+    """Elo ``rating`` of every player on all matches, with a percentile ``low``/``high`` confidence
+    interval from ``n_bootstrap`` resamples of the matches (with replacement). ``elo_kwargs`` go to
+    :func:`elo_ratings`. The interval need not contain the rating (Elo is order-dependent)."""
+    return _bootstrap(lambda m: elo_ratings(players, m, **elo_kwargs), players, matches, n_bootstrap, seed, ci)
 
 
 # Bradley-Terry's weak Gaussian prior on the log-strengths (in nats): it keeps a player that won (or
@@ -120,14 +133,10 @@ def bradley_terry(players: Sequence[str], matches: Sequence[Match], initial: flo
     unbeaten player finite."""
     from scipy.optimize import minimize  # imported here: scipy's import is slow and only this needs it
 
+    _check_matches(players, matches)
     index = {p: i for i, p in enumerate(players)}
     wins = np.zeros((len(players), len(players)))
     for a, b, score in matches:
-        for p in (a, b):
-            if p not in index:
-                raise ValueError(f"match ({a!r}, {b!r}, {score!r}) has unknown player {p!r}; players: {list(players)}")
-        if not 0 <= score <= 1:
-            raise ValueError(f"match ({a!r}, {b!r}, {score!r}): the score must be in [0, 1]")
         wins[index[a], index[b]] += score
         wins[index[b], index[a]] += 1 - score
 
@@ -148,20 +157,7 @@ def bradley_terry_bootstrap(players: Sequence[str], matches: Sequence[Match], n_
                             ci: float = 0.95) -> dict[str, dict[str, float]]:
     """Bradley-Terry ``rating`` of every player on all matches with a percentile ``low``/``high``
     interval from ``n_bootstrap`` resamples of the matches (with replacement)."""
-    if n_bootstrap < 1:
-        raise ValueError(f"n_bootstrap must be >= 1, got {n_bootstrap}")
-    if not 0 < ci < 1:
-        raise ValueError(f"ci must be in (0, 1), got {ci}")
-    point = bradley_terry(players, matches)
-    rng = np.random.default_rng(seed)
-    samples: dict[str, list[float]] = {p: [] for p in players}
-    for _ in range(n_bootstrap):
-        idx: np.ndarray | list[int] = rng.integers(0, len(matches), len(matches)) if matches else []
-        for p, r in bradley_terry(players, [matches[i] for i in idx]).items():
-            samples[p].append(r)
-    tail = (1 - ci) / 2 * 100
-    return {p: {"rating": point[p], "low": float(np.percentile(samples[p], tail)),
-                "high": float(np.percentile(samples[p], 100 - tail))} for p in players}
+    return _bootstrap(lambda m: bradley_terry(players, m), players, matches, n_bootstrap, seed, ci)
 
 
 def mean_ci(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float]:
