@@ -48,7 +48,7 @@ from .completion_buffer import CompletionRolloutBuffer
 from .policy import group_rows
 from .ptx import lm_loss, ptx_batches
 from .update import GradientStep, check_micro_batch_size, upcast_trainable
-from .vec_env import LMVecEnv, as_vec_env
+from .vec_env import LMVecEnv, OnLMVecEnv, as_vec_env
 
 if TYPE_CHECKING:  # what the mixin is mixed into, so its uses of the algorithm's attributes are checked
     from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm as _MixedInto
@@ -110,7 +110,7 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
     return reduce(torch.max(unclipped, (returns - clipped).square()))
 
 
-class LMAlgorithm(_MixedInto):
+class LMAlgorithm(OnLMVecEnv, _MixedInto):
     """Mixin placed before an SB3 ``OnPolicyAlgorithm`` subclass in the bases. Its own keyword
     arguments (``lora`` and PPO-ptx's are described with the algorithms):
 
@@ -167,17 +167,6 @@ class LMAlgorithm(_MixedInto):
                 raise ValueError("learning_rate=None picks a default from the env's model: pass env= too")
             kwargs["learning_rate"] = default_learning_rate(env.core.model, self.lora is not None)
         super().__init__(policy, env, *args, **kwargs)
-
-    @property
-    def vec_env(self) -> LMVecEnv:
-        """The agent's env, which must be textgym's ``LMVecEnv``."""
-        if not isinstance(self.env, LMVecEnv):
-            raise ValueError("textgym agents need a textgym env: pass env= (an env id, textgym env or vector env)")
-        return self.env
-
-    @property
-    def core(self):
-        return self.vec_env.core
 
     @property
     def iteration_timesteps(self) -> int:
@@ -243,10 +232,7 @@ class LMAlgorithm(_MixedInto):
     def load(cls, path, env=None, device="auto", custom_objects=None, print_system_info=False, force_reset=True,
              **kwargs):
         """Rebuild an agent saved with ``save`` on ``env``; nothing in the file is unpickled."""
-        if env is None:
-            raise ValueError("textgym agents are loaded onto an env (it holds the LM): pass env=")
-        if custom_objects:
-            raise ValueError("custom_objects is not supported: textgym agent files hold no pickled objects")
+        serialization.check_load_arguments(env, custom_objects)
         model = serialization.load_agent(cls, path, as_vec_env(env), device=device, **kwargs)
         if getattr(model, "kl_controller_state", None):  # the coefficient carries on where it was saved
             model.core.kl_controller.load_state_dict(model.kl_controller_state)

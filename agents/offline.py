@@ -37,7 +37,7 @@ from textgym.lora import lora_config
 from . import serialization
 from .common import check_learning_rate, default_learning_rate
 from .update import upcast_trainable
-from .vec_env import LMVecEnv, as_vec_env
+from .vec_env import OnLMVecEnv, as_vec_env
 
 
 class OfflineLMPolicy(nn.Module):
@@ -61,7 +61,7 @@ def _positive_int(name: str, value: Any) -> int:
     return int(value)
 
 
-class OfflineAlgorithm(BaseAlgorithm):
+class OfflineAlgorithm(OnLMVecEnv, BaseAlgorithm):
     """Base of textgym's offline algorithms (module docstring). A subclass implements
     ``_load_data`` (its dataset, checked against the env), ``_extra_modules`` (what it trains
     beside the LM, or None), ``_loss`` (the loss of a batch of dataset indices, with the figures to
@@ -117,16 +117,6 @@ class OfflineAlgorithm(BaseAlgorithm):
             self._setup_model()
 
     data_help = "see the algorithm's documentation"
-
-    @property
-    def vec_env(self) -> LMVecEnv:
-        if not isinstance(self.env, LMVecEnv):
-            raise ValueError("textgym agents need a textgym env: pass env= (an env id, textgym env or vector env)")
-        return self.env
-
-    @property
-    def core(self):
-        return self.vec_env.core
 
     @property
     def iteration_timesteps(self) -> int:
@@ -247,10 +237,7 @@ class OfflineAlgorithm(BaseAlgorithm):
     def load(cls, path, env=None, device="auto", custom_objects=None, print_system_info=False, force_reset=True,
              **kwargs):
         """Rebuild an agent saved with ``save`` on ``env``; nothing in the file is unpickled."""
-        if env is None:
-            raise ValueError("textgym agents are loaded onto an env (it holds the LM): pass env=")
-        if custom_objects:
-            raise ValueError("custom_objects is not supported: textgym agent files hold no pickled objects")
+        serialization.check_load_arguments(env, custom_objects)
         return serialization.load_agent(cls, path, as_vec_env(env), device=device, **kwargs)
 
 

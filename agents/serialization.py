@@ -134,6 +134,15 @@ def save_agent(agent, path: str | os.PathLike | io.BufferedIOBase, exclude=None,
         raise
 
 
+def check_load_arguments(env: Any, custom_objects: Any) -> None:
+    """What every textgym agent's ``load`` refuses: no env (it holds the LM), or SB3's
+    ``custom_objects`` (they replace objects when unpickling; nothing here is unpickled)."""
+    if env is None:
+        raise ValueError("textgym agents are loaded onto an env (it holds the LM): pass env=")
+    if custom_objects:
+        raise ValueError("custom_objects is not supported: textgym agent files hold no pickled objects")
+
+
 def read_data(path: str | os.PathLike) -> dict:
     """The ``data`` entry of an agent zip, as JSON, after checking it holds no pickle."""
     where = str(path)

@@ -198,3 +198,20 @@ def _rank_rows(n_envs: int, group_size: Any) -> tuple[int, int]:
 
 def _textgym_ids() -> list[str]:
     return sorted(k for k in gym.registry if k.startswith("textgym/"))
+
+
+class OnLMVecEnv:
+    """What every textgym agent, online (``agents.common.LMAlgorithm``) or offline
+    (``agents.offline.OfflineAlgorithm``), reads of its env: the ``LMVecEnv`` and its engine."""
+
+    @property
+    def vec_env(self) -> LMVecEnv:
+        """The agent's env, which must be textgym's ``LMVecEnv``."""
+        env = getattr(self, "env", None)
+        if not isinstance(env, LMVecEnv):
+            raise ValueError("textgym agents need a textgym env: pass env= (an env id, textgym env or vector env)")
+        return env
+
+    @property
+    def core(self):
+        return self.vec_env.core
