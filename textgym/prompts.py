@@ -169,12 +169,20 @@ def _read_text(path: Path) -> str:
 
 def _json_lines(path: Path) -> list[Any]:
     """The records of a JSON Lines file; a malformed line is a ``ValueError`` naming file and line."""
+    return [row for _, row in json_lines_numbered(path)]
+
+
+def json_lines_numbered(path: str | os.PathLike) -> list[tuple[int, Any]]:
+    """``(line number, record)`` of each non-blank line of a JSON Lines file (numbers from 1), so
+    that a reader can name the line of a record it refuses; a line that is not JSON is a
+    ``ValueError`` naming file and line."""
+    path = Path(path)
     rows = []
     for number, line in enumerate(_read_text(path).splitlines(), start=1):
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line))
+            rows.append((number, json.loads(line)))
         except json.JSONDecodeError as err:
             raise ValueError(
                 f"file {str(path)!r}, line {number}: not valid JSON ({err.msg} at column {err.colno})"

@@ -190,6 +190,32 @@ def cmd_bench_elo(args) -> int:
     return 0
 
 
+def cmd_label(args) -> int:
+    from textgym.pipeline import label  # imported on use: the web server's libraries load only here
+
+    env_kwargs = {"max_new_tokens": args.max_new_tokens} if args.max_new_tokens else None
+    items = label.prepare_items(args.directory, args.policy, n=args.items, k=args.k, seed=args.seed,
+                                split=args.split, env_kwargs=env_kwargs)
+    store = label.LabelStore(args.directory, items)
+    if args.report:
+        report = store.report()
+        text = label.report_markdown(report)
+        (Path(args.directory) / "agreement.json").write_text(json.dumps(report["agreement"], indent=1))
+        print(text, end="")
+        return 0
+    server = label.LabelServer(store, host=args.host, port=args.port, labeller=args.labeller)
+    progress = store.progress(args.labeller)
+    print(f"textgym label: {len(items)} items in {args.directory} ({progress['answers']} answers so far, "
+          f"{progress['done']} by {args.labeller}); answers go to {store.path}", flush=True)
+    if server.token:
+        print(f"textgym label: serving on {args.host}, not loopback: every request needs the access token in this "
+              "address", flush=True)
+    print(f"textgym label: open {server.url(args.labeller)} (another labeller: another labeller= in the address; "
+          "Ctrl-C stops)", flush=True)
+    server.run()
+    return 0
+
+
 def positive_int(text: str) -> int:
     """argparse type: an integer >= 1 (``--n -3`` or ``--n 0`` is an error, not a silent default)."""
     try:
@@ -287,6 +313,23 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--bootstrap", type=positive_int, default=200, help="bootstrap resamples for the intervals")
     be.add_argument("--output-dir", default="runs/bench_elo")
     be.set_defaults(func=cmd_bench_elo)
+
+    lb = sub.add_parser("label", help="a local web page to rank a policy's completions into a preference file")
+    lb.add_argument("directory", help="the labelling directory (items.jsonl, preferences.jsonl); reopen it to resume")
+    lb.add_argument("--policy", default=None,
+                    help="run directory or model whose completions are labelled (needed until items.jsonl exists)")
+    lb.add_argument("--items", type=positive_int, default=20, help="prompts to label, drawn from --split")
+    lb.add_argument("--k", type=positive_int, default=4, help="completions per prompt (>= 2)")
+    lb.add_argument("--split", choices=["train", "test"], default="train", help="the prompts the items come from")
+    lb.add_argument("--max-new-tokens", type=positive_int, default=None, help="completion length (default: the env's)")
+    lb.add_argument("--seed", type=int, default=0, help="seed of the prompts' draw and the sampling")
+    lb.add_argument("--host", default="127.0.0.1",
+                    help="address to serve on; anything but loopback gets a printed access token")
+    lb.add_argument("--port", type=int, default=8765)
+    lb.add_argument("--labeller", default="labeller", help="the labeller of a page opened without ?labeller=")
+    lb.add_argument("--report", action="store_true",
+                    help="print the answers and the labellers' agreement (and write agreement.json) instead of serving")
+    lb.set_defaults(func=cmd_label)
 
     for name, func, what, cls in (
             ("sft", cmd_sft, "supervised fine-tuning on (prompt, completion) demonstrations", SFTConfig),

@@ -74,8 +74,8 @@ def held_out_prompts(core: TextGenCore, source: Any = None, n: int | None = None
 
 def target_env(target: str, env_id: str | None = None, ref: str | None = None) -> tuple[str, dict, TrainConfig | None]:
     """The env that plays ``target``: for a run directory (from ``textgym train``) its env id and
-    settings with its final model as the policy and its base model as the reference (``ref``
-    overrides), and its config; for a model name or path, ``env_id`` (default
+    settings with its final model as the policy and its reference (``env.kwargs.ref_model``, else
+    its base model; ``ref`` overrides), and its config; for a model name or path, ``env_id`` (default
     ``textgym/Sentiment-v0``) with that model as the policy and ``ref`` (default: itself) as the
     reference, and None. Returns ``(env_id, env kwargs, run config or None)``."""
     path = Path(target)
@@ -83,7 +83,10 @@ def target_env(target: str, env_id: str | None = None, ref: str | None = None) -
         cfg = load_config(TrainConfig, path / "config.yaml")
         if not (path / "final_model" / "config.json").exists():
             raise FileNotFoundError(f"run {target!r} has no final_model/ yet: finish or resume it first")
-        kwargs = {**cfg.env_kwargs(), "model": str(path / "final_model"), "ref_model": ref or cfg.model.name}
+        # The run's own reference: the one its env was given (textgym iterate's rounds keep the first
+        # round's base), else its base model.
+        kwargs = {**cfg.env_kwargs(), "model": str(path / "final_model"),
+                  "ref_model": ref or cfg.env.kwargs.get("ref_model") or cfg.model.name}
         return env_id or cfg.env.id, kwargs, cfg
     return env_id or "textgym/Sentiment-v0", {"model": target, "ref_model": ref}, None
 

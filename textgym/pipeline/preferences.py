@@ -16,13 +16,15 @@ from pathlib import Path
 from typing import Any
 
 import gymnasium as gym
+import numpy as np
 import torch
 
 from textgym import models, sampling
 from textgym.envs import core_of
+from textgym.pipeline.evaluate import target_env
 from textgym.prompts import PromptSet, load_prompts, sentiment_prompts
 
-__all__ = ["synthesize", "to_pairs", "write_jsonl"]
+__all__ = ["synthesize", "sample_items", "to_pairs", "write_jsonl"]
 
 
 def synthesize(
@@ -76,6 +78,51 @@ def synthesize(
         if record is not None:
             records.append(record)
     return records
+
+
+def sample_items(target: str, n: int, k: int, *, seed: int = 0, split: str = "train", gold: Any = None,
+                 env_id: str | None = None, env_kwargs: dict | None = None, n_envs: int = 16,
+                 progress: bool = False) -> list[dict]:
+    """Items to rank: ``n`` prompts, drawn at random without replacement from the ``split`` prompts
+    of ``target``'s env, each with ``k`` completions sampled from its acting policy (a run
+    directory's final model in its own env, or a model name or path, as ``textgym eval`` plays
+    them; through ``textgym.sampling``).
+
+    :param gold: a reward (name or ``{name:, kwargs:}``) that also scores every completion
+        (``"scores"`` in the items; a simulated labeller ranks by them); None: the env's own reward
+        scores them and the scores are not returned.
+    :param env_kwargs: settings on top of the target's env (``max_new_tokens``, ...).
+    :return: ``[{"item": 0.., "prompt", "completions"[, "scores"]}]``, the same for the same arguments.
+    """
+    if isinstance(k, bool) or not isinstance(k, int) or k < 2:
+        raise ValueError(f"k must be an integer >= 2 completions per item, got {k!r}")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be an integer >= 1 items, got {n!r}")
+    if split not in ("train", "test"):
+        raise ValueError(f"unknown split {split!r}; valid: train, test")
+    env_id, kwargs, _ = target_env(target, env_id)
+    kwargs = {**kwargs, **(env_kwargs or {})}
+    if gold is not None:
+        spec = {"name": gold} if isinstance(gold, str) else dict(gold)
+        kwargs.update(reward=spec["name"], reward_kwargs=dict(spec.get("kwargs", {})))
+    vec = gym.make_vec(env_id, num_envs=n_envs, vectorization_mode="vector_entry_point", **kwargs)
+    core = core_of(vec)
+    pool = core.prompts if split == "train" else core.test_prompts
+    if n > len(pool):
+        raise ValueError(f"n={n} items need as many distinct prompts, but the {split} split has {len(pool)}")
+    chosen = np.random.default_rng(seed).choice(len(pool), size=n, replace=False).tolist()
+    rows = [i for i in chosen for _ in range(k)]  # each prompt k times, adjacent
+    infos = sampling.complete_prompts(core, PromptSet([pool.prompts[i] for i in rows], pool.metadata_for(rows)),
+                                      seed=seed, progress=progress)
+    items = []
+    for item, index in enumerate(chosen):
+        group = infos[item * k:(item + 1) * k]
+        record: dict[str, Any] = {"item": item, "prompt": pool.prompts[index],
+                                  "completions": [e["completion"] for e in group]}
+        if gold is not None:
+            record["scores"] = [float(e["score"]) for e in group]
+        items.append(record)
+    return items
 
 
 def _ranking(prompt: str, completions: list[str], scores: list[float]) -> dict | None:
