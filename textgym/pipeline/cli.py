@@ -190,6 +190,16 @@ def cmd_bench_elo(args) -> int:
     return 0
 
 
+def cmd_iterate(args) -> int:
+    from textgym.pipeline.iterate import IterateConfig, iterate
+
+    cfg = load_config(IterateConfig, *_config_and_overrides(args))
+    iterate(cfg, resume=args.resume)
+    print((Path(cfg.output_dir) / "ratings" / "ratings.md").read_text(), end="")
+    print(f"plot: {Path(cfg.output_dir) / 'ratings' / 'ratings.png'}")
+    return 0
+
+
 def cmd_label(args) -> int:
     from textgym.pipeline import label  # imported on use: the web server's libraries load only here
 
@@ -330,6 +340,17 @@ def build_parser() -> argparse.ArgumentParser:
     lb.add_argument("--report", action="store_true",
                     help="print the answers and the labellers' agreement (and write agreement.json) instead of serving")
     lb.set_defaults(func=cmd_label)
+
+    from textgym.pipeline.iterate import IterateConfig
+
+    it = sub.add_parser("iterate", help="iterated online RLHF: rounds of sample -> rank (people or a simulated "
+                        "labeller) -> reward model -> RL, each round's policy rated", **config_help(IterateConfig))
+    it.add_argument("config", nargs="?", default=None,
+                    help="YAML config (model, rounds, items, labeller, rm, train, ...)")
+    it.add_argument("overrides", nargs="*", help="key=value overrides, e.g. rounds=2 labeller=people")
+    it.add_argument("--resume", action="store_true",
+                    help="continue the loop in output_dir after its last finished step")
+    it.set_defaults(func=cmd_iterate)
 
     for name, func, what, cls in (
             ("sft", cmd_sft, "supervised fine-tuning on (prompt, completion) demonstrations", SFTConfig),

@@ -70,8 +70,8 @@ def check_labeller(name: Any) -> str:
 
 
 def prepare_items(directory: str | os.PathLike, policy: str | None, *, n: int = 20, k: int = 4, seed: int = 0,
-                  split: str = "train", env_kwargs: dict | None = None, gold: Any = None,
-                  progress: bool = True) -> list[dict]:
+                  split: str = "train", env_id: str | None = None, env_kwargs: dict | None = None,
+                  gold: Any = None, progress: bool = True) -> list[dict]:
     """The items of a labelling directory: read from its ``items.jsonl`` if it has one (``policy``
     and the sampling options are then not used), else sampled from ``policy`` (a run directory or a
     model) and written there atomically. See ``sample_items`` for the options."""
@@ -81,14 +81,14 @@ def prepare_items(directory: str | os.PathLike, policy: str | None, *, n: int = 
         if policy is None:
             raise FileNotFoundError(f"{str(directory)!r} has no {ITEMS} yet: give the policy whose completions "
                                     "are to be labelled (--policy, a run directory or a model)")
-        write_jsonl(sample_items(policy, n, k, seed=seed, split=split, gold=gold, env_kwargs=env_kwargs,
-                                 progress=progress), path)
+        write_jsonl(sample_items(policy, n, k, seed=seed, split=split, gold=gold, env_id=env_id,
+                                 env_kwargs=env_kwargs, progress=progress), path)
     return read_items(path)
 
 
 def read_items(path: str | os.PathLike) -> list[dict]:
     """An ``items.jsonl``: item ``i`` on its ``i``-th line, each with a prompt and >= 2 completions."""
-    items = []
+    items: list[dict] = []
     for line, item in json_lines_numbered(path):
         where = f"file {os.fspath(path)!r}, line {line}"
         if (not isinstance(item, dict) or item.get("item") != len(items) or not isinstance(item.get("prompt"), str)
@@ -167,7 +167,7 @@ class LabelStore:
         """The first item ``labeller`` has not answered, or None."""
         return next((i for i in range(len(self.items)) if (labeller, i) not in self._answered), None)
 
-    def answer(self, labeller: str, item: int, answer: str, *, best: int | None = None,
+    def answer(self, labeller: str, item: Any, answer: Any, *, best: int | None = None,
                ranks: list[int] | None = None, **extra: Any) -> dict:
         """Check one answer, append its line (written whole and fsynced) and return its record."""
         with self._lock:

@@ -103,7 +103,7 @@ def sample_items(target: str, n: int, k: int, *, seed: int = 0, split: str = "tr
     env_id, kwargs, _ = target_env(target, env_id)
     kwargs = {**kwargs, **(env_kwargs or {})}
     if gold is not None:
-        spec = {"name": gold} if isinstance(gold, str) else dict(gold)
+        spec: dict[str, Any] = {"name": gold} if isinstance(gold, str) else dict(gold)
         kwargs.update(reward=spec["name"], reward_kwargs=dict(spec.get("kwargs", {})))
     vec = gym.make_vec(env_id, num_envs=n_envs, vectorization_mode="vector_entry_point", **kwargs)
     core = core_of(vec)
