@@ -167,3 +167,7 @@ def test_config_refusals(tmp_path):
         tiny(tmp_path, rm={"epochz": 2})
     with pytest.raises(FileNotFoundError, match="nothing to resume"):
         iterate(tiny(tmp_path / "new"), resume=True)
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not empty and holds no loop"):
+        iterate(tiny(tmp_path / "used"))

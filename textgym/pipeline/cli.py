@@ -20,11 +20,12 @@ from rich.table import Table
 
 import textgym
 from textgym import agents, distributed, metrics, models, rewards, sampling, timing
-from textgym.pipeline import hyperparameters
+from textgym.pipeline import hyperparameters, label
 from textgym.pipeline.bench import BenchRewardsConfig, bench_elo, bench_rewards
 from textgym.pipeline.bench_algos import BenchAlgosConfig, bench_algos
 from textgym.pipeline.config import describe, load_config
 from textgym.pipeline.evaluate import evaluate_target
+from textgym.pipeline.iterate import IterateConfig, iterate
 from textgym.pipeline.record import record_target
 from textgym.pipeline.rm import RMConfig, train_reward_model
 from textgym.pipeline.runlock import RunLockedError
@@ -191,8 +192,6 @@ def cmd_bench_elo(args) -> int:
 
 
 def cmd_iterate(args) -> int:
-    from textgym.pipeline.iterate import IterateConfig, iterate
-
     cfg = load_config(IterateConfig, *_config_and_overrides(args))
     iterate(cfg, resume=args.resume)
     print((Path(cfg.output_dir) / "ratings" / "ratings.md").read_text(), end="")
@@ -201,8 +200,6 @@ def cmd_iterate(args) -> int:
 
 
 def cmd_label(args) -> int:
-    from textgym.pipeline import label  # imported on use: the web server's libraries load only here
-
     env_kwargs = {"max_new_tokens": args.max_new_tokens} if args.max_new_tokens else None
     items = label.prepare_items(args.directory, args.policy, n=args.items, k=args.k, seed=args.seed,
                                 split=args.split, env_kwargs=env_kwargs)
@@ -340,8 +337,6 @@ def build_parser() -> argparse.ArgumentParser:
     lb.add_argument("--report", action="store_true",
                     help="print the answers and the labellers' agreement (and write agreement.json) instead of serving")
     lb.set_defaults(func=cmd_label)
-
-    from textgym.pipeline.iterate import IterateConfig
 
     it = sub.add_parser("iterate", help="iterated online RLHF: rounds of sample -> rank (people or a simulated "
                         "labeller) -> reward model -> RL, each round's policy rated", **config_help(IterateConfig))

@@ -40,7 +40,7 @@ from textgym.pipeline.config import ConfigError, defaults, from_dict, load_confi
 from textgym.pipeline.label import PREFERENCES, LabelServer, LabelStore, prepare_items
 from textgym.pipeline.plots import pyplot, save
 from textgym.pipeline.preferences import write_jsonl
-from textgym.pipeline.rm import MINILM, RMConfig, load_preferences, train_reward_model
+from textgym.pipeline.rm import MINILM, RMConfig, load_preferences, pairwise_accuracy, train_reward_model
 from textgym.pipeline.runlock import RunLock
 from textgym.pipeline.train import iteration_seed, train
 from textgym.pipeline.train_config import TrainConfig
@@ -132,10 +132,12 @@ class Loop:
             if changed:
                 raise ConfigError(f"--resume continues the loop with its saved config.yaml, so it cannot change "
                                   f"{', '.join(changed)}; only {', '.join(RESUMABLE)} may be given")
-            saved.rounds = cfg.rounds
+            saved.rounds, saved.output_dir = cfg.rounds, cfg.output_dir  # the directory may have moved
             cfg = saved
         elif self.state_path.exists():
             raise FileExistsError(f"{str(self.dir)!r} already holds a loop: pass --resume, or another output_dir")
+        elif self.dir.exists() and any(p.name != ".lock" for p in self.dir.iterdir()):
+            raise FileExistsError(f"{str(self.dir)!r} is not empty and holds no loop: give a new or empty output_dir")
         self.cfg = cfg
         self.lock = RunLock(self.dir).acquire()
         self.done: list[str] = json.loads(self.state_path.read_text())["done"] if resume else []
@@ -221,11 +223,14 @@ class Loop:
         rm_cfg = load_config(RMConfig, None, [], base={
             **self.cfg.rm, "data": str(data), "eval_fraction": 0.0, "seed": iteration_seed(self.cfg.seed, round_),
             "output_dir": str(self.round_dir(round_) / "rm")})
-        fresh = load_preferences(self.round_dir(round_) / PREFERENCES)
         report: dict[str, Any] = {}
         if round_ > 0:  # the last reward model on this round's labels of the new policy: never trained on them
+            try:
+                fresh = load_preferences(self.round_dir(round_) / PREFERENCES)
+            except ValueError:  # only ties and skips this round
+                fresh = []
             report["previous_rm_accuracy_on_new_labels"] = _accuracy(self.round_dir(round_ - 1) / "rm", fresh,
-                                                                     rm_cfg.max_length)
+                                                                     rm_cfg.max_length) if fresh else None
         report.update(train_reward_model(rm_cfg, progress=self.progress))
         report["labels"] = len(labels)
         (self.round_dir(round_) / "rm_report.json").write_text(json.dumps(report, indent=1))
@@ -286,8 +291,6 @@ class Loop:
 
 
 def _accuracy(rm_dir: Path, groups: list, max_length: int) -> float | None:
-    from textgym.pipeline.rm import pairwise_accuracy
-
     reward = RewardModelReward(str(rm_dir))
     return pairwise_accuracy(reward.model, reward.tokenizer, groups, max_length)
 
