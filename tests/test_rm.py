@@ -101,19 +101,21 @@ def test_load_both_formats_and_group_by_prompt(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "record, match",
     [
-        ({"prompt": "p", "chosen": "a"}, r"record 1 \(pair\) lacks rejected.*\['chosen', 'prompt'\]"),
-        ({"chosen": "a", "rejected": "b"}, r"record 1 \(pair\) lacks prompt"),
-        ({"prompt": "p", "completions": ["a", "b"]}, r"record 1 \(ranking\) lacks ranks or scores"),
-        ({"prompt": "p", "text": "a"}, r"record 1 is neither a pair.*\['prompt', 'text'\]"),
+        ({"prompt": "p", "chosen": "a"}, r"bad.jsonl', line 2 \(pair\) lacks rejected.*\['chosen', 'prompt'\]"),
+        ({"chosen": "a", "rejected": "b"}, r"bad.jsonl', line 2 \(pair\) lacks prompt"),
+        ({"prompt": "p", "completions": ["a", "b"]}, r"bad.jsonl', line 2 \(ranking\) lacks ranks or scores"),
+        ({"prompt": "p", "text": "a"}, r"bad.jsonl', line 2 is neither a pair.*\['prompt', 'text'\]"),
         ({"prompt": "p", "completions": ["a", "b", "c"], "ranks": [0, 1, 1]},
-         r"record 1: ranks \[0, 1, 1\] contain ties"),
+         r"bad.jsonl', line 2: ranks \[0, 1, 1\] contain ties"),
         ({"prompt": "p", "completions": ["a", "b"], "ranks": [0]},
-         r"record 1: ranks must be a list with one entry per"),
-        ({"prompt": "p", "completions": ["a", "b"], "scores": [1, 1]}, r"record 1: all scores are equal"),
-        ({"prompt": "p", "completions": ["a", "b"], "scores": [1, 0], "ranks": [1, 0]}, r"record 1: ranks .* disagree"),
+         r"bad.jsonl', line 2: ranks must be a list with one entry per"),
+        ({"prompt": "p", "completions": ["a", "b"], "scores": [1, 1]}, r"bad.jsonl', line 2: all scores are equal"),
+        ({"prompt": "p", "completions": ["a", "b"], "scores": [1, 0], "ranks": [1, 0]},
+         r"bad.jsonl', line 2: ranks .* disagree"),
     ],
 )
 def test_bad_records(tmp_path: Path, record: dict, match: str) -> None:
+    # A JSON Lines file's bad record is named by file and line (the page's files are read so too).
     path = write_jsonl([{"prompt": "ok", "chosen": "a", "rejected": "b"}, record], tmp_path / "bad.jsonl")
     with pytest.raises(ValueError, match=match):
         load_preferences(path)
