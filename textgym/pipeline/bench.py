@@ -326,7 +326,9 @@ def bench_elo(targets: list[str], *, judge: Any = "vader", env_id: str = "textgy
     ratings = metrics.elo_bootstrap(names, matches, n_bootstrap=n_bootstrap, seed=seed)
     bt = metrics.bradley_terry_bootstrap(names, matches, n_bootstrap=n_bootstrap, seed=seed)
     result = {"judge": judge_spec, "n_prompts": len(prompts), "ratings": ratings, "bradley_terry": bt,
-              "mean_judge_score": {k: float(np.mean(v)) for k, v in scores.items()}}
+              "mean_judge_score": {k: float(np.mean(v)) for k, v in scores.items()},
+              # half-width of each mean's 95% t-interval over the prompts
+              "judge_score_ci": {k: metrics.mean_ci(v)[1] for k, v in scores.items()}}
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "elo.json").write_text(json.dumps(result, indent=1))

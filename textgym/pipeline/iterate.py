@@ -276,7 +276,8 @@ class Loop:
             for r, (target, name) in enumerate(zip(targets, names)):
                 entry = {"round": r - 1, "policy": name, "path": target,
                          "bradley_terry": result["bradley_terry"][target.rstrip("/")],
-                         "gold": result["mean_judge_score"][target.rstrip("/")]}
+                         "gold": result["mean_judge_score"][target.rstrip("/")],
+                         "gold_ci": result["judge_score_ci"][target.rstrip("/")]}
                 if r > 0:
                     summary = json.loads((Path(target) / "summary.json").read_text())
                     report = json.loads((self.round_dir(r - 1) / "rm_report.json").read_text())
@@ -296,17 +297,19 @@ def _accuracy(rm_dir: Path, groups: list, max_length: int) -> float | None:
 
 
 def ratings_markdown(ratings: dict) -> str:
-    """Per round: Bradley-Terry rating (95% bootstrap interval), mean gold score, KL to the start
+    """Per round: Bradley-Terry rating (95% bootstrap interval), mean gold score (95% t-interval over
+    the prompts), KL to the start
     model, labels the round's reward model learnt from, and the last reward model's accuracy on the
     round's new labels."""
-    rows = ["| policy | Bradley-Terry | 95% CI | gold score | KL to start | labels | last RM on new labels |",
+    rows = ["| policy | Bradley-Terry | 95% CI | gold score (95% CI) | KL to start | labels | last RM on new labels |",
             "|---|---|---|---|---|---|---|"]
     for e in ratings["rounds"]:
         bt = e["bradley_terry"]
         kl = f"{e['kl']:.2f}" if "kl" in e else "0"
         acc = e.get("previous_rm_accuracy")
-        rows.append(f"| {e['policy']} | {bt['rating']:.0f} | [{bt['low']:.0f}, {bt['high']:.0f}] | {e['gold']:.3f} | "
-                    f"{kl} | {e.get('labels', '-')} | {'-' if acc is None else f'{acc:.2f}'} |")
+        rows.append(f"| {e['policy']} | {bt['rating']:.0f} | [{bt['low']:.0f}, {bt['high']:.0f}] | "
+                    f"{e['gold']:.3f} ± {e['gold_ci']:.3f} | {kl} | {e.get('labels', '-')} | "
+                    f"{'-' if acc is None else f'{acc:.2f}'} |")
     return "\n".join(rows) + "\n"
 
 
@@ -320,8 +323,9 @@ def plot_rounds(ratings: dict, path: Path) -> None:
     fig, (ax, gold_ax) = plt.subplots(1, 2, figsize=(9, 3.5))
     ax.errorbar(x, bt[:, 0], yerr=np.maximum([bt[:, 0] - bt[:, 1], bt[:, 2] - bt[:, 0]], 0), fmt="o-", capsize=4)
     ax.set_title("Bradley-Terry rating under the gold judge (95% CI)", fontsize=9)
-    gold_ax.plot(x, [e["gold"] for e in rounds], "s-", color="C3")
-    gold_ax.set_title(f"mean gold score on {ratings['n_prompts']} held-out prompts", fontsize=9)
+    gold_ax.errorbar(x, [e["gold"] for e in rounds], yerr=[e["gold_ci"] for e in rounds], fmt="s-", color="C3",
+                     capsize=4)
+    gold_ax.set_title(f"mean gold score on {ratings['n_prompts']} held-out prompts (95% CI)", fontsize=9)
     for a in (ax, gold_ax):
         a.set_xticks(x, [e["policy"] for e in rounds])
         a.grid(alpha=0.3)
