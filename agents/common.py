@@ -175,7 +175,7 @@ class LMAlgorithm(OnLMVecEnv, _MixedInto):
 
     def _setup_model(self) -> None:
         core = self.core
-        if core.ilql is not None:
+        if core.acting.ilql is not None:
             raise ValueError(f"this env acts with ILQL's decoding (a saved ILQL model), which {self.algo_name!r}'s "
                              "policy does not sample from: train it further with --algo ilql, or start an online "
                              "algorithm from the plain LM")
@@ -191,16 +191,15 @@ class LMAlgorithm(OnLMVecEnv, _MixedInto):
             raise ValueError(f"algorithm {self.algo_name!r} keeps stable-baselines3's update, which has no "
                              f"micro-batches, checkpointing, loss scaling or data parallelism ({asked} asked): use "
                              "one of ppo, a2c, nlpo, grpo, rloo, reinforce++")
-        core.kl_batch_auto = False  # the coefficient moves once per rollout (collect_rollouts)
+        core.kl.per_rollout()  # the coefficient moves once per rollout (collect_rollouts)
         if self.lora and core.peft_model is None:
             self.set_random_seed(self.seed)  # the adapters' initialisation must follow the seed too
             core.attach_lora(self.lora)
         upcast_trainable(core.model)  # float32 master weights (textgym.precision); a no-op in float32
         core.match_reference_weights()  # the frozen copy computes as the policy does until it moves
         shared_value_head = self.policy_kwargs.get("value_head", True) and self.policy_kwargs.get("critic") is None
-        if shared_value_head and not core.policy.hidden:
-            core.policy.hidden = True  # the shared value head reads the cached hidden states
-            core.refresh([core.policy])
+        if shared_value_head:
+            core.keep_hidden_states()  # the shared value head reads the cached hidden states
         saved = dict(self.policy_kwargs)
         self.policy_kwargs = {**saved, "lm": core.model, "core": core}
         try:
@@ -225,7 +224,7 @@ class LMAlgorithm(OnLMVecEnv, _MixedInto):
         holds the same agent); the others return at once."""
         if not distributed.is_main():
             return
-        self.kl_controller_state = self.core.kl_controller.state_dict()  # a dict of floats, saved as JSON
+        self.kl_controller_state = self.core.kl.state_dict()  # a dict of floats, saved as JSON
         serialization.save_agent(self, path, exclude=exclude, include=include)
 
     @classmethod
@@ -235,7 +234,7 @@ class LMAlgorithm(OnLMVecEnv, _MixedInto):
         serialization.check_load_arguments(env, custom_objects)
         model = serialization.load_agent(cls, path, as_vec_env(env), device=device, **kwargs)
         if getattr(model, "kl_controller_state", None):  # the coefficient carries on where it was saved
-            model.core.kl_controller.load_state_dict(model.kl_controller_state)
+            model.core.kl.load_state_dict(model.kl_controller_state)
         return model
 
     def _excluded_save_params(self) -> list[str]:
@@ -257,7 +256,7 @@ class LMAlgorithm(OnLMVecEnv, _MixedInto):
 
     def _collect_rollouts(self, env, callback, rollout_buffer, n_rollout_steps: int) -> bool:
         self._episode_stats = []
-        self.kl_coef_used = float(self.core.kl_controller.value)  # the coefficient of this whole rollout
+        self.kl_coef_used = float(self.core.kl.value)  # the coefficient of this whole rollout
         start = self.num_timesteps
         result = self._play_rollout(env, callback, rollout_buffer, n_rollout_steps)
         if distributed.is_initialized():  # the global batch's timesteps, alike on every rank
@@ -269,7 +268,7 @@ class LMAlgorithm(OnLMVecEnv, _MixedInto):
                 self.logger.record(f"rollout/{name}", self.rollout_stats[key])
         self.logger.record("rollout/kl_coef", self.kl_coef_used)
         # One controller update per rollout, on the mean KL of the episodes that ended in it (on every rank).
-        self.core.update_kl_controller(across_ranks=True)
+        self.core.kl.end_rollout()
         return result
 
     def _rollout_stats(self) -> dict[str, float]:

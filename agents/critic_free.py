@@ -274,7 +274,7 @@ class CriticFreeAlgorithm(LMAlgorithm, WholeEpisodeOnPolicy):
                 f"{self.min_group_size}, got group_size={core.group_size}. Make the env with group_size={default} "
                 f"(agents.make does so from an env id), e.g. env_kwargs={{'group_size': {default}}}"
             )
-        if core.nucleus is not None:
+        if core.acting.nucleus is not None:
             raise ValueError(f"{self.algo_name} trains the LM's own distribution, but this env acts through a nucleus "
                              "mask (an NLPO policy): make the env from the plain model")
         super()._setup_model()

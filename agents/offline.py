@@ -132,7 +132,7 @@ class OfflineAlgorithm(OnLMVecEnv, BaseAlgorithm):
         if core.dtype == torch.float16:
             raise ValueError(f"{self.algo_name} does not train in float16 (it has no loss scaling): use float32 or "
                              "bfloat16")
-        if core.ilql is not None and self.algo_name != "ilql":
+        if core.acting.ilql is not None and self.algo_name != "ilql":
             raise ValueError(f"this env acts with ILQL's decoding (a saved ILQL model), which {self.algo_name} does "
                              "not train: start it from the plain LM")
         self._setup_lr_schedule()

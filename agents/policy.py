@@ -8,7 +8,7 @@ It answers SB3's per-observation calls (``forward``, ``evaluate_actions``, ``pre
 without the usual cost of an LM as an SB3 policy:
 
 - during rollouts the caller names the engine rows whose current state the observation is
-  (``engine_rows``, a ``textgym.envs.core.EngineRows`` ticket from ``LMVecEnv.engine_rows``): the
+  (``engine_rows``, a ``textgym.envs.tickets.EngineRows`` ticket from ``LMVecEnv.engine_rows``): the
   next-token logits and hidden states the engine's KV-cached step already computed for them are
   read, not recomputed. Without a ticket, or with a stale one, the observation is computed afresh,
   so any observation (SB3's ``predict``, an evaluation, a stored transition) gets a correct answer;
@@ -31,7 +31,7 @@ from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from torch import nn
 
 from textgym import distributed, lm, models
-from textgym.envs.core import CachedOutputs, EngineRows
+from textgym.envs.tickets import CachedOutputs, EngineRows
 from textgym.precision import autocast
 
 

@@ -29,8 +29,8 @@ from stable_baselines3.common.vec_env import VecEnv
 
 from textgym import distributed
 from textgym.envs import TextGenCore, TextGenEnv, TextGenVectorEnv
-from textgym.envs.core import EngineRows
 from textgym.envs.textgen import make_spaces
+from textgym.envs.tickets import EngineRows
 
 
 class LMVecEnv(VecEnv):

@@ -186,7 +186,7 @@ def ppo_iteration(core, model, value_head, optimizer, *, n_steps: int, batch_siz
     roll = collect_rollout(core, value_head, n_steps, rngs)
     # An adaptive KL coefficient (Ziegler et al. 2019) moves once per rollout, on the mean KL of the
     # episodes that ended in it (what agents do; the engine keeps those KLs).
-    core.update_kl_controller()
+    core.kl.update()
     adv, returns = gae(roll["rewards"], roll["values"], roll["dones"], roll["last_values"], gamma, gae_lambda)
     # Flat [n_steps * n_envs] tensors, index step * n_envs + row.
     adv, returns, old_logp, old_values = (torch.as_tensor(x, device=core.device).flatten()

@@ -170,7 +170,7 @@ def test_nlpo_never_samples_a_masked_token():
 
 def test_nlpo_mask_model_refreshes_every_interval():
     model = make("nlpo", mask_update_interval=2)
-    mask_model = model.env.core.nucleus_model
+    mask_model = model.env.core.acting.nucleus_model
     model.learn(64)  # 1 rollout: masking policy is still the initial copy
     lm = model.policy.lm
     assert any(not torch.equal(p, q) for p, q in zip(mask_model.parameters(), lm.parameters()))

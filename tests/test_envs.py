@@ -374,7 +374,7 @@ def test_evaluation_copy_leaves_the_engine_untouched():
     state = {k: getattr(core, k).copy() for k in ("input_ids", "attention_mask", "length", "live", "pending")}
     logits = core.policy.logits.clone()
     cache = [layer.keys.clone() for layer in core.policy.cache.layers]
-    coef, batch = core.kl_controller.value, list(core.kl_batch)
+    coef, batch = core.kl_controller.value, list(core.kl.batch)
     torch_rng, np_rng = torch.get_rng_state(), np.random.get_state()[1].copy()
     episodes = sampling.episodes_per_row(core, 7, seed=1)
     assert len(episodes) == 7
@@ -382,7 +382,7 @@ def test_evaluation_copy_leaves_the_engine_untouched():
         np.testing.assert_array_equal(getattr(core, key), value)
     assert torch.equal(core.policy.logits, logits)
     assert all(torch.equal(a.keys, b) for a, b in zip(core.policy.cache.layers, cache))
-    assert core.kl_controller.value == coef and core.kl_batch == batch
+    assert core.kl_controller.value == coef and core.kl.batch == batch
     assert torch.equal(torch.get_rng_state(), torch_rng) and np.array_equal(np.random.get_state()[1], np_rng)
     # The training episodes carry on as if nothing happened.
     vec.step(vec.unwrapped.next_token_logits().argmax(-1).numpy())

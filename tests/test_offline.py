@@ -106,7 +106,7 @@ def test_ilql_raises_the_keyword_reward_above_the_recording_policy(recording):
     eval_core.reset_rows([0], [None], {"prompt_index": 0})
     logits = eval_core.acting_logits()
     assert int((logits > torch.finfo(logits.dtype).min).sum()) == 20  # top_k
-    expected = core.ilql.logits(eval_core.policy.logits, eval_core.policy.states, core.output_embedding())
+    expected = core.acting.ilql.logits(eval_core.policy.logits, eval_core.policy.states, core.output_embedding())
     torch.testing.assert_close(logits, expected)
 
 

@@ -127,8 +127,8 @@ def test_one_nucleus_mask_per_rollout_step():
     core = model.env.core
     model._setup_learn(model.n_steps * model.n_envs, callback=None)
     computed = []
-    allowed_tokens = core.allowed_tokens
-    core.allowed_tokens = lambda logits: computed.append(len(logits)) or allowed_tokens(logits)
+    allowed_tokens = core.acting.allowed_tokens
+    core.acting.allowed_tokens = lambda logits: computed.append(len(logits)) or allowed_tokens(logits)
     model.collect_rollouts(model.env, model._init_callback(None), model.rollout_buffer, model.n_steps)
     assert computed == [core.n] * model.n_steps
 
@@ -140,7 +140,7 @@ def test_single_env_acts_under_the_nucleus_mask():
 
     env = gym.make("textgym/TextGen-v0", **TOY)
     core = env.unwrapped.core
-    core.set_nucleus_mask(copy.deepcopy(core.model), 0.5)
+    core.acting.set_nucleus_mask(copy.deepcopy(core.model), 0.5)
     env.reset(seed=0)
     logits = env.unwrapped.next_token_logits()
     assert logits.shape == (core.vocab,)

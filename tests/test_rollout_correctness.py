@@ -141,7 +141,7 @@ def test_bfloat16_full_fine_tuning_starts_on_the_reference():
     ids, mask = torch.as_tensor(core.input_ids), torch.as_tensor(core.attention_mask)
     policy_logp = lm.completion_logprobs(core.model, ids[:, :P], mask[:, :P], ids[:, P:], mask[:, P:],
                                          dtype=core.dtype).float()
-    assert torch.equal(core.ref_logprobs(rows), policy_logp)
+    assert torch.equal(core.scoring.ref_logprobs(rows), policy_logp)
 
 
 # --- 4. the ratio's old log-probs come from the function the update evaluates ------------------------

@@ -6,7 +6,7 @@ and acts with the LM's log-probs perturbed by the advantage, as trlX decodes it:
 
     scores(a | s) = log pi(a | s) + beta * (min_i Qtarget_i(s, a) - V(s)),   top-k of scores kept
 
-``ILQLDecoding`` is that acting distribution: an engine given one (``TextGenCore.set_ilql_decoding``)
+``ILQLDecoding`` is that acting distribution: an engine given one (``textgym.envs.acting``)
 samples from it and takes every log-prob (the KL to the reference included) under it, so evaluation,
 the KL figures and a saved model are the policy that acts. The loss that trains the heads is the
 agent's (``agents.ilql``).

@@ -32,7 +32,7 @@ def play(core: TextGenCore, next_prompt: Callable[[int], int | None], *, prompts
     from the acting distribution, ``"greedy"`` its argmax (also ``greedy=True``), ``"random"``
     uniform token ids (a baseline). ``progress``: show a progress bar over that many episodes.
     ``tokens``: each final info also carries the episode's token ids and per-token log-probs
-    (``TextGenCore.episode_tokens``). Returns ``(row, final info)`` in the order episodes ended.
+    (``EpisodeScoring.episode_tokens``). Returns ``(row, final info)`` in the order episodes ended.
     """
     mode = mode or ("greedy" if greedy else "sample")
     if mode not in MODES:
@@ -63,7 +63,7 @@ def play(core: TextGenCore, next_prompt: Callable[[int], int | None], *, prompts
                 actions = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=gen).squeeze(1)
         _, _, infos = engine.step(actions.cpu().numpy(), engine.live.copy())
         if tokens:  # before the rows restart
-            infos = {row: {**info, **engine.episode_tokens(row)} for row, info in infos.items()}
+            infos = {row: {**info, **engine.scoring.episode_tokens(row)} for row, info in infos.items()}
         finished.extend(sorted(infos.items()))
         bar.update(len(infos))
         start(sorted(infos))

@@ -21,7 +21,7 @@ term a mean over the batch's real tokens, from one teacher-forced forward of the
 Q and V losses reach the LM (its LoRA adapters) through the hidden states, as in the paper.
 
 The policy that acts is ``log pi + beta * (Qhat - V)``, top-k kept (trlX's decoding), set as the env's
-acting distribution (``TextGenCore.set_ilql_decoding``): evaluation samples it, every log-prob and
+acting distribution (``textgym.envs.acting``): evaluation samples it, every log-prob and
 the KL to the reference are taken under it, and ``textgym train`` saves it (the LM with the heads
 and beta). The return is the score alone (scaled by the env's ``score_scale``): the recorded
 episodes' KL belongs to the policy that played them, not to the one learned.
@@ -160,7 +160,7 @@ class ILQL(OfflineAlgorithm):
         return ILQLHeads(hidden, self.core.vocab, self.two_qs).to(self.device)
 
     def _after_setup(self) -> None:
-        self.core.set_ilql_decoding(self.heads, self.beta, self.top_k)
+        self.core.acting.set_ilql_decoding(self.heads, self.beta, self.top_k)
 
     def _after_step(self) -> None:
         self.heads.sync_targets(self.alpha)

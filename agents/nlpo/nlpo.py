@@ -4,7 +4,7 @@ PPO whose action distribution is restricted, at every step, to the top-p tokens 
 policy*: a copy of the learner refreshed every ``mask_update_interval`` rollouts. The mask cuts
 the vocabulary-sized action space down to plausible tokens, which stabilises learning.
 
-The masked policy is the env's *acting distribution* (``TextGenCore.set_nucleus_mask``): tokens
+The masked policy is the env's *acting distribution* (``textgym.envs.acting``): tokens
 are sampled from it, and the env's log-probs, hence the KL penalty, are taken under it (the
 renormalised masked distribution that acted, not the unmasked LM, which would understate the KL by
 ``-log Z`` per token). Evaluation plays it, and the final model of a run is saved with its masking
@@ -24,7 +24,8 @@ from typing import Any
 
 import torch
 
-from textgym.envs.core import NUCLEUS, CachedOutputs
+from textgym.envs.acting import NUCLEUS
+from textgym.envs.tickets import CachedOutputs
 from textgym.lm import mask_logits, top_p_mask
 
 from ..policy import LMActorCriticPolicy, grouped_forward
@@ -41,7 +42,7 @@ class NLPOPolicy(LMActorCriticPolicy):
     """
 
     def __init__(self, *args: Any, top_p: float = 0.9, min_tokens_to_keep: int = 1, **kwargs: Any):
-        # Checked where the mask is set (TextGenCore.set_nucleus_mask), for agents and envs alike.
+        # Checked where the mask is set (ActingDistribution.set_nucleus_mask), for agents and envs alike.
         self.top_p, self.min_tokens_to_keep = top_p, min_tokens_to_keep
         super().__init__(*args, **kwargs)
 
@@ -53,8 +54,8 @@ class NLPOPolicy(LMActorCriticPolicy):
         if cached is not None and cached.allowed is not None:
             return cached.allowed
         with torch.no_grad():
-            logits, _ = grouped_forward(core.nucleus_model, ids, mask, self.prompt_len, dtype=core.dtype)
-        return core.allowed_tokens(logits)
+            logits, _ = grouped_forward(core.acting.nucleus_model, ids, mask, self.prompt_len, dtype=core.dtype)
+        return core.acting.allowed_tokens(logits)
 
     def shape_logits(self, logits, ids, mask, cached: CachedOutputs | None,
                      actions: torch.Tensor | None) -> torch.Tensor:
@@ -99,10 +100,10 @@ class NLPO(PPO):
         core = self.core
         # Frozen, so stored in the env's precision (the learner may hold float32 master weights).
         mask_model = copy.deepcopy(core.model).to(core.dtype).requires_grad_(False).eval()
-        core.set_nucleus_mask(mask_model, self.policy.top_p, self.policy.min_tokens_to_keep)
+        core.acting.set_nucleus_mask(mask_model, self.policy.top_p, self.policy.min_tokens_to_keep)
 
     def _sync_mask_model(self) -> None:
-        self.core.nucleus_model.load_state_dict(self.core.model.state_dict())
+        self.core.acting.nucleus_model.load_state_dict(self.core.model.state_dict())
         self.core.refresh([self.core.followers[NUCLEUS]])
 
     def set_parameters(self, *args: Any, **kwargs: Any) -> None:

@@ -4,7 +4,8 @@ from typing import Any
 
 import gymnasium as gym
 
-from textgym.envs.core import TextGenConfig, TextGenCore
+from textgym.envs.config import TextGenConfig
+from textgym.envs.core import TextGenCore
 from textgym.envs.sentiment import SentimentEnv, SentimentVectorEnv
 from textgym.envs.textgen import TextGenEnv, TextGenVectorEnv
 

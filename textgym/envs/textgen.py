@@ -10,7 +10,8 @@ from gymnasium import spaces
 from gymnasium.vector import AutoresetMode
 from gymnasium.vector.utils import batch_space
 
-from textgym.envs.core import TextGenConfig, TextGenCore
+from textgym.envs.config import TextGenConfig
+from textgym.envs.core import TextGenCore
 
 
 def make_spaces(core: TextGenCore) -> tuple[spaces.Dict, spaces.Discrete]:

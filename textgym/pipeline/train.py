@@ -254,7 +254,7 @@ class Run:
             for key in ("score", "kl", "length", "reward"):
                 if key in stats:  # an offline algorithm plays no rollout: none of them
                     record[key] = stats[key]
-            record["kl_coef"] = float(self.core.kl_controller.value)
+            record["kl_coef"] = float(self.core.kl.value)
             for key, value in agent.logger.name_to_value.items():
                 if key.startswith(("train/", "heldout/")):
                     record[key] = float(value)
