@@ -31,6 +31,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -410,6 +411,39 @@ class LMAlgorithm(OnLMVecEnv, _MixedInto):
             # are summed: each adds 1/N of it.
             self.gradient_step.backward(ptx / distributed.world_size() if distributed.is_initialized() else ptx)
             parts["train/loss"] = parts.get("train/loss", 0.0) + ptx.item()
+
+    def run_update(self, minibatch: Callable[[Any], tuple[Callable, int, torch.Tensor | None]], *,
+                   n_epochs: int = 1, batch_size: int | None = None, target_kl: float | None = None) -> None:
+        """The one update loop of textgym's algorithms: ``n_epochs`` passes over the rollout in
+        minibatches of ``batch_size`` (the algorithm's buffer fills them with whole episodes; None:
+        the whole rollout), one gradient step each. ``minibatch(data)`` is what an algorithm
+        supplies: ``(loss_fn, n_rows, groups)``, its loss term on that minibatch (advantages
+        included) for ``GradientStep.accumulate``. With ``target_kl``, the epochs stop at the first
+        minibatch whose approximate KL to the rollout's policy exceeds ``1.5 * target_kl``, and its
+        step is not taken (SB3's PPO rule). Logs the mean of every figure over the minibatches."""
+        self.policy.set_training_mode(True)
+        self._update_learning_rate(self.policy.optimizer)
+        self.prepare_update()
+        self.start_update_logs()
+        stop = False
+        with self.gradient_step.training():
+            for _ in range(n_epochs):
+                for data in self.rollout_buffer.get(batch_size):  # (this rank's part of) a minibatch
+                    loss_fn, n_rows, groups = minibatch(data)
+                    parts = self.gradient_step.accumulate(loss_fn, n_rows, groups=groups)
+                    self.backward_ptx(parts)
+                    for name, value in parts.items():
+                        self.log_update(name, value)
+                    if target_kl is not None and parts["train/approx_kl"] > 1.5 * target_kl:
+                        self.gradient_step.discard()  # the step this minibatch would take is not taken
+                        stop = True
+                        break
+                    self.gradient_step.step(self.max_grad_norm)
+                self._n_updates += 1
+                if stop:
+                    break
+        self.record_update_logs()
+        self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
 
     def log_update(self, name: str, value: float) -> None:
         self._update_logs.setdefault(name, []).append(float(value))

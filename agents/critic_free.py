@@ -288,31 +288,12 @@ class CriticFreeAlgorithm(LMAlgorithm, WholeEpisodeOnPolicy):
     def train(self) -> None:
         """``n_epochs`` passes of the clipped surrogate over the rollout, in minibatches of whole
         episodes; no value loss."""
-        self.policy.set_training_mode(True)
-        self._update_learning_rate(self.policy.optimizer)
         clip_range = self.clip_range(self._current_progress_remaining)
-        self.prepare_update()
-        self.start_update_logs()
-        continue_training = True
-        with self.gradient_step.training():
-            for _ in range(self.n_epochs):
-                for data in self.rollout_buffer.get(self.batch_size):
-                    loss_fn = partial(self.minibatch_loss, data, clip_range)
-                    parts = self.gradient_step.accumulate(loss_fn, len(data.completion_mask))
-                    self.backward_ptx(parts)
-                    for name, value in parts.items():
-                        self.log_update(name, value)
-                    if self.target_kl is not None and parts["train/approx_kl"] > 1.5 * self.target_kl:
-                        self.gradient_step.discard()  # the step this minibatch would take is not taken
-                        continue_training = False
-                        break
-                    self.gradient_step.step(self.max_grad_norm)
-                self._n_updates += 1
-                if not continue_training:
-                    break
 
-        self.record_update_logs()
-        self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
+        def minibatch(data):
+            return partial(self.minibatch_loss, data, clip_range), len(data.completion_mask), None
+
+        self.run_update(minibatch, n_epochs=self.n_epochs, batch_size=self.batch_size, target_kl=self.target_kl)
         self.logger.record("train/clip_range", clip_range)
         self.after_train()
 

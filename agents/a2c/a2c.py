@@ -60,26 +60,16 @@ class A2C(LMAlgorithm, sb3.A2C):
     uses_ratio = False  # one on-policy step: its log-probs need no old ones to compare with
 
     def train(self) -> None:
-        """One A2C update: a single gradient step on the whole rollout."""
-        self.policy.set_training_mode(True)
-        self._update_learning_rate(self.policy.optimizer)
-        self.prepare_update()
-        self.start_update_logs()
-        with self.gradient_step.training():
-            for data in self.rollout_buffer.get(batch_size=None):  # (this rank's part of) the rollout
-                advantages = data.advantages
-                if self.normalize_advantage:
-                    advantages = share_of(data).normalize(advantages)
-                loss_fn = partial(self.minibatch_loss, data, advantages)
-                parts = self.gradient_step.accumulate(loss_fn, len(advantages), groups=self.episode_groups(data))
-                self.backward_ptx(parts)
-                self.gradient_step.step(self.max_grad_norm)
-                for name, value in parts.items():
-                    self.log_update(name, value)
-        self._n_updates += 1
-        self.record_update_logs()
+        """One A2C update: a single gradient step on the whole rollout (``LMAlgorithm.run_update``)."""
+
+        def minibatch(data):
+            advantages = data.advantages
+            if self.normalize_advantage:
+                advantages = share_of(data).normalize(advantages)
+            return partial(self.minibatch_loss, data, advantages), len(advantages), self.episode_groups(data)
+
+        self.run_update(minibatch)
         self.logger.record("train/explained_variance", self.explained_variance())
-        self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
         self.after_train()
 
     def minibatch_loss(self, data, advantages: torch.Tensor, rows: slice) -> tuple[torch.Tensor, dict]:

@@ -78,39 +78,22 @@ class PPO(LMAlgorithm, sb3.PPO):
         )
 
     def train(self) -> None:
-        """One PPO update: ``n_epochs`` passes over the rollout in minibatches of whole episodes."""
-        self.policy.set_training_mode(True)
-        self._update_learning_rate(self.policy.optimizer)
+        """One PPO update: ``n_epochs`` passes over the rollout in minibatches of whole episodes
+        (``LMAlgorithm.run_update``), advantages normalised per minibatch."""
         # SB3 types clip_range(_vf) by the constructor's float; _setup_model made them schedules (SB3's ignores too)
         clip_range = self.clip_range(self._current_progress_remaining)  # type: ignore[operator]
         clip_range_vf = (None if self.clip_range_vf is None
                          else self.clip_range_vf(self._current_progress_remaining))  # type: ignore[operator]
-        self.prepare_update()
-        self.start_update_logs()
-        continue_training = True
-        with self.gradient_step.training():
-            for _ in range(self.n_epochs):
-                for data in self.rollout_buffer.get(self.batch_size):  # (this rank's part of) a minibatch
-                    advantages, share = data.advantages, share_of(data)
-                    if self.normalize_advantage and share.total["items"] > 1:  # SB3 issue #325: not for batch size 1
-                        advantages = share.normalize(advantages)
-                    loss_fn = partial(self.minibatch_loss, data, advantages, clip_range, clip_range_vf)
-                    parts = self.gradient_step.accumulate(loss_fn, len(advantages), groups=self.episode_groups(data))
-                    self.backward_ptx(parts)
-                    for name, value in parts.items():
-                        self.log_update(name, value)
-                    if self.target_kl is not None and parts["train/approx_kl"] > 1.5 * self.target_kl:
-                        self.gradient_step.discard()  # the step this minibatch would take is not taken
-                        continue_training = False
-                        break
-                    self.gradient_step.step(self.max_grad_norm)
-                self._n_updates += 1
-                if not continue_training:
-                    break
 
-        self.record_update_logs()
+        def minibatch(data):
+            advantages, share = data.advantages, share_of(data)
+            if self.normalize_advantage and share.total["items"] > 1:  # SB3 issue #325: not for batch size 1
+                advantages = share.normalize(advantages)
+            loss_fn = partial(self.minibatch_loss, data, advantages, clip_range, clip_range_vf)
+            return loss_fn, len(advantages), self.episode_groups(data)
+
+        self.run_update(minibatch, n_epochs=self.n_epochs, batch_size=self.batch_size, target_kl=self.target_kl)
         self.logger.record("train/explained_variance", self.explained_variance())
-        self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
         self.logger.record("train/clip_range", clip_range)
         if clip_range_vf is not None:
             self.logger.record("train/clip_range_vf", clip_range_vf)
