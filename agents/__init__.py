@@ -26,6 +26,7 @@ else:
     from .a2c import A2C
     from .buffer import EpisodeRolloutBuffer
     from .common import LMAlgorithm
+    from .constructor import constructor_parameters
     from .critic_free import CriticFreeAlgorithm
     from .dpo import DPO
     from .evaluate import evaluate
@@ -44,5 +45,6 @@ else:
     __all__ = ["A2C", "DPO", "GRPO", "ILQL", "NLPO", "OfflineAlgorithm", "PPO", "RLOO", "CriticFreeAlgorithm",
                "EpisodeRolloutBuffer",
                "LMActorCriticPolicy", "LMAlgorithm", "LMVecEnv", "NLPOPolicy", "ReinforcePP", "TRPO",
-               "accepted_hyperparameters", "as_vec_env", "evaluate", "get_class", "load", "make", "names", "register",
+               "accepted_hyperparameters", "as_vec_env", "constructor_parameters", "evaluate", "get_class", "load",
+               "make", "names", "register",
                "serialization"]

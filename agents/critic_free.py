@@ -124,9 +124,10 @@ class WholeEpisodeOnPolicy(OnPolicyAlgorithm):
     fixed_hyperparameters = tuple(_FIXED)
     # Whole episodes, not SB3's transitions: the buffer is no RolloutBuffer, which SB3 declares
     rollout_buffer: CompletionRolloutBuffer  # type: ignore[assignment]
+    clip_range: Any  # the constructor's number, made a schedule by _setup_model
 
     def __init__(self, policy, env, learning_rate, episodes_per_row: int = 1, batch_size: int | None = 64,
-                 n_epochs: int = 1, clip_range: Any = 0.2, ent_coef: float = 0.0, max_grad_norm: float = 1.0,
+                 n_epochs: int = 1, clip_range: float = 0.2, ent_coef: float = 0.0, max_grad_norm: float = 1.0,
                  target_kl: float | None = None, loss_normalization: str = "token",
                  rollout_buffer_class: type = CompletionRolloutBuffer, rollout_buffer_kwargs: dict | None = None,
                  _init_setup_model: bool = True, **kwargs: Any):
@@ -256,8 +257,14 @@ class CriticFreeAlgorithm(LMAlgorithm, WholeEpisodeOnPolicy):
     kl_from_env = True  # the buffer holds the env's reference log-probs
     min_group_size = 1  # episodes per prompt the advantage needs
 
+    # What a critic-free algorithm changes of the base's defaults (WholeEpisodeOnPolicy's), declared
+    # instead of a constructor that repeats the base's (agents.constructor reads them for --help).
+    hyperparameter_defaults: dict[str, Any] = {}
+
     def __init__(self, policy: type[LMActorCriticPolicy] | str = LMActorCriticPolicy, env: Any = None,
-                 policy_kwargs: dict | None = None, **kwargs: Any):
+                 policy_kwargs: dict | None = None, learning_rate: float | None = None, **kwargs: Any):
+        kwargs = {**self.hyperparameter_defaults, **kwargs}  # what the caller gives wins
+        kwargs["learning_rate"] = learning_rate
         policy_kwargs = dict(policy_kwargs or {})
         if policy_kwargs.get("critic") is not None or policy_kwargs.get("value_head", False):
             raise ValueError(f"{self.algo_name} is critic-free: policy_kwargs must not ask for a critic or value "

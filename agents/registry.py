@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 from typing import Any, cast
 
@@ -11,6 +10,7 @@ from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
 from . import serialization
 from .a2c import A2C
 from .common import LMAlgorithm
+from .constructor import constructor_parameters
 from .critic_free import CriticFreeAlgorithm
 from .dpo import DPO
 from .grpo import GRPO
@@ -65,13 +65,7 @@ def accepted_hyperparameters(algo: str) -> set[str]:
     """Keyword arguments the algorithm's constructor chain accepts (its class and its bases), less
     those it fixes itself (``fixed_hyperparameters``: e.g. GRPO's gamma)."""
     cls = get_class(algo)
-    names: set[str] = set()
-    for klass in cls.__mro__:
-        init = klass.__dict__.get("__init__")
-        if init is not None:
-            params = inspect.signature(init).parameters.values()
-            names |= {p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and p.name != "self"}
-    return names - set(getattr(cls, "fixed_hyperparameters", ()))
+    return set(constructor_parameters(cls)) - set(getattr(cls, "fixed_hyperparameters", ()))
 
 
 def make(algo: str, env: Any, *, n_envs: int | None = None, env_kwargs: dict | None = None, **hyperparameters: Any):

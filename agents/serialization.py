@@ -20,7 +20,6 @@ builds the algorithm from the env and the saved hyperparameters, puts back the s
 
 from __future__ import annotations
 
-import inspect
 import io
 import json
 import os
@@ -34,6 +33,8 @@ import stable_baselines3 as sb3
 import torch
 from stable_baselines3.common.save_util import recursive_getattr, recursive_setattr
 from stable_baselines3.common.utils import get_system_info
+
+from .constructor import constructor_parameters
 
 FORMAT = 1
 SERIALIZED = ":serialized:"
@@ -240,13 +241,7 @@ def load_agent(cls: type, path: str | os.PathLike, env, device: Any = "auto", **
 
 
 def _accepted(cls: type) -> set[str]:
-    names: set[str] = set()
-    for klass in cls.__mro__:
-        init = klass.__dict__.get("__init__")
-        if init is not None:
-            params = inspect.signature(init).parameters.values()
-            names |= {p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and p.name != "self"}
-    return names - _NOT_SAVED
+    return set(constructor_parameters(cls)) - _NOT_SAVED
 
 
 def _restore_attributes(model, data: dict, keep: set[str], where: str) -> None:

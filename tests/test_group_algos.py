@@ -296,3 +296,28 @@ def test_lora_and_ptx(tmp_path):
     logged = model.logger.name_to_value
     assert "train/ptx_loss" in logged and "train/kl_loss" in logged
     assert any(not torch.equal(p, before[n]) for n, p in model.policy.named_parameters() if n in before)
+
+
+def test_critic_free_defaults_are_declared_once_and_read_by_every_consumer():
+    # GRPO, RLOO and REINFORCE++ change the base's defaults by declaring them, not by repeating its
+    # constructor; the one reader of constructor parameters gives them to --help, the registry and
+    # saving alike, and a built agent carries them.
+    from textgym.pipeline import hyperparameters
+
+    expected = {"grpo": (4, "sequence"), "rloo": (1, "sum"), "reinforce++": (1, "token")}
+    for algo, (n_epochs, normalization) in expected.items():
+        params = agents.constructor_parameters(agents.get_class(algo))
+        assert (params["n_epochs"].default, params["loss_normalization"].default) == (n_epochs, normalization)
+        shown = hyperparameters.of(algo)
+        assert (shown["n_epochs"].default, shown["loss_normalization"].default) == (n_epochs, normalization)
+        assert {"n_epochs", "loss_normalization", "clip_range"} <= agents.accepted_hyperparameters(algo)
+        model = make(algo)
+        assert (model.n_epochs, model.loss_normalization) == (n_epochs, normalization)
+        assert make(algo, n_epochs=2).n_epochs == 2  # what the caller gives wins
+    assert agents.constructor_parameters(agents.get_class("grpo"))["scale_rewards"].default is True
+
+    class Misdeclared(agents.get_class("rloo")):
+        hyperparameter_defaults = {"n_epoch": 3}
+
+    with pytest.raises(TypeError, match="names 'n_epoch', which no constructor takes"):
+        agents.constructor_parameters(Misdeclared)

@@ -72,25 +72,14 @@ class GRPO(CriticFreeAlgorithm):
     min_group_size = 2
     env_defaults = {"group_size": 4, "kl_in": "loss"}
 
-    def __init__(
-        self,
-        policy: type[LMActorCriticPolicy] | str = LMActorCriticPolicy,
-        env: Any = None,
-        learning_rate: float | None = None,
-        episodes_per_row: int = 1,
-        batch_size: int | None = 64,
-        n_epochs: int = 4,
-        clip_range: float = 0.2,
-        loss_normalization: str = "sequence",
-        scale_rewards: bool = True,
-        **kwargs: Any,
-    ):
+    hyperparameter_defaults = {"n_epochs": 4, "loss_normalization": "sequence"}
+
+    def __init__(self, policy: type[LMActorCriticPolicy] | str = LMActorCriticPolicy, env: Any = None,
+                 scale_rewards: bool = True, **kwargs: Any):
         if not isinstance(scale_rewards, (bool, np.bool_)):
             raise ValueError(f"scale_rewards must be True or False, got {scale_rewards!r}")
         self.scale_rewards = bool(scale_rewards)
-        super().__init__(policy, env, learning_rate=learning_rate, episodes_per_row=episodes_per_row,
-                         batch_size=batch_size, n_epochs=n_epochs, clip_range=clip_range,
-                         loss_normalization=loss_normalization, **kwargs)
+        super().__init__(policy, env, **kwargs)
         self.textgym_hyperparameters["scale_rewards"] = self.scale_rewards  # saved with the agent
 
     def compute_advantages(self, buffer: CompletionRolloutBuffer) -> None:

@@ -27,15 +27,12 @@ With ``kl_in="loss"`` the reward-to-go is the score and the update adds ``kl_coe
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 
 from textgym import distributed
 
 from ..completion_buffer import CompletionRolloutBuffer
 from ..critic_free import CriticFreeAlgorithm
-from ..policy import LMActorCriticPolicy
 
 
 def reinforce_pp_advantages(returns_to_go: np.ndarray, mask: np.ndarray, eps: float = 1e-8) -> np.ndarray:
@@ -64,22 +61,6 @@ class ReinforcePP(CriticFreeAlgorithm):
     algo_name = "reinforce++"
     env_defaults = {"kl_in": "reward", "kl_mode": "final"}
     kl_per_token = True
-
-    def __init__(
-        self,
-        policy: type[LMActorCriticPolicy] | str = LMActorCriticPolicy,
-        env: Any = None,
-        learning_rate: float | None = None,
-        episodes_per_row: int = 1,
-        batch_size: int | None = 64,
-        n_epochs: int = 1,
-        clip_range: float = 0.2,
-        loss_normalization: str = "token",
-        **kwargs: Any,
-    ):
-        super().__init__(policy, env, learning_rate=learning_rate, episodes_per_row=episodes_per_row,
-                         batch_size=batch_size, n_epochs=n_epochs, clip_range=clip_range,
-                         loss_normalization=loss_normalization, **kwargs)
 
     def compute_advantages(self, buffer: CompletionRolloutBuffer) -> None:
         n = buffer.pos

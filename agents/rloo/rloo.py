@@ -23,13 +23,10 @@ REINFORCE's, and the clip (0.2) bounds the later minibatches, sampled by slightl
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 
 from ..completion_buffer import CompletionRolloutBuffer
 from ..critic_free import CriticFreeAlgorithm, group_members
-from ..policy import LMActorCriticPolicy
 
 
 def rloo_advantages(returns: np.ndarray, groups: np.ndarray, group_size: int | None = None) -> np.ndarray:
@@ -64,21 +61,7 @@ class RLOO(CriticFreeAlgorithm):
     min_group_size = 2
     env_defaults = {"group_size": 4, "kl_in": "reward", "kl_mode": "final"}
 
-    def __init__(
-        self,
-        policy: type[LMActorCriticPolicy] | str = LMActorCriticPolicy,
-        env: Any = None,
-        learning_rate: float | None = None,
-        episodes_per_row: int = 1,
-        batch_size: int | None = 64,
-        n_epochs: int = 1,
-        clip_range: float = 0.2,
-        loss_normalization: str = "sum",
-        **kwargs: Any,
-    ):
-        super().__init__(policy, env, learning_rate=learning_rate, episodes_per_row=episodes_per_row,
-                         batch_size=batch_size, n_epochs=n_epochs, clip_range=clip_range,
-                         loss_normalization=loss_normalization, **kwargs)
+    hyperparameter_defaults = {"loss_normalization": "sum"}
 
     def compute_advantages(self, buffer: CompletionRolloutBuffer) -> None:
         n = buffer.pos

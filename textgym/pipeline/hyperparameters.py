@@ -59,16 +59,8 @@ def of(algo: str) -> dict[str, Hyperparameter]:
 
 @functools.cache
 def _of_class(cls: type, names: frozenset[str]) -> dict[str, Hyperparameter]:
-    found: dict[str, Hyperparameter] = {}
-    for klass in cls.__mro__:
-        init = klass.__dict__.get("__init__")
-        if init is None:
-            continue
-        hints = _hints(init)
-        for p in inspect.signature(init).parameters.values():
-            if p.name in names and p.name not in found:
-                found[p.name] = Hyperparameter(p.name, yaml_hint(hints.get(p.name, Any)), p.default,
-                                               _doc(cls, p.name))
+    found = {name: Hyperparameter(name, yaml_hint(_hints(p.init).get(name, Any)), p.default, _doc(cls, name))
+             for name, p in agents.constructor_parameters(cls).items() if name in names}
     return dict(sorted(found.items()))
 
 
