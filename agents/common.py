@@ -480,4 +480,4 @@ class LMAlgorithm(OnLMVecEnv, _MixedInto):
         entropy_loss = self.logger.name_to_value.get("train/entropy_loss")
         if entropy_loss is not None:
             self.logger.record("train/entropy", -float(entropy_loss))
-        self.core.refresh([self.core.policy])  # the weights changed: cached logits must follow
+        self.core.policy_changed()  # the weights changed: cached logits must follow

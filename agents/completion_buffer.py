@@ -88,21 +88,21 @@ class CompletionRolloutBuffer(BaseBuffer):
         self._rank_lengths: list[np.ndarray] | None = None
         super().reset()
 
-    def add_round(self, core, rewards: np.ndarray, scores: np.ndarray) -> None:
-        """Store the finished episodes of every row of the env engine ``core`` (its rows hold them
-        until reset), with their per-token ``rewards`` ``[n, T]`` and ``scores`` ``[n]``."""
-        n, P = core.n, self.P
+    def add_round(self, episodes, rewards: np.ndarray, scores: np.ndarray) -> None:
+        """Store a round of finished episodes (``TextGenCore.episodes()``, one per env row), with
+        their per-token ``rewards`` ``[n, T]`` and ``scores`` ``[n]``."""
+        n = len(episodes.prompt_ids)
         if self.pos + n > self.capacity:
             raise ValueError(f"the buffer holds {self.capacity} episodes; adding {n} to {self.pos} would overflow")
         rows = slice(self.pos, self.pos + n)
-        self.prompt_ids[rows], self.prompt_mask[rows] = core.input_ids[:, :P], core.attention_mask[:, :P]
-        self.completion_ids[rows] = core.input_ids[:, P:]
-        self.completion_mask[rows] = core.attention_mask[:, P:]
-        self.log_probs[rows] = core.logp.numpy()  # under the acting distribution, at sampling time
-        self.ref_log_probs[rows] = core.ref_logp.numpy()
+        self.prompt_ids[rows], self.prompt_mask[rows] = episodes.prompt_ids, episodes.prompt_mask
+        self.completion_ids[rows] = episodes.completion_ids
+        self.completion_mask[rows] = episodes.completion_mask
+        self.log_probs[rows] = episodes.log_probs  # under the acting distribution, at sampling time
+        self.ref_log_probs[rows] = episodes.ref_log_probs
         self.rewards[rows] = rewards * self.completion_mask[rows]
         self.returns[rows] = rewards_to_go(self.rewards[rows], self.completion_mask[rows])
-        self.groups[rows], self.prompt_index[rows], self.scores[rows] = core.group_id, core.prompt_index, scores
+        self.groups[rows], self.prompt_index[rows], self.scores[rows] = episodes.group_id, episodes.prompt_index, scores
         self.pos += n
         self._rank_lengths = None
         self.full = self.pos == self.capacity

@@ -174,13 +174,13 @@ class WholeEpisodeOnPolicy(OnPolicyAlgorithm):
         rollout_buffer.reset()
         callback.on_rollout_start()
         for _ in range(n_rollout_steps):
-            if not (core.live.all() and (core.length == 0).all()):  # not all rows fresh: start them together
+            if not core.all_fresh():  # start every row's episode together
                 self._last_obs = env.reset()
             rewards_per_token = np.zeros((env.num_envs, core.T), dtype=np.float32)
             scores = np.zeros(env.num_envs, dtype=np.float32)
             kl_coefs = np.zeros(env.num_envs, dtype=np.float64)
             while True:
-                rows = core.live.copy()
+                rows = core.running()
                 idx = np.flatnonzero(rows)
                 # Data-parallel, the ranks step together until the round has ended on all of them.
                 counts = distributed.all_gather_int(len(idx))
@@ -192,7 +192,7 @@ class WholeEpisodeOnPolicy(OnPolicyAlgorithm):
                     continue
                 actions = np.zeros(env.num_envs, dtype=np.int64)
                 actions[idx] = sampled.cpu().numpy()
-                t = core.length[idx].copy()
+                t = core.generated(idx)
                 rewards, dones, infos = env.step_rows(actions, rows)
                 rewards_per_token[idx, t] = rewards[idx]
                 for i in np.flatnonzero(dones):
@@ -202,10 +202,11 @@ class WholeEpisodeOnPolicy(OnPolicyAlgorithm):
                 if not callback.on_step():
                     return False
                 self._update_info_buffer(infos, dones)
+            episodes = core.episodes()
             if self.kl_per_token and core.cfg.kl_in == "reward" and core.cfg.kl_mode == "final":
-                rewards_per_token = spread_kl(rewards_per_token, (core.logp - core.ref_logp).numpy(), kl_coefs,
-                                              core.length)
-            rollout_buffer.add_round(core, rewards_per_token, scores)
+                rewards_per_token = spread_kl(rewards_per_token, episodes.log_probs - episodes.ref_log_probs,
+                                              kl_coefs, episodes.length)
+            rollout_buffer.add_round(episodes, rewards_per_token, scores)
         self._last_obs = env.reset()  # the next episodes wait, unencoded, for the updated weights
         self._last_episode_starts = np.ones(env.num_envs, dtype=bool)
         self.compute_advantages(rollout_buffer)

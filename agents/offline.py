@@ -215,7 +215,7 @@ class OfflineAlgorithm(OnLMVecEnv, BaseAlgorithm):
         self.logger.record("train/n_updates", self._n_updates)
         for name, value in self._held_out_figures().items():
             self.logger.record(f"heldout/{name}", float(value))
-        self.core.refresh([self.core.policy])  # the weights changed: cached logits must follow
+        self.core.policy_changed()  # the weights changed: cached logits must follow
 
     # --- saving -----------------------------------------------------------------------------------
 

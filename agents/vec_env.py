@@ -83,7 +83,7 @@ class LMVecEnv(VecEnv):
                 self._rngs[i] = np.random.default_rng(stream)
         self.core.reset_rows(list(range(self.num_envs)), self._rngs)
         self._returns[:] = 0.0
-        self.reset_infos = [{"prompt": p, "group": int(g)} for p, g in zip(self.core.prompt_text, self.core.group_id)]
+        self.reset_infos = self.core.reset_infos()
         self._reset_seeds()
         self._reset_options()
         return self._hand_out(self.core.observation())

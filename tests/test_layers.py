@@ -4,6 +4,7 @@ project modules inside functions, and an install layout that cannot clash with a
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -210,3 +211,17 @@ def test_one_sampling_path():
                     and isinstance(node.ctx, ast.Store) and not m.startswith("textgym.agents")):
                 offenders.append(f"{path.relative_to(ROOT)}:{node.lineno} sets {node.attr}")
     assert not offenders, "\n".join(offenders)
+
+
+def test_agents_use_the_engine_only_through_its_api():
+    # An agent reads and asks the engine through the names textgym.envs.core.AGENT_API lists: no
+    # engine arrays, decoders or flags (the engine's parts own those).
+    from textgym.envs.core import AGENT_API
+
+    used: dict[str, set[str]] = {}
+    for path in (ROOT / "agents").rglob("*.py"):
+        for name in re.findall(r"\bcore\.([A-Za-z_]\w*)", path.read_text()):
+            used.setdefault(name, set()).add(str(path.relative_to(ROOT)))
+    outside = {name: sorted(files) for name, files in used.items() if name not in AGENT_API}
+    assert not outside, f"agents use engine attributes outside its API: {outside}"
+    assert {"kl", "acting", "episodes", "step"} <= set(used)  # the check sees the agents' uses

@@ -24,7 +24,6 @@ from typing import Any
 
 import torch
 
-from textgym.envs.acting import NUCLEUS
 from textgym.envs.tickets import CachedOutputs
 from textgym.lm import mask_logits, top_p_mask
 
@@ -104,7 +103,7 @@ class NLPO(PPO):
 
     def _sync_mask_model(self) -> None:
         self.core.acting.nucleus_model.load_state_dict(self.core.model.state_dict())
-        self.core.refresh([self.core.followers[NUCLEUS]])
+        self.core.acting.mask_model_changed()
 
     def set_parameters(self, *args: Any, **kwargs: Any) -> None:
         super().set_parameters(*args, **kwargs)

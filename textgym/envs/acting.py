@@ -75,6 +75,11 @@ class ActingDistribution:
         self.ilql = ILQLDecoding(heads, beta, top_k)
         self.engine.keep_hidden_states()
 
+    def mask_model_changed(self) -> None:
+        """The masking model's weights changed (NLPO copies the policy into it): re-encode the
+        running rows with it."""
+        self.engine.refresh([self.engine.followers[NUCLEUS]])
+
     @property
     def nucleus_model(self):
         return self.engine.followers[NUCLEUS].model if self.nucleus else None

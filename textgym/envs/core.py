@@ -43,12 +43,21 @@ from textgym.envs.acting import ACTING_FILE, ActingDistribution
 from textgym.envs.config import KL_MODES, TextGenConfig  # noqa: F401  (the engine's config, importable from here)
 from textgym.envs.engine_models import EngineModels
 from textgym.envs.kl_account import KLAccount
-from textgym.envs.rows import EpisodeRows
+from textgym.envs.rows import EpisodeBatch, EpisodeRows
 from textgym.envs.scoring import EpisodeScoring
 from textgym.envs.tickets import CachedOutputs, EngineRows
 from textgym.prompts import PromptSet, load_prompts, sentiment_prompts
 from textgym.prompts import encode_prompt as _encode_prompt
 from textgym.timing import PhaseTimer
+
+# What agents use of an engine, and all they use (tests/test_layers.py checks agents/ against it).
+AGENT_API = frozenset({
+    "cfg", "n", "P", "T", "vocab", "pad_id", "eos_ids", "group_size", "device", "dtype", "timer",
+    "model", "tokenizer", "ref_model", "ref_dtype", "peft_model", "attach_lora", "match_reference_weights",
+    "keep_hidden_states", "output_embedding", "policy_changed",
+    "reset_rows", "step", "observation", "running", "generated", "all_fresh", "episodes", "reset_infos",
+    "encode_prompt", "render_text", "acting_logits", "acting", "name_rows", "cached_outputs", "cached_states", "kl",
+})
 
 
 class _Part:
@@ -65,7 +74,16 @@ class _Part:
 
 
 class TextGenCore:
-    """State and logic of ``n`` independent text-generation episodes, computed in batches."""
+    """State and logic of ``n`` independent text-generation episodes, computed in batches.
+
+    What agents use, and all they use (``AGENT_API``; ``agents/`` touches nothing else): the settings (``cfg``,
+    ``n``, ``P``, ``T``, ``vocab``, ``pad_id``, ``eos_ids``, ``group_size``, ``device``, ``dtype``),
+    the models (``model``, ``tokenizer``, ``ref_model``, ``ref_dtype``, ``peft_model``,
+    ``attach_lora``, ``match_reference_weights``, ``keep_hidden_states``, ``output_embedding``,
+    ``policy_changed``), episodes (``reset_rows``, ``step``, ``observation``, ``running``,
+    ``generated``, ``all_fresh``, ``episodes``, ``reset_infos``, ``encode_prompt``), the acting
+    distribution (``acting_logits``, ``acting``), tickets (``name_rows``, ``cached_outputs``,
+    ``cached_states``), the KL coefficient (``kl``) and the timer (``timer``)."""
 
     def __init__(self, cfg: TextGenConfig, n: int = 1):
         self.cfg = cfg
@@ -104,6 +122,34 @@ class TextGenCore:
     groups, n, version, policy, followers, ref = (_Part("rows") for _ in range(6))
     input_ids, attention_mask, length, live, pending = (_Part("rows") for _ in range(5))
     prompt_index, prompt_text, group_id, logp, ref_logp, mask_mass = (_Part("rows") for _ in range(6))
+
+    # --- what agents read and ask: their documented API ----------------------------------------------
+
+    def running(self) -> np.ndarray:
+        """Which rows hold a running episode (a copy, bool ``[n]``)."""
+        return self.live.copy()
+
+    def generated(self, rows=slice(None)) -> np.ndarray:
+        """Tokens generated so far in ``rows`` (a copy)."""
+        return self.length[rows].copy()
+
+    def all_fresh(self) -> bool:
+        """Whether every row holds an episode that has just started (nothing generated yet)."""
+        return bool(self.live.all() and (self.length == 0).all())
+
+    def episodes(self) -> EpisodeBatch:
+        """A copy of every row's episode (``textgym.envs.rows.EpisodeBatch``): finished rows keep
+        theirs until they are reset."""
+        return self.rows.snapshot()
+
+    def reset_infos(self) -> list[dict]:
+        """Each row's reset info: its prompt and prompt group."""
+        return [{"prompt": p, "group": int(g)} for p, g in zip(self.prompt_text, self.group_id)]
+
+    def policy_changed(self) -> None:
+        """The policy's weights changed (an update): re-encode the running rows, so the cached
+        logits are the new weights'."""
+        self.refresh([self.policy])
 
     def decoders(self) -> list[lm.IncrementalLM]:
         return self.rows.decoders()

@@ -14,6 +14,7 @@ than the rows' state are stale.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -21,6 +22,24 @@ import torch
 
 from textgym import lm
 from textgym.envs.groups import PromptGroups
+
+
+@dataclass(frozen=True)
+class EpisodeBatch:
+    """A copy of every row's episode as it stands (``TextGenCore.episodes``): what an agent stores
+    of a round of whole episodes. ``[n, P]`` prompt ids and mask (left-padded), ``[n, T]``
+    completion ids and mask, per-token log-probs under the acting distribution (at sampling time)
+    and under the reference, each row's prompt group and prompt index, and tokens generated."""
+
+    prompt_ids: np.ndarray
+    prompt_mask: np.ndarray
+    completion_ids: np.ndarray
+    completion_mask: np.ndarray
+    log_probs: np.ndarray
+    ref_log_probs: np.ndarray
+    group_id: np.ndarray
+    prompt_index: np.ndarray
+    length: np.ndarray
 
 
 class EpisodeRows:
@@ -53,6 +72,13 @@ class EpisodeRows:
         self.followers: dict[str, lm.IncrementalLM] = {}
         if self.e.cfg.kl_mode == "per_token":
             self.followers["ref"] = lm.IncrementalLM(self.e.ref_model, n, dtype=self.e.ref_dtype)
+
+    def snapshot(self) -> EpisodeBatch:
+        P = self.e.P
+        return EpisodeBatch(self.input_ids[:, :P].copy(), self.attention_mask[:, :P].copy(),
+                            self.input_ids[:, P:].copy(), self.attention_mask[:, P:].copy(), self.logp.numpy().copy(),
+                            self.ref_logp.numpy().copy(), self.group_id.copy(), self.prompt_index.copy(),
+                            self.length.copy())
 
     @property
     def ref(self) -> lm.IncrementalLM | None:
