@@ -24,7 +24,7 @@ from textgym.envs import core_of
 from textgym.pipeline.evaluate import target_env
 from textgym.prompts import PromptSet, load_prompts, sentiment_prompts
 
-__all__ = ["synthesize", "sample_items", "to_pairs", "write_jsonl"]
+__all__ = ["synthesize", "sample_items", "complete_k", "to_pairs", "write_jsonl"]
 
 
 def synthesize(
@@ -67,17 +67,24 @@ def synthesize(
     env = gym.make_vec("textgym/TextGen-v0", num_envs=min(batch_size, len(prompt_set)) * k,
                        vectorization_mode="vector_entry_point", model=model, reward=gold, prompts=prompt_set,
                        max_new_tokens=max_new_tokens, device=device)
-    core = core_of(env)
-    rows = [i for i in range(len(prompt_set)) for _ in range(k)]  # each prompt k times, in order
-    repeated = PromptSet([prompt_set.prompts[i] for i in rows], prompt_set.metadata_for(rows))
-    infos = sampling.complete_prompts(core, repeated, seed=seed)
+    groups = complete_k(core_of(env), prompt_set, range(len(prompt_set)), k, seed=seed)
     records = []
-    for i in range(len(prompt_set)):
-        group = infos[i * k:(i + 1) * k]
+    for i, group in enumerate(groups):
         record = _ranking(prompt_set.prompts[i], [e["completion"] for e in group], [e["score"] for e in group])
         if record is not None:
             records.append(record)
     return records
+
+
+def complete_k(core, pool: PromptSet, indices: Sequence[int], k: int, *, seed: int = 0,
+               progress: bool = False) -> list[list[dict]]:
+    """``k`` completions of each prompt ``pool[i]`` for ``i`` in ``indices``, sampled from the
+    engine's acting distribution (``textgym.sampling.complete_prompts``, the prompt's metadata passed
+    to the reward): the final infos, one list of ``k`` per index, in order."""
+    rows = [i for i in indices for _ in range(k)]  # each prompt k times, adjacent
+    infos = sampling.complete_prompts(core, PromptSet([pool.prompts[i] for i in rows], pool.metadata_for(rows)),
+                                      seed=seed, progress=progress)
+    return [infos[j * k:(j + 1) * k] for j in range(len(infos) // k)]
 
 
 def sample_items(target: str, n: int, k: int, *, seed: int = 0, split: str = "train", gold: Any = None,
@@ -111,12 +118,9 @@ def sample_items(target: str, n: int, k: int, *, seed: int = 0, split: str = "tr
     if n > len(pool):
         raise ValueError(f"n={n} items need as many distinct prompts, but the {split} split has {len(pool)}")
     chosen = np.random.default_rng(seed).choice(len(pool), size=n, replace=False).tolist()
-    rows = [i for i in chosen for _ in range(k)]  # each prompt k times, adjacent
-    infos = sampling.complete_prompts(core, PromptSet([pool.prompts[i] for i in rows], pool.metadata_for(rows)),
-                                      seed=seed, progress=progress)
     items = []
-    for item, index in enumerate(chosen):
-        group = infos[item * k:(item + 1) * k]
+    for item, (index, group) in enumerate(zip(chosen, complete_k(core, pool, chosen, k, seed=seed,
+                                                                 progress=progress))):
         record: dict[str, Any] = {"item": item, "prompt": pool.prompts[index],
                                   "completions": [e["completion"] for e in group]}
         if gold is not None:
