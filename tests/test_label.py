@@ -286,6 +286,9 @@ def test_simulated_labeller_follows_bradley_terry():
     pairs = np.mean([(lambda r: r[2] < r[1])(simulated_ranks([1.0, -0.5, 0.2], 0.5, rng)) for _ in range(4000)])
     assert pairs == pytest.approx(1 / (1 + np.exp(-0.7 / 0.5)), abs=0.03)
     assert simulated_ranks([0.2, 0.9, -0.5], 0, rng) == [1, 0, 2]
+    # temperature 0: by score, equal scores in random order (both orders drawn), never above a better one
+    drawn = {tuple(simulated_ranks([0.5, 0.5, 0.0, 0.5 + 1e-13], 0, rng)) for _ in range(50)}
+    assert {r[3] for r in drawn} == {0} and {r[2] for r in drawn} == {3} and len(drawn) == 2
     with pytest.raises(ValueError, match="temperature"):
         simulated_ranks([0.0, 1.0], -1, rng)
 
