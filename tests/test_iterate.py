@@ -49,6 +49,8 @@ def test_two_rounds_on_tiny(uninterrupted):
     assert [e["policy"] for e in ratings["rounds"]] == ["start", "round 0", "round 1"]
     assert json.loads((out / "state.json").read_text())["done"] == [f"{r}:{s}" for r in (0, 1)
                                                                       for s in iterate_mod.STEPS]
+    seconds = json.loads((out / "state.json").read_text())["seconds"]  # where the loop's time went
+    assert all(set(seconds[str(r)]) == set(iterate_mod.STEPS) for r in (0, 1))
     for name in ("ratings.json", "ratings.md", "ratings.png", "elo.json"):
         assert (out / "ratings" / name).stat().st_size > 0
     for r in (0, 1):

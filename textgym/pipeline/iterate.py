@@ -16,10 +16,11 @@ Assistant with RLHF", section 4.5), round after round:
 
 Each round is a subdirectory ``round_<r>/`` (``items.jsonl``, ``preferences.jsonl``,
 ``rm_data.jsonl``, ``rm/``, ``rl/``, a ``textgym train`` run). ``state.json`` lists the finished
-steps; ``--resume`` continues a killed loop after the last of them: labels already given are kept
-(the page and the simulated labeller resume where the round's ``preferences.jsonl`` ends, the
-simulated one drawing each item's noise from its own seed, so a resumed loop labels exactly as an
-uninterrupted one), and an interrupted RL run resumes from its checkpoint.
+steps and the seconds each took; ``--resume`` continues a killed loop after the last of them:
+labels already given are kept (the page and the simulated labeller resume where the round's
+``preferences.jsonl`` ends, the simulated one drawing each item's noise from its own seed, so a
+resumed loop labels exactly as an uninterrupted one), and an interrupted RL run resumes from its
+checkpoint.
 """
 
 from __future__ import annotations
@@ -140,15 +141,15 @@ class Loop:
             raise FileExistsError(f"{str(self.dir)!r} is not empty and holds no loop: give a new or empty output_dir")
         self.cfg = cfg
         self.lock = RunLock(self.dir).acquire()
-        self.done: list[str] = json.loads(self.state_path.read_text())["done"] if resume else []
+        state = json.loads(self.state_path.read_text()) if resume else {}
+        self.done: list[str] = state.get("done", [])
+        self.seconds: dict[str, dict[str, float]] = state.get("seconds", {})  # per round and step
         if not resume:
             save_config(cfg, self.dir / "config.yaml")
             self._save_state()
 
     def _save_state(self) -> None:
-        tmp = self.state_path.with_name(f".state.json.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps({"done": self.done}, indent=1))
-        os.replace(tmp, self.state_path)
+        _write_json(self.state_path, {"done": self.done, "seconds": self.seconds})
 
     def round_dir(self, round_: int) -> Path:
         return self.dir / f"round_{round_}"
@@ -163,17 +164,11 @@ class Loop:
                     started = time.perf_counter()
                     getattr(self, f"step_{step}")(round_)
                     self.done.append(key)
-                    self._record_seconds(round_, step, time.perf_counter() - started)
+                    self.seconds.setdefault(str(round_), {})[step] = round(time.perf_counter() - started, 1)
                     self._save_state()
             return json.loads((self.dir / "ratings" / "ratings.json").read_text())
         finally:
             self.lock.release()
-
-    def _record_seconds(self, round_: int, step: str, seconds: float) -> None:
-        path = self.dir / "time.json"
-        spent = json.loads(path.read_text()) if path.exists() else {}
-        spent.setdefault(str(round_), {})[step] = round(seconds, 1)
-        path.write_text(json.dumps(spent, indent=1))
 
     # --- the steps ---------------------------------------------------------------------------------
 
@@ -186,9 +181,7 @@ class Loop:
         gold = self.cfg.judge if self.cfg.labeller == "simulated" else None
         prepare_items(self.round_dir(round_), self.policy(round_), n=self.cfg.items, k=self.cfg.k,
                       seed=iteration_seed(self.cfg.seed, 1000 + round_), gold=gold, progress=self.progress,
-                      env_id=env.env.id,
-                      env_kwargs={k: v for k, v in env.env.kwargs.items() if k in ("max_new_tokens",
-                                                                                   "max_prompt_tokens")})
+                      env_id=env.env.id, env_kwargs=_lengths(env))
 
     def step_label(self, round_: int) -> None:
         store = LabelStore(self.round_dir(round_))
@@ -251,13 +244,13 @@ class Loop:
 
     def step_rl(self, round_: int) -> None:
         run_dir = self.round_dir(round_) / "rl"
-        scale_path = self.round_dir(round_) / "score_scale.json"
-        if not scale_path.exists():
-            scale_path.write_text(json.dumps({"score_scale": self.score_scale(round_)}))
-        scale = json.loads(scale_path.read_text())["score_scale"]
-        cfg = self.cfg.train_config(round_, self.dir, self.round_dir(round_) / "rm", scale)
         if (run_dir / "final_model").exists() and (run_dir / "summary.json").exists():
             return  # finished before a kill that came before this step was recorded
+        scale_path = self.round_dir(round_) / "score_scale.json"  # kept: a resumed run must keep its scale
+        if not scale_path.exists():
+            _write_json(scale_path, {"score_scale": self.score_scale(round_)})
+        scale = json.loads(scale_path.read_text())["score_scale"]
+        cfg = self.cfg.train_config(round_, self.dir, self.round_dir(round_) / "rm", scale)
         train(cfg, resume=(run_dir / "checkpoint" / "state.json").exists(), progress=self.progress)
 
     def step_rate(self, round_: int) -> None:
@@ -266,11 +259,10 @@ class Loop:
         targets = [self.cfg.model] + [str(self.round_dir(r) / "rl") for r in range(round_ + 1)]
         names = ["start"] + [f"round {r}" for r in range(round_ + 1)]
         env = self.cfg.train_config(0, self.dir, self.dir, 1.0)
-        settings = {k: v for k, v in env.env.kwargs.items() if k in ("max_new_tokens", "max_prompt_tokens")}
         with atomic_dir(self.dir / "ratings") as tmp:
             result = bench_elo(targets, judge=self.cfg.gold, env_id=env.env.id, n=self.cfg.rating_prompts,
                                seed=self.cfg.seed, n_envs=env.env.n_envs, n_bootstrap=self.cfg.bootstrap,
-                               output_dir=str(tmp), env_kwargs=settings)
+                               output_dir=str(tmp), env_kwargs=_lengths(env))
             rename = dict(zip([t.rstrip("/") for t in targets], names))
             rounds = []
             for r, (target, name) in enumerate(zip(targets, names)):
@@ -289,6 +281,18 @@ class Loop:
             (tmp / "ratings.json").write_text(json.dumps(ratings, indent=1))
             (tmp / "ratings.md").write_text(ratings_markdown(ratings))
             plot_rounds(ratings, tmp / "ratings.png")
+
+
+def _lengths(train_cfg: TrainConfig) -> dict:
+    """The completion and prompt lengths of a round's env: items and ratings are played with them."""
+    return {k: v for k, v in train_cfg.env.kwargs.items() if k in ("max_new_tokens", "max_prompt_tokens")}
+
+
+def _write_json(path: Path, data: Any) -> None:
+    """``data`` as JSON at ``path``, replaced whole (a kill leaves the old file or the new one)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
 
 
 def _accuracy(rm_dir: Path, groups: list, max_length: int) -> float | None:
