@@ -101,20 +101,23 @@ class ActingDistribution:
             self._allowed = (dec, dec.version, self.allowed_tokens(dec.logits))
         return self._allowed[2][rows]
 
-    def logits(self, rows=slice(None)) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``(logits, allowed)`` of the acting distribution for the current decoder state of
-        ``rows`` (``[k, V]``, fp32): what is sampled from and what every log-prob is taken under;
-        ``allowed`` is the nucleus mask, or None."""
+    def logits(self, rows=slice(None), kept_mass: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(logits, kept)`` of the acting distribution for the current decoder state of ``rows``:
+        ``logits`` ``[k, V]`` (fp32) are what is sampled from and what every log-prob is taken
+        under; with ``kept_mass`` and a nucleus mask, ``kept`` ``[k]`` is the policy probability the
+        mask keeps (NLPO's diagnostic), else None."""
         policy = self.engine.policy
         logits = policy.logits[rows]
-        allowed = None
+        kept = None
         if self.nucleus is not None:
-            allowed = self.nucleus_allowed(rows)
+            allowed = self.nucleus_allowed(rows)  # one mask serves the log-prob and the kept mass
+            if kept_mass:
+                kept = (torch.softmax(logits, -1) * allowed).sum(-1)
             logits = lm.mask_logits(logits, allowed)
         if self.ilql is not None:
             assert policy.states is not None  # hidden states kept (set_ilql_decoding)
             logits = self.ilql.logits(logits, policy.states[rows], self.engine.output_embedding())
-        return logits, allowed
+        return logits, kept
 
     # --- saving it --------------------------------------------------------------------------------
 

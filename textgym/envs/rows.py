@@ -206,9 +206,9 @@ class EpisodeRows:
         t = self.length[idx]
         acts = torch.as_tensor(actions[idx], device=self.e.device)
         idx_t = torch.as_tensor(idx, device=self.e.device)
-        logits, allowed = self.e.acting.logits(idx_t)
-        if allowed is not None:  # one mask serves the log-prob and the kept mass
-            self.mask_mass[idx, t] = (torch.softmax(self.policy.logits[idx_t], -1) * allowed).sum(-1).cpu()
+        logits, kept = self.e.acting.logits(idx_t, kept_mass=True)
+        if kept is not None:
+            self.mask_mass[idx, t] = kept.cpu()
         logp = _token_logp(logits, acts)  # under the distribution that acts
         self.logp[idx, t] = logp.cpu()
         if self.ref is not None:
