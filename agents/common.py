@@ -207,10 +207,9 @@ class LMAlgorithm(OnLMVecEnv, _MixedInto):
             super()._setup_model()
         finally:
             self.policy_kwargs = saved
-        distributed.broadcast_parameters(self.policy)  # every rank starts from rank 0's weights
         self.gradient_step = GradientStep(self.policy, micro_batch_size=self.micro_batch_size,
                                           gradient_checkpointing=self.gradient_checkpointing,
-                                          loss_scaling=core.dtype == torch.float16)
+                                          loss_scaling=core.dtype == torch.float16, extra_loss=self.ptx_coef > 0)
         self._ptx_batches = None
         if self.ptx_coef > 0:
             if not self.adds_loss_terms:
@@ -383,16 +382,21 @@ class LMAlgorithm(OnLMVecEnv, _MixedInto):
         parts["train/kl_loss"] = kl.detach()
         return loss + self.kl_coef_used * kl
 
-    def ptx_loss_term(self) -> torch.Tensor | float:
+    def ptx_loss_term(self) -> tuple[torch.Tensor, dict[str, float]]:
         """PPO-ptx (InstructGPT eq. 2): ``ptx_coef`` times the language-modelling loss of the next
-        pretraining batch, whose gradient joins the minibatch's (``backward_ptx``) so that gradient
-        clipping and the step see the combined gradient; 0 without ``ptx_coef``."""
+        pretraining batch, an extra loss of every minibatch's step (``GradientStep.accumulate``) so
+        that gradient clipping and the step see the combined gradient, with its figure for
+        ``train/loss``. Every rank draws the same pretraining batch (seeded alike) and the ranks'
+        gradients and figures are summed: data-parallel, each rank's term is 1/N of it."""
         if self._ptx_batches is None:
-            return 0.0
+            raise ValueError("ptx_loss_term needs ptx_coef > 0 and ptx_data")
         with autocast(self.core.device, self.core.dtype):  # the policy's precision, as its other forwards
             loss = lm_loss(self.core.model, next(self._ptx_batches))
         self._update_logs.setdefault("train/ptx_loss", []).append(loss.item())
-        return self.ptx_coef * loss
+        term = self.ptx_coef * loss
+        if distributed.is_initialized():
+            term = term / distributed.world_size()
+        return term, {"train/loss": term.item()}
 
     def episode_groups(self, data) -> torch.Tensor | None:
         """With micro-batches, the episode segment of each transition of the minibatch ``data``
@@ -401,16 +405,6 @@ class LMAlgorithm(OnLMVecEnv, _MixedInto):
             return None
         obs = data.observations
         return group_rows(obs["input_ids"].long(), obs["attention_mask"].long(), self.policy.prompt_len)[0]
-
-    def backward_ptx(self, parts: dict[str, float]) -> None:
-        """The PPO-ptx term's backward, once per minibatch after its micro-batches (its batch is
-        its own), added to the logged ``train/loss``; nothing without ``ptx_coef``."""
-        ptx = self.ptx_loss_term()
-        if isinstance(ptx, torch.Tensor):
-            # Every rank draws the same pretraining batch (seeded alike) and the ranks' gradients
-            # are summed: each adds 1/N of it.
-            self.gradient_step.backward(ptx / distributed.world_size() if distributed.is_initialized() else ptx)
-            parts["train/loss"] = parts.get("train/loss", 0.0) + ptx.item()
 
     def run_update(self, minibatch: Callable[[Any], tuple[Callable, int, torch.Tensor | None]], *,
                    n_epochs: int = 1, batch_size: int | None = None, target_kl: float | None = None) -> None:
@@ -430,8 +424,8 @@ class LMAlgorithm(OnLMVecEnv, _MixedInto):
             for _ in range(n_epochs):
                 for data in self.rollout_buffer.get(batch_size):  # (this rank's part of) a minibatch
                     loss_fn, n_rows, groups = minibatch(data)
-                    parts = self.gradient_step.accumulate(loss_fn, n_rows, groups=groups)
-                    self.backward_ptx(parts)
+                    extra = self.ptx_loss_term if self._ptx_batches is not None else None
+                    parts = self.gradient_step.accumulate(loss_fn, n_rows, groups=groups, extra=extra)
                     for name, value in parts.items():
                         self.log_update(name, value)
                     if target_kl is not None and parts["train/approx_kl"] > 1.5 * target_kl:

@@ -2,9 +2,10 @@
 the policy update, ``loss = rl_loss + ptx_coef * NLL(pretraining batch)``, so RL fine-tuning does
 not erode the model's language ability.
 
-The term is explicit: every minibatch of PPO's and A2C's updates adds
+The term is explicit: every minibatch step of PPO's and A2C's updates adds
 ``LMAlgorithm.ptx_loss_term()`` (``ptx_coef * lm_loss`` of the next batch of ``ptx_batches``) to
-its loss, so gradient clipping and the step see the combined gradient.
+its loss, as the step's last forward and backward (``GradientStep.accumulate``), so gradient
+clipping and the step see the combined gradient.
 """
 
 from __future__ import annotations

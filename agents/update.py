@@ -20,7 +20,13 @@ minibatch). What happens in between is here:
   minibatch, and its loss the part's share (``agents.data_parallel``), exactly as a micro-batch's
   is: so the ranks' logged figures are summed like the micro-batches' (every rank then sees the
   minibatch's figures, its early-stopping KL included), and their gradients are summed before the
-  step (before unscaling: an overflow on one rank skips the step on all).
+  step (before unscaling: an overflow on one rank skips the step on all). The summing is
+  PyTorch's ``DistributedDataParallel``: every loss is computed inside its forward (``_Losses``),
+  the micro-batches but the last under ``no_sync`` (one all-reduce per step, overlapped with the
+  last backward), with a communication hook that sums where DDP would average (each rank's loss
+  already is its share of the global mean). A stand-in part (``agents.data_parallel``) still
+  reaches every parameter (its loss is multiplied by 0); a pretraining term (PPO-ptx) does not
+  reach the value head, so with one DDP looks for unused parameters (``find_unused_parameters``).
 - **Gradient checkpointing** (``gradient_checkpointing=True``; Chen et al. 2016, "Training Deep
   Nets with Sublinear Memory Cost"): during the update only, the trained Hugging Face models keep
   each layer's input and recompute the layer in backward. It is turned off when the update ends:
@@ -38,7 +44,9 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from textgym import distributed
 
@@ -46,6 +54,8 @@ from .data_parallel import Share
 
 # The loss of some rows of a minibatch, and named figures (tensors or floats) to log.
 LossFn = Callable[[slice], tuple[torch.Tensor, dict[str, Any]]]
+# A loss of the step's own (PPO-ptx's pretraining term) and its figures, after the micro-batches.
+ExtraLossFn = Callable[[], tuple[torch.Tensor, dict[str, Any]]]
 
 
 def check_micro_batch_size(value: Any) -> int | None:
@@ -116,6 +126,42 @@ def _has_input_grad_hooks(model: Any) -> bool:
     return bool(getattr(model, "_require_grads_hooks", None)) or getattr(model, "_require_grads_hook", None) is not None
 
 
+class _Losses(nn.Module):
+    """The trained policy as ``DistributedDataParallel`` sees it: its forward is whatever loss
+    function it is handed. DDP prepares its gradient reduction in its forward, so a loss must be
+    computed inside one to be synchronised; the policy's own forward acts, it does not compute
+    losses."""
+
+    def __init__(self, policy: nn.Module):
+        super().__init__()
+        self.policy = policy
+
+    def forward(self, loss_fn: Callable[..., Any], *args: Any) -> Any:
+        return loss_fn(*args)
+
+
+def _sum_hook(process_group, bucket):
+    """DDP communication hook: the sum of the ranks' gradients (DDP's own averages them). Left
+    unannotated: DDP checks the annotation of ``bucket`` against ``dist.GradBucket`` at run time,
+    and this module's annotations are strings."""
+    work = dist.all_reduce(bucket.buffer(), group=process_group, async_op=True)
+    assert work is not None  # async_op=True returns the work
+    return work.get_future().then(lambda fut: fut.value()[0])
+
+
+def data_parallel(policy: nn.Module, find_unused: bool = False) -> DistributedDataParallel | None:
+    """``policy`` wrapped for summed data-parallel gradients (None without a process group). DDP
+    broadcasts rank 0's parameters and buffers to every rank when it wraps, so all ranks start from
+    the same weights whatever their seeds. ``find_unused``: some loss of a step does not reach
+    every trainable parameter (DDP then walks each loss's graph to find those it skips)."""
+    if not distributed.is_initialized():
+        return None
+    ddp = DistributedDataParallel(_Losses(policy), find_unused_parameters=find_unused,
+                                  forward_sync_buffers=False)
+    ddp.register_comm_hook(None, _sum_hook)
+    return ddp
+
+
 class GradientStep:
     """Gradient accumulation over micro-batches, loss scaling and checkpointing for one policy.
 
@@ -124,13 +170,16 @@ class GradientStep:
     :param gradient_checkpointing: checkpoint the trained LMs (``policy.lm``, a separate critic)
         during updates.
     :param loss_scaling: scale the loss dynamically (float16).
+    :param extra_loss: steps add an extra loss (``accumulate``'s ``extra``) that may not reach every
+        trainable parameter.
     """
 
     def __init__(self, policy, *, micro_batch_size: int | None = None, gradient_checkpointing: bool = False,
-                 loss_scaling: bool = False):
+                 loss_scaling: bool = False, extra_loss: bool = False):
         self.policy = policy
         self.micro_batch_size = check_micro_batch_size(micro_batch_size)
         self.scaler = torch.amp.GradScaler(policy.lm_device.type, enabled=loss_scaling)
+        self.ddp = data_parallel(policy, find_unused=extra_loss)
         self.checkpointed: list[nn.Module] = []
         if gradient_checkpointing:
             self.checkpointed = [m for m in (policy.lm, policy.critic) if m is not None]
@@ -150,17 +199,26 @@ class GradientStep:
             for model in self.checkpointed:
                 set_checkpointing(model, False)
 
-    def accumulate(self, loss_fn: LossFn, n_rows: int, groups: torch.Tensor | None = None) -> dict[str, float]:
+    def accumulate(self, loss_fn: LossFn, n_rows: int, groups: torch.Tensor | None = None,
+                   extra: ExtraLossFn | None = None) -> dict[str, float]:
         """Zero the gradients, then for each micro-batch (``micro_batches``) of the minibatch's
         ``n_rows`` rows: ``loss, parts = loss_fn(rows)`` and backward. ``loss_fn`` returns the
         micro-batch's share of the minibatch loss (its sums over the minibatch's counts) and named
-        figures shared alike; returns each figure summed over the micro-batches (and, data-parallel,
-        over the ranks): the minibatch's."""
+        figures shared alike; ``extra``: one more loss term of the step (its own batch, after the
+        micro-batches). Returns each figure summed over the micro-batches (and, data-parallel,
+        over the ranks): the minibatch's. Data-parallel, the gradients are summed over the ranks in
+        the last backward."""
         self.policy.optimizer.zero_grad()
+        calls: list[tuple[Callable[..., Any], tuple[Any, ...]]] = [
+            (loss_fn, (rows,)) for rows in micro_batches(n_rows, self.micro_batch_size, groups)]
+        if extra is not None:
+            calls.append((extra, ()))
         totals: dict[str, float] = {}
-        for rows in micro_batches(n_rows, self.micro_batch_size, groups):
-            loss, parts = loss_fn(rows)
-            self.backward(loss)
+        for i, (fn, args) in enumerate(calls):
+            synced = i == len(calls) - 1
+            with contextlib.nullcontext() if self.ddp is None or synced else self.ddp.no_sync():
+                loss, parts = fn(*args) if self.ddp is None else self.ddp(fn, *args)
+                self.backward(loss)
             for name, value in parts.items():
                 totals[name] = totals.get(name, 0.0) + float(value)
         return distributed.sum_over_ranks(totals)
@@ -170,11 +228,10 @@ class GradientStep:
         self.scaler.scale(loss).backward()
 
     def step(self, max_grad_norm: float | None) -> None:
-        """Sum the accumulated gradients over the data-parallel ranks, clip their (unscaled) norm to
-        ``max_grad_norm`` and step the optimizer (skipped by the scaler if a float16 gradient
-        overflowed)."""
+        """Clip the norm of the accumulated (unscaled; data-parallel, already summed over the
+        ranks) gradients to ``max_grad_norm`` and step the optimizer (skipped by the scaler if a
+        float16 gradient overflowed)."""
         optimizer = self.policy.optimizer
-        distributed.sum_gradients(self.policy)
         self.scaler.unscale_(optimizer)
         if max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(self.policy.parameters(), max_grad_norm)

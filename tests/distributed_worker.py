@@ -25,10 +25,15 @@ ENV_KWARGS = {"model": "textgym/tiny", "prompts": [f"Prompt number {i} says" for
 # label: (algorithm, env kwargs, hyperparameters). Several small minibatches per epoch and several
 # epochs, so that some ranks' parts of some minibatches are empty (stand-ins) and early stopping is
 # decided on the global KL. Micro-batches (one episode per forward) must not change the update either.
+# PPO-ptx's pretraining term is a forward of its own in every step, which skips the value head.
 PPO = {"n_steps": 5, "batch_size": 6, "n_epochs": 2, "learning_rate": 3e-3}
+PTX = {"ptx_coef": 0.5, "ptx_data": ["The cat sat on the mat.", "A dog ran in the park.", "It rained all day."],
+       "ptx_batch_size": 2}
 ALGORITHMS = {
     "ppo": ("ppo", {}, PPO),
     "ppo micro-batched": ("ppo", {}, {**PPO, "micro_batch_size": 1}),
+    "ppo-ptx": ("ppo", {}, {**PPO, **PTX}),
+    "ppo-ptx micro-batched": ("ppo", {}, {**PPO, **PTX, "micro_batch_size": 1}),
     "grpo": ("grpo", {"group_size": 2}, {"batch_size": 8, "n_epochs": 2, "learning_rate": 3e-3}),
     "reinforce++": ("reinforce++", {}, {"episodes_per_row": 2, "batch_size": 8, "n_epochs": 2, "learning_rate": 3e-3}),
 }

@@ -293,7 +293,7 @@ def test_ppo_ptx_adds_the_pretraining_gradient(tmp_path):
     lm_loss(lm_model, batch).backward()
     expected = {n: 0.5 * p.grad.clone() for n, p in lm_model.named_parameters() if p.grad is not None}
     lm_model.zero_grad(set_to_none=True)
-    model.ptx_loss_term().backward()  # the explicit term every minibatch's loss adds: 0.5 * NLL
+    model.ptx_loss_term()[0].backward()  # the explicit term every minibatch's loss adds: 0.5 * NLL
     for name, p in lm_model.named_parameters():
         if name in expected:
             torch.testing.assert_close(p.grad, expected[name])

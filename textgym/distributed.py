@@ -2,7 +2,8 @@
 
 ``torchrun --nproc-per-node N -m textgym train CONFIG`` starts N processes (ranks); each joins the
 process group (``init_from_env``: gloo on CPU, NCCL on GPU), plays its share of the env's rows and
-averages gradients with the others before every optimizer step. The agents and the pipeline call
+sums gradients with the others before every optimizer step (``DistributedDataParallel``, in
+``agents.update``). The agents and the pipeline call
 the functions below; every one of them is a no-op that returns the local answer when no process
 group is initialised, so a single process computes exactly what it computed without this module.
 
@@ -15,7 +16,7 @@ from __future__ import annotations
 import datetime
 import os
 import pickle
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import numpy as np
@@ -23,11 +24,6 @@ import torch
 import torch.distributed as dist
 
 T = TypeVar("T")
-
-# Gradients are all-reduced in flat buckets of about this size (DistributedDataParallel's default):
-# one collective per bucket instead of one per parameter, without a second copy of every gradient.
-BUCKET_BYTES = 25 * 2**20
-
 
 def is_initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
@@ -224,73 +220,6 @@ def _portable(err: BaseException) -> BaseException:
         return err
     except Exception:
         return RuntimeError(f"{type(err).__name__}: {err} (on rank 0)")
-
-
-# --- parameters and gradients -----------------------------------------------------------------------
-
-
-def _trainable(parameters: torch.nn.Module | Iterable[torch.nn.Parameter]) -> list[torch.nn.Parameter]:
-    params = parameters.parameters() if isinstance(parameters, torch.nn.Module) else parameters
-    return [p for p in params if p.requires_grad]
-
-
-def broadcast_parameters(module: torch.nn.Module, src: int = 0) -> None:
-    """Copy rank ``src``'s parameters and buffers into every rank's ``module``, so all ranks start
-    from the same weights (whatever their seeds)."""
-    if not is_initialized():
-        return
-    with torch.no_grad():
-        for tensor in [*module.parameters(), *module.buffers()]:
-            dist.broadcast(tensor.data, src=src)
-
-
-def sum_gradients(parameters: torch.nn.Module | Iterable[torch.nn.Parameter], average: bool = False,
-                  bucket_bytes: int = BUCKET_BYTES) -> None:
-    """Replace every trainable parameter's gradient by its sum over the ranks (``average``: its
-    mean), so that each rank's optimizer takes the same step. The sum is the global batch's
-    gradient when each rank's loss is its share of the global mean (its sum divided by the global
-    count), as in textgym's updates (``agents.update``); the mean is, when each rank's loss is the
-    mean over its own equal part. Called after ``backward`` and before gradient clipping and
-    ``optimizer.step()``, so the clipping sees the global gradient, as one process would.
-
-    A parameter without a gradient on every rank keeps none (as in one process, AdamW then skips
-    it); one with a gradient on some ranks only counts as zero on the others."""
-    if not is_initialized():
-        return
-    params = _trainable(parameters)
-    if not params:
-        return
-    has = torch.tensor([p.grad is not None for p in params], dtype=torch.int32, device=_device())
-    dist.all_reduce(has)
-    grads = []
-    for p, count in zip(params, has.tolist()):
-        if count == 0:
-            continue
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        grads.append(p.grad)
-    for bucket in _buckets(grads, bucket_bytes):
-        flat = torch.cat([g.reshape(-1) for g in bucket])
-        dist.all_reduce(flat)
-        if average:
-            flat.div_(world_size())
-        offset = 0
-        for g in bucket:
-            g.copy_(flat[offset : offset + g.numel()].view_as(g))
-            offset += g.numel()
-
-
-def _buckets(grads: list[torch.Tensor], bucket_bytes: int) -> list[list[torch.Tensor]]:
-    """Consecutive gradients of one dtype and device, about ``bucket_bytes`` per bucket."""
-    out: list[list[torch.Tensor]] = []
-    size = 0
-    for g in grads:
-        if not out or size >= bucket_bytes or (g.dtype, g.device) != (out[-1][0].dtype, out[-1][0].device):
-            out.append([])
-            size = 0
-        out[-1].append(g)
-        size += g.numel() * g.element_size()
-    return out
 
 
 # --- sampling -----------------------------------------------------------------------------------------
