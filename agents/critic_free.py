@@ -188,7 +188,7 @@ class WholeEpisodeOnPolicy(OnPolicyAlgorithm):
                     break
                 with torch.no_grad():  # sampled from the acting distribution, whose log-prob the env records
                     sampled = self._sample_tokens(core, idx, counts)
-                if not len(idx):  # this rank's round is over: it only drew its part of the others' noise
+                if not len(idx):  # this rank's round is over: it only drew the step's key with the others
                     continue
                 actions = np.zeros(env.num_envs, dtype=np.int64)
                 actions[idx] = sampled.cpu().numpy()
@@ -215,12 +215,9 @@ class WholeEpisodeOnPolicy(OnPolicyAlgorithm):
         return True
 
     def _sample_tokens(self, core, idx: np.ndarray, counts: list[int]) -> torch.Tensor:
-        """A token for each of the engine rows ``idx`` from the acting distribution; data-parallel,
-        as rows of the global batch (``counts``: each rank's number of rows), so N ranks sample
-        what one process holding all their rows would (``textgym.distributed.sample_categorical``)."""
-        if not distributed.is_initialized():
-            logits = core.acting_logits(torch.as_tensor(idx, device=core.device))
-            return self.policy.action_dist.proba_distribution(action_logits=logits).get_actions()
+        """A token for each of the engine rows ``idx`` from the acting distribution, as rows of the
+        global batch (``counts``: each rank's number of rows), so N ranks sample what one process
+        holding all their rows would (``textgym.distributed.sample_categorical``)."""
         if len(idx):
             logits = core.acting_logits(torch.as_tensor(idx, device=core.device))
             categorical = self.policy.action_dist.proba_distribution(action_logits=logits).distribution

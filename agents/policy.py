@@ -192,16 +192,17 @@ class LMActorCriticPolicy(ActorCriticPolicy):
         """Actions, values and log-probs for ``obs``.
 
         :param engine_rows: the engine rows whose current state ``obs`` is (see ``engine_outputs``).
-        :param rank_rows: data-parallel, every rank's number of rows of the global batch: the
-            actions are sampled as this rank's rows of it (``textgym.distributed.sample_categorical``),
-            so that N ranks draw what one process holding every rank's rows would. Every rank must
-            then call together, as the agents' rollouts do; ignored without a process group.
+        :param rank_rows: data-parallel, every rank's number of rows of the global batch (gathered
+            when None). The actions are sampled as rows of the global batch with counter-based noise
+            (``textgym.distributed.sample_categorical``), so that N ranks draw what one process
+            holding every rank's rows would; every rank must then call together, as the agents'
+            rollouts do.
         """
         dist, values = self._dist_and_values(obs, engine_rows=engine_rows)
-        if rank_rows is not None and not deterministic and distributed.is_initialized():
-            actions = distributed.sample_categorical(dist.distribution.probs, counts=rank_rows)
+        if deterministic:
+            actions = dist.get_actions(deterministic=True)
         else:
-            actions = dist.get_actions(deterministic=deterministic)
+            actions = distributed.sample_categorical(dist.distribution.probs, counts=rank_rows)
         return actions, values, dist.log_prob(actions)
 
     def evaluate_actions(self, obs, actions):

@@ -19,8 +19,10 @@ import torch
 from textgym import agents, distributed
 
 N_ENVS = 4
+# The reward counts the letter "e", which scores differ by in almost any batch: with all scores
+# equal, REINFORCE++'s normalised returns would be float noise of the KL term, not comparable.
 ENV_KWARGS = {"model": "textgym/tiny", "prompts": [f"Prompt number {i} says" for i in range(11)], "reward": "keyword",
-              "reward_kwargs": {"keywords": ["the"]}, "max_new_tokens": 6, "max_prompt_tokens": 12,
+              "reward_kwargs": {"keywords": ["e"], "whole_word": False}, "max_new_tokens": 6, "max_prompt_tokens": 12,
               "stop_on_eos": True, "kl_target": 1.0, "kl_horizon": 50}
 # label: (algorithm, env kwargs, hyperparameters). Several small minibatches per epoch and several
 # epochs, so that some ranks' parts of some minibatches are empty (stand-ins) and early stopping is
@@ -41,6 +43,22 @@ ALGORITHMS = {
 
 def one_iteration(label: str, seed: int = 0):
     algo, env_extra, hyperparameters = ALGORITHMS[label]
+    drawn = [0]  # the sampling noise this process draws (numbers), counted at its one source
+    real_noise = distributed.row_noise
+
+    def counted(*args, **kwargs):
+        noise = real_noise(*args, **kwargs)
+        drawn[0] += noise.numel()
+        return noise
+
+    distributed.row_noise = counted
+    try:
+        return _run(label, algo, env_extra, hyperparameters, seed) | {"noise": drawn[0]}
+    finally:
+        distributed.row_noise = real_noise
+
+
+def _run(label, algo, env_extra, hyperparameters, seed):
     agent = agents.make(algo, "textgym/TextGen-v0", n_envs=N_ENVS, env_kwargs={**ENV_KWARGS, **env_extra}, seed=seed,
                         **hyperparameters)
     initial = {k: v.detach().clone() for k, v in agent.policy.state_dict().items()}

@@ -4,7 +4,10 @@ single-file agents): the oracle that ``tests/test_reference_ppo.py`` holds ``age
 It uses none of the agents' algorithm code (no SB3 buffer, no ``agents.PPO`` method, no
 ``LMActorCriticPolicy``): it drives ``TextGenCore`` itself, computes GAE itself and evaluates the
 sampled tokens with its own teacher-forced forward. What it shares with the agent under test are
-objects, never code: the LM, the value head and the optimizer (so parameters can be compared).
+objects (the LM, the value head and the optimizer, so parameters can be compared) and one function,
+the token sampler ``textgym.distributed.sample_categorical`` (an exact categorical draw whose
+counter-based noise is tested on its own in tests/test_distributed.py), so that both sample the
+same tokens.
 
 The algorithm:
 
@@ -30,6 +33,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from textgym import distributed
 from textgym import lm as lmmod
 
 
@@ -49,9 +53,9 @@ def collect_rollout(core, value_head, n_steps: int, rngs: list) -> dict:
         obs_ids[step], obs_mask[step] = core.input_ids, core.attention_mask
         logits = core.acting_logits()  # encodes the prompts of rows just reset, then reads the cache
         hidden = core.policy.states  # last hidden state of each row's current text
-        # One categorical draw over all rows per step, from the global torch RNG: SB3's call.
+        # One categorical draw over all rows per step, keyed on the global torch RNG: the agents' call.
         dist = torch.distributions.Categorical(logits=logits)
-        action = dist.sample()
+        action = distributed.sample_categorical(dist.probs)
         logps[step] = dist.log_prob(action).cpu().numpy()
         values[step] = value_head(hidden.float()).squeeze(-1).cpu().numpy()
         actions[step] = action.cpu().numpy()

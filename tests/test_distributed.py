@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 from distributed_worker import ALGORITHMS, N_ENVS, one_iteration
+from scipy import stats
 from test_pipeline import TINY_RUN, tiny_config
 from textgym.agents import data_parallel, update
 
@@ -69,6 +70,10 @@ def test_two_ranks_take_the_single_process_update(tmp_path):
             rounds = single["tokens"].shape[0] // N_ENVS
             tokens = torch.cat([r["tokens"][j * half:(j + 1) * half] for j in range(rounds) for r in ranks])
         assert torch.equal(tokens, single["tokens"]), label
+        # Each rank drew the sampling noise of its own rows only: together, the single process's.
+        assert ranks[0]["noise"] + ranks[1]["noise"] == single["noise"] > 0, label
+        if algo == "ppo":  # every rank steps its n_envs / 2 rows at every step
+            assert ranks[0]["noise"] == ranks[1]["noise"], label
         for r in ranks:
             assert r["stats"] == pytest.approx(single["stats"], rel=1e-5, abs=1e-5), label
             assert r["kl_coef"] == pytest.approx(single["kl_coef"], rel=1e-6) and r["timesteps"] == single["timesteps"]
@@ -171,19 +176,61 @@ def test_rank_0s_refusal_reaches_every_rank(tmp_path):
 # --- pieces, in one process ---------------------------------------------------------------------------
 
 
-def test_global_row_sampling_is_torch_multinomial():
-    """What lets N ranks sample one process's tokens: drawing the global batch's noise and taking
-    rows ``offset..`` gives exactly ``torch.multinomial``'s tokens for those rows (if PyTorch ever
-    samples otherwise, this fails and the equivalence above with it)."""
+def test_the_noise_is_splitmix64_by_row_and_key():
+    """The counter-based stream is SplitMix64 exactly (as Python integers compute it, modulo 2**64),
+    and a row's noise depends only on the key and the row, not on which rows are drawn with it."""
+    def reference(key, i):
+        mask = 2**64 - 1
+        z = (key + i * 0x9E3779B97F4A7C15) & mask
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+        return z ^ (z >> 31)
+
+    for key in (0, 1, -(2**63), 2**63 - 1, 123456789123456789):
+        got = distributed.splitmix64(key, torch.arange(0, 300, dtype=torch.int64))
+        assert [int(v) % 2**64 for v in got] == [reference(key % 2**64, i) for i in range(300)]
+    whole = distributed.row_noise(7, 0, 6, 50)
+    for first, n in ((0, 3), (3, 3), (2, 1), (5, 1)):
+        assert torch.equal(distributed.row_noise(7, first, n, 50), whole[first:first + n])
+    assert not torch.equal(distributed.row_noise(8, 0, 6, 50), whole)
+    assert whole.min() > 0 and torch.isfinite(whole).all()
+
+
+def test_sampled_tokens_follow_the_distribution():
+    """The exponential race with this noise is an exact categorical draw: the frequencies of 40,000
+    draws match the probabilities (chi-square), a token of probability 0 never comes, and for each
+    precision the noise is Exponential(1) (Kolmogorov-Smirnov)."""
+    probs = torch.tensor([0.5, 0.25, 0.15, 0.07, 0.03, 0.0])
+    torch.manual_seed(0)
+    tokens = distributed.sample_categorical(probs.repeat(40_000, 1))
+    counts = torch.bincount(tokens, minlength=6).numpy()
+    assert counts[5] == 0
+    assert stats.chisquare(counts[:5], 40_000 * probs[:5].numpy()).pvalue > 1e-3
+    for dtype in (torch.float32, torch.float64):
+        noise = distributed.row_noise(3, 10, 20, 1000, dtype=dtype)
+        assert noise.dtype == dtype
+        assert stats.kstest(noise.flatten().numpy(), "expon").pvalue > 1e-3
+
+
+def test_a_ranks_rows_are_drawn_alone_and_alike(monkeypatch):
+    """Row r of the global batch takes the same token whichever rows are drawn with it, and drawing
+    a rank's rows draws numbers for those rows only: ``V`` per row whatever the batch's size (the
+    2-rank run counts them too, in test_two_ranks_take_the_single_process_update)."""
     torch.manual_seed(1)
     probs = torch.softmax(torch.randn(6, 50) * 3, -1)
     torch.manual_seed(0)
-    expected = torch.multinomial(probs, 1, True).squeeze(1)
-    for offset, n in ((0, 3), (3, 3), (0, 6), (2, 1), (5, 0)):
-        torch.manual_seed(0)
-        assert torch.equal(distributed.sample_rows_of(probs[offset:offset + n], offset, 6), expected[offset:offset + n])
+    expected = distributed.sample_categorical(probs)  # one process holding the 6 rows
     torch.manual_seed(0)
-    assert torch.equal(distributed.sample_categorical(probs), expected)  # one process: torch's own call
+    key = int(torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64))  # the key that call drew
+    for offset, n in ((0, 3), (3, 3), (2, 1), (5, 0)):
+        rows = slice(offset, offset + n)
+        assert torch.equal(distributed.sample_rows_of(probs[rows], offset, key), expected[rows])
+    drawn = []
+    real_noise = distributed.row_noise
+    monkeypatch.setattr(distributed, "row_noise", lambda *a, **k: (drawn.append(a[2] * a[3]), real_noise(*a, **k))[1])
+    for rows in (1, 4, 64):
+        distributed.sample_rows_of(torch.full((1, 50), 0.02), rows - 1, key)  # the last row of a batch of `rows`
+    assert drawn == [50, 50, 50]
 
 
 def test_without_a_process_group_everything_is_local():

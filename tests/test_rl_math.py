@@ -106,7 +106,9 @@ def test_evaluate_counts_episodes_per_env():
 
 @pytest.mark.parametrize("algo", ["ppo", "a2c", "nlpo"])
 def test_kl_in_the_loss(algo):
-    model = make(algo, env_kwargs={"ref_model": perturbed_tiny(), "kl_in": "loss", "stop_on_eos": False})
+    # (the letter "e" as reward: some of 8 completions score, whatever tokens the seed draws)
+    model = make(algo, env_kwargs={"ref_model": perturbed_tiny(), "kl_in": "loss", "stop_on_eos": False,
+                                   "reward_kwargs": {"keywords": ["e"], "whole_word": False}})
     buffer = collect_one_rollout(model)
     episodes = model._episode_stats  # 6-token episodes, all rows ending together: env 0's first comes first
     assert len(episodes) == 8 and any(e["score"] for e in episodes)

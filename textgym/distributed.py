@@ -225,31 +225,67 @@ def _portable(err: BaseException) -> BaseException:
 # --- sampling -----------------------------------------------------------------------------------------
 
 
+# SplitMix64 (Steele, Lea & Flood 2014, "Fast splittable pseudorandom number generators"; the
+# constants of Java's SplittableRandom) as signed int64: the i-th output of the stream seeded with
+# key is mix(key + i * GAMMA), computable for any i without the ones before it.
+_GAMMA = 0x9E3779B97F4A7C15 - 2**64
+_MIX = ((30, 0xBF58476D1CE4E5B9 - 2**64), (27, 0x94D049BB133111EB - 2**64), (31, None))
+
+
+def splitmix64(key: int, counters: torch.Tensor) -> torch.Tensor:
+    """The SplitMix64 outputs (int64 bit patterns) of the stream ``key`` at positions ``counters``
+    (int64), in place of ``counters``. Torch's integer multiply wraps modulo 2**64; its right shift
+    of a signed integer copies the sign bit, which the mask clears."""
+    z = counters.mul_(_GAMMA).add_(key)
+    shifted = torch.empty_like(z)
+    for shift, multiplier in _MIX:
+        torch.bitwise_right_shift(z, shift, out=shifted).bitwise_and_((1 << (64 - shift)) - 1)
+        z.bitwise_xor_(shifted)
+        if multiplier is not None:
+            z.mul_(multiplier)
+    return z
+
+
+def row_noise(key: int, first_row: int, n_rows: int, width: int, dtype: torch.dtype = torch.float32,
+              device: torch.device | str = "cpu") -> torch.Tensor:
+    """Exponential(1) noise ``[n_rows, width]`` for the rows ``first_row`` to ``first_row + n_rows - 1``
+    of a batch: row r's numbers are positions ``r * width`` to ``(r + 1) * width - 1`` of the
+    SplitMix64 stream ``key``, so they depend on the key and the row only, not on which rows are
+    drawn with it. ``-log(u)`` of ``u`` uniform in (0, 1) from the top 24 bits (53 for float64)."""
+    bits = 53 if dtype == torch.float64 else 24
+    counters = torch.arange(first_row * width, (first_row + n_rows) * width, dtype=torch.int64, device=device)
+    z = splitmix64(key, counters).view(n_rows, width)
+    real = torch.float64 if bits == 53 else torch.float32
+    top = torch.bitwise_right_shift(z, 64 - bits).bitwise_and_((1 << bits) - 1)  # the top bits, unsigned
+    uniform = top.to(real).add_(0.5).mul_(2.0**-bits)
+    return uniform.log_().neg_()
+
+
 def sample_categorical(probs: torch.Tensor, generator: torch.Generator | None = None,
                        counts: list[int] | None = None) -> torch.Tensor:
     """One token per row of ``probs`` ``[n, V]``, drawn as the rows of the global batch: the rows
     of every rank stacked in rank order (``counts``: each rank's number of rows, gathered when not
-    given), sampled as ``torch.multinomial(global_probs, 1)`` samples them in one process.
+    given; a single process holds the whole batch). Every rank must call this together, with or
+    without rows of its own, and the same number of times (the agents' rollouts step in lockstep).
 
-    ``torch.multinomial`` draws one sample per row as ``argmax(probs / E)`` with ``E`` an
-    exponential noise tensor of the batch's shape (PyTorch's ``multinomial`` for one sample). Here
-    every rank draws the noise of the whole global batch from its generator (in the same state on
-    every rank: the agents seed them alike) and takes its own rows' part, so row r gets the same
-    token whichever rank holds it, and N processes sample what one process would. Every rank must
-    call this together, with or without rows of its own. The price: each rank draws the noise of
-    the global batch, ``total x V`` numbers per token, N times its own share (cheap next to the
-    forward that produced ``probs``)."""
-    if not is_initialized():
-        return torch.multinomial(probs, 1, True, generator=generator).squeeze(1)
-    counts = all_gather_int(probs.shape[0]) if counts is None else counts
-    return sample_rows_of(probs, sum(counts[: rank()]), sum(counts), generator)
+    Each call draws one key from ``generator`` (torch's default CPU generator when None: the
+    agents seed it alike on every rank), and the row r of the global batch takes the token
+    ``argmax(probs[r] / E[r])`` with ``E[r]`` exponential noise from the counter-based stream of that
+    key and r (``row_noise``): the exponential race, an exact draw from ``probs[r]`` (torch's own
+    ``multinomial`` of one sample is the same race with noise from a sequential generator). So row
+    r gets the same token whichever rank holds it and however many ranks there are, and a rank
+    draws ``V`` numbers per row of its own only."""
+    key = int(torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64, generator=generator))
+    offset = 0
+    if is_initialized():
+        counts = all_gather_int(probs.shape[0]) if counts is None else counts
+        offset = sum(counts[: rank()])
+    return sample_rows_of(probs, offset, key)
 
 
-def sample_rows_of(probs: torch.Tensor, offset: int, total: int,
-                   generator: torch.Generator | None = None) -> torch.Tensor:
-    """``torch.multinomial(global_probs, 1)`` of a batch of ``total`` rows, for the rows ``offset``
-    to ``offset + n - 1`` only, whose probabilities ``probs`` ``[n, V]`` are: the exponential noise
-    of the whole batch is drawn, and these rows' part used (see ``sample_categorical``)."""
-    noise = torch.empty((total, probs.shape[1]), dtype=probs.dtype, device=probs.device).exponential_(
-        generator=generator)
-    return (probs / noise[offset : offset + probs.shape[0]]).argmax(-1)
+def sample_rows_of(probs: torch.Tensor, offset: int, key: int) -> torch.Tensor:
+    """Tokens of the rows ``offset`` to ``offset + n - 1`` of a global batch, whose probabilities
+    ``probs`` ``[n, V]`` are, for the call's ``key`` (see ``sample_categorical``)."""
+    real = torch.float64 if probs.dtype == torch.float64 else torch.float32
+    noise = row_noise(key, offset, probs.shape[0], probs.shape[1], dtype=real, device=probs.device)
+    return (probs.to(real) / noise).argmax(-1)
