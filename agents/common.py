@@ -193,6 +193,10 @@ class LMAlgorithm(OnLMVecEnv, _MixedInto):
                              f"micro-batches, checkpointing, loss scaling or data parallelism ({asked} asked): use "
                              "one of ppo, a2c, nlpo, grpo, rloo, reinforce++")
         core.kl.per_rollout()  # the coefficient moves once per rollout (collect_rollouts)
+        if core.cfg.quantize is not None and not self.lora and core.peft_model is None:
+            raise ValueError(f"the env's model is quantized (quantize={core.cfg.quantize!r}): its weights are frozen, "
+                             "so the agent needs LoRA adapters to train (lora=True or a dict of peft.LoraConfig "
+                             "options), or an env with quantize=None")
         if self.lora and core.peft_model is None:
             self.set_random_seed(self.seed)  # the adapters' initialisation must follow the seed too
             core.attach_lora(self.lora)

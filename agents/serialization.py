@@ -34,6 +34,8 @@ import torch
 from stable_baselines3.common.save_util import recursive_getattr, recursive_setattr
 from stable_baselines3.common.utils import get_system_info
 
+from textgym import quantization
+
 from .constructor import constructor_parameters
 
 FORMAT = 1
@@ -103,7 +105,9 @@ def save_agent(agent, path: str | os.PathLike | io.BufferedIOBase, exclude=None,
     data["textgym_deques"] = {k: v for k, v in deques.items() if k in data}
     data["textgym_format"] = FORMAT
     data["textgym_policy"] = policy_name(agent.policy_class)
-    params = agent.get_parameters()
+    # A quantized base (textgym.quantization) is frozen and loaded again with the env's model: only
+    # the float weights are saved (torch's weights_only loading would also refuse its tensor type).
+    params = {name: quantization.without_quantized(state) for name, state in agent.get_parameters().items()}
 
     variables = {name: recursive_getattr(agent, name) for name in torch_names}
 
@@ -228,8 +232,16 @@ def load_agent(cls: type, path: str | os.PathLike, env, device: Any = "auto", **
         variables = {}
         if torch_names:
             variables = _read_tensors(archive, "pytorch_variables.pth", model.device, where)
+    fresh = model.get_parameters()
+    quantized = {name: set(state) - set(quantization.without_quantized(state)) for name, state in fresh.items()}
+    for name, state in params.items():
+        expected = set(fresh.get(name, {}))
+        missing, extra = expected - set(state) - quantized.get(name, set()), set(state) - expected
+        if missing or extra:
+            raise ValueError(f"{where!r}: its weights do not fit this env's model ({name}: missing "
+                             f"{sorted(missing)[:5]}, unexpected {sorted(extra)[:5]})")
     try:
-        model.set_parameters(params, exact_match=True, device=model.device)
+        model.set_parameters(params, exact_match=not any(quantized.values()), device=model.device)
     except (RuntimeError, ValueError, KeyError) as err:
         raise ValueError(f"{where!r}: its weights do not fit this env's model ({err})") from err
     for name in torch_names:

@@ -32,6 +32,26 @@ def test_benchmark_prints_its_ratio(script):
     assert ratios == pytest.approx(expected, rel=0.02, abs=0.011)
 
 
+def test_quantized_base_prints_its_table_and_ratios():
+    """benchmarks/quantized_base.py: a row per base, and ratios that are the quotients of the row's
+    figures (same run); the int8 base's weights take less room than float32's."""
+    pytest.importorskip("torchao")
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "quantized_base.py"), "--n-envs", "2", "--new-tokens", "4",
+         "--repeats", "1", "--rounds", "1"], capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = {m[0]: [float(x) for x in m[1:]] for m in
+            re.findall(r"^\| (float32|int8) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|$", out.stdout, re.M)}
+    assert set(rows) == {"float32", "int8"}, out.stdout
+    ratios = [float(x) for x in re.search(r"rollout speed ([\d.]+), update time ([\d.]+), weights ([\d.]+), "
+                                          r"peak memory ([\d.]+)", out.stdout).groups()]
+    (f_tok, _, f_w, f_mem), (q_tok, _, q_w, q_mem) = rows["float32"], rows["int8"]
+    assert ratios[0] == pytest.approx(q_tok / f_tok, abs=0.011) and ratios[3] == pytest.approx(q_mem / f_mem, abs=0.011)
+    assert q_w < f_w and ratios[2] < 1
+    assert re.search(r"yardstick: .+ at \d+ tok/s", out.stdout), out.stdout
+
+
 def test_peer_trl_skips_the_pairs_it_has_no_peer_for(tmp_path):
     """benchmarks/peer_trl.py needs TRL in venvs of its own: without their interpreters each pair is
     skipped with its reason (and nothing is measured), and the table is written to --out."""

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from textgym import quantization
 from textgym.assets import atomic_dir, cache_dir, wheel_path
 from textgym.prompts import corpus_path
 
@@ -59,7 +60,8 @@ def load(
         path = smollm2_path()
     else:
         path = name
-    model, tokenizer = _from_pretrained(path, name, dtype=dtype, **from_pretrained_kwargs)
+    with quantization.quiet_import():  # transformers imports torchao, where installed, to load any model
+        model, tokenizer = _from_pretrained(path, name, dtype=dtype, **from_pretrained_kwargs)
     if device is not None:
         model.to(device)
     return model, prepare(model, tokenizer)

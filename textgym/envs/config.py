@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from textgym import kl as klmod
-from textgym import models, precision
+from textgym import models, precision, quantization
 
 KL_MODES = ("final", "per_token")
 
@@ -43,6 +43,7 @@ class TextGenConfig:
     device: Any = None  # None: textgym.precision.default_device() for a model loaded by name
     dtype: Any = "float32"  # the models' precision (textgym.precision.DTYPES), or the torch dtype
     ref_dtype: Any = None  # the reference's precision; None: dtype
+    quantize: str | None = None  # "int8": the base's linear weights in int8, frozen under LoRA (textgym.quantization)
 
     @classmethod
     def from_kwargs(cls, env_id: str = "textgym/TextGen-v0", **kwargs) -> TextGenConfig:
@@ -71,6 +72,7 @@ class TextGenConfig:
             if not isinstance(getattr(self, key), (bool, np.bool_)):
                 raise ValueError(f"{key} must be True or False, got {getattr(self, key)!r}")
         precision.resolve_dtype(self.dtype, "dtype")
+        quantization.check(self.quantize)
         if self.ref_dtype is not None:
             precision.resolve_dtype(self.ref_dtype, "ref_dtype")
         if not isinstance(self.reward_kwargs, dict):

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from textgym import lora as lora_mod
-from textgym import models, precision
+from textgym import models, precision, quantization
 from textgym.envs.config import TextGenConfig
 
 
@@ -39,7 +39,8 @@ class EngineModels:
         if ref is None:
             ref = copy.deepcopy(self.model)
         elif isinstance(ref, str):
-            ref, _ = models.load(ref, device=self.device, dtype=self.ref_dtype)
+            ref, _ = models.load(ref, device=self.device, dtype=self.ref_dtype,
+                                 **quantization.from_pretrained_kwargs(cfg.quantize))
         elif not isinstance(ref, torch.nn.Module):
             raise ValueError(f"ref_model must be None, a name, a path or a loaded model, got {type(ref).__name__}")
         if ref is self.model:
@@ -51,8 +52,8 @@ class EngineModels:
         # Frozen: its weights stored in its own precision, no float32 master copy needed. Buffers keep
         # theirs (``.to(dtype)`` would cast them too: transformers keeps RoPE's inv_freq in float32,
         # and a bfloat16 one moves every position's rotation, so the copy would not compute as the model).
-        for param in ref.parameters():
-            if param.is_floating_point() and param.dtype != self.ref_dtype:
+        for param in ref.parameters():  # (quantized weights keep their own format)
+            if param.is_floating_point() and param.dtype != self.ref_dtype and not quantization.is_quantized(param):
                 param.data = param.data.to(self.ref_dtype)
         ref.eval()
         ref.requires_grad_(False)
@@ -93,12 +94,18 @@ class EngineModels:
 
     def plain_copy(self, model):
         """``model`` as a plain Hugging Face model: with LoRA attached (``peft_model``), a merged
-        copy carrying ``model``'s weights (``model`` is the policy or a copy of it)."""
+        copy carrying ``model``'s weights (``model`` is the policy or a copy of it); over a
+        quantized base, in float (``quantization.merged_float_copy``)."""
         if self.peft_model is None:
             return model
         merged = copy.deepcopy(self.peft_model)
-        if model is not self.model:
-            merged.base_model.model.load_state_dict(model.state_dict())
+        quantized = self.cfg.quantize is not None
+        if model is not self.model:  # (a quantized base is frozen: the copy's is the policy's)
+            state = model.state_dict()
+            merged.base_model.model.load_state_dict(quantization.without_quantized(state) if quantized else state,
+                                                    strict=not quantized)
+        if quantized:
+            return quantization.merged_float_copy(merged, self.dtype)
         return merged.merge_and_unload()
 
     def save_policy(self, directory: Path) -> None:
@@ -115,7 +122,7 @@ def load_policy(cfg: TextGenConfig, dtype: torch.dtype):
     """``(model, tokenizer)``: the policy LM, in ``dtype`` (a model object is cast to it, as it is
     moved to ``device``)."""
     device = cfg.device
-    if isinstance(cfg.model, torch.nn.Module):
+    if isinstance(cfg.model, torch.nn.Module):  # (quantized in place when asked)
         # Any: a transformers model, or a wrapper forwarding its attributes (peft's); nn.Module's
         # typing would see ``model.config`` as a tensor or a submodule
         model: Any = cfg.model
@@ -126,13 +133,15 @@ def load_policy(cfg: TextGenConfig, dtype: torch.dtype):
 
             tokenizer = AutoTokenizer.from_pretrained(model.config.name_or_path)
         model.to(device=device, dtype=dtype)
+        quantization.quantize_model(model, cfg.quantize)
         models.prepare(model, tokenizer)
         return model, tokenizer
     if not isinstance(cfg.model, str):
         raise ValueError(f"model must be a name, a path or a loaded causal LM, got {type(cfg.model).__name__}")
     if device is None:
         device = precision.default_device()
-    model, tokenizer = models.load(cfg.model, device=device, dtype=dtype)
+    quantized = quantization.from_pretrained_kwargs(cfg.quantize)
+    model, tokenizer = models.load(cfg.model, device=device, dtype=dtype, **quantized)
     if cfg.tokenizer is not None:
         tokenizer = models.prepare(model, cfg.tokenizer)
     return model, tokenizer

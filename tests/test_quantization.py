@@ -1,0 +1,104 @@
+"""A quantized frozen base under LoRA (``quantize="int8"``, ``textgym.quantization``): the same int8
+model acts, scores the update and, adapters off, is the reference; what is saved computes what was
+trained; bad values are refused by name."""
+
+import numpy as np
+import pytest
+import torch
+from test_rollout_correctness import TOY, _rollout
+
+from textgym import agents, lm, models, quantization
+from textgym.envs.config import TextGenConfig
+
+pytest.importorskip("torchao")  # an optional dependency ('textgym[quantize]'); the test extras install it
+
+QUANTIZED = {**TOY, "quantize": "int8", "stop_on_eos": False}
+
+
+def _agent(algo="ppo", **hp):
+    return agents.make(algo, "textgym/TextGen-v0", n_envs=4, env_kwargs=QUANTIZED, seed=0, lora=True,
+                       learning_rate=3e-3, **hp)
+
+
+def _lora_layer(model):
+    return model.core.peft_model.base_model.model.model.layers[0].self_attn.q_proj
+
+
+def test_the_base_is_int8_and_only_the_adapters_train():
+    model = _agent()
+    layer = _lora_layer(model)
+    assert quantization.is_quantized(layer.base_layer.weight) and layer.base_layer.weight.qdata.dtype == torch.int8
+    trainable = {name for name, p in model.policy.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in name or name.startswith("value_head") for name in trainable), trainable
+    assert not any(quantization.is_quantized(p) for p in model.policy.parameters() if p.requires_grad)
+    assert not quantization.is_quantized(model.core.model.get_output_embeddings().weight)  # tied to the input
+
+
+@pytest.mark.parametrize("algo", ["ppo", "reinforce++"])
+def test_rollout_log_probs_are_the_updates_at_learning_rate_0(algo):
+    """The acting distribution is the trained one: the quantized model's log-probs of the sampled
+    tokens, KV-cached while acting, equal the update's teacher-forced ones (ratio 1, nothing
+    clipped), and the adapter-free reference is the policy before training (KL 0)."""
+    model = _agent(algo)
+    if algo == "ppo":
+        model.n_steps, model.batch_size = 6, 1000  # one minibatch: the whole rollout
+        model.rollout_buffer.buffer_size = 6
+        model.rollout_buffer.reset()
+    before = {n: p.detach().clone() for n, p in model.policy.named_parameters() if p.requires_grad}
+    buffer = _rollout(model)
+    # The reference is the untrained policy: KL 0 up to the rounding of the int8 kernel on the
+    # reference's teacher-forced shapes against the acting forward's one-token steps.
+    kls = [s["kl"] for s in model._episode_stats]
+    assert len(kls) == 4 and max(abs(k) for k in kls) < 1e-5, kls
+    model.policy.set_training_mode(True)
+    model.prepare_update()
+    data = next(iter(buffer.get(None)))
+    with torch.no_grad():
+        if algo == "ppo":
+            _, parts = model.minibatch_loss(data, data.advantages, 0.2, None, slice(None))
+        else:
+            _, parts = model.minibatch_loss(data, 0.2, slice(None))
+    assert float(parts["train/approx_kl"]) < 1e-6 and float(parts["train/clip_fraction"]) == 0.0
+    for name, p in model.policy.named_parameters():  # nothing moved: learning rate 0 so far
+        if p.requires_grad:
+            assert torch.equal(p, before[name]), name
+
+
+def test_training_moves_the_adapters_and_the_saved_model_computes_what_was_trained(tmp_path):
+    model = _agent(n_steps=6, batch_size=24, n_epochs=2)
+    model.learn(24)
+    layer = _lora_layer(model)
+    assert float(layer.lora_B["default"].weight.detach().abs().max()) > 0  # the adapters learned something
+    core = model.core
+    core.models.save_policy(tmp_path / "final")
+    saved, _ = models.load(tmp_path / "final")
+    assert not quantization.has_quantized(saved)  # a plain float model: base dequantized plus the adapters
+    ids = torch.as_tensor(np.array(core.tokenizer(["The film was", "Once upon a time"], padding=True)["input_ids"]))
+    mask = (ids != core.pad_id).long()
+    prompt, completion = ids[:, :2], ids[:, 2:]
+    ours = lm.completion_logprobs(core.model, prompt, mask[:, :2], completion, mask[:, 2:], dtype=core.dtype)
+    theirs = lm.completion_logprobs(saved, prompt, mask[:, :2], completion, mask[:, 2:], dtype=torch.float32)
+    torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-4)
+
+
+def test_an_agent_zip_holds_the_adapters_not_the_frozen_base(tmp_path):
+    model = _agent(n_steps=6, batch_size=24, n_epochs=1)
+    model.learn(24)
+    model.save(tmp_path / "agent.zip")
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "agent.zip") as archive:
+        policy = torch.load(archive.open("policy.pth"), weights_only=True)
+    assert policy and not any(quantization.is_quantized(v) for v in policy.values())
+    assert not any("base_layer.weight" in k for k in policy)
+    loaded = agents.load(tmp_path / "agent.zip", agents.as_vec_env("textgym/TextGen-v0", 4, QUANTIZED))
+    for (name, a), (_, b) in zip(model.policy.named_parameters(), loaded.policy.named_parameters()):
+        if a.requires_grad:
+            assert torch.equal(a, b), name
+
+
+def test_bad_values_are_refused_by_name():
+    with pytest.raises(ValueError, match=r"unknown quantize 'int4'; valid: None .*'int8'"):
+        TextGenConfig.from_kwargs(**{**TOY, "quantize": "int4"})
+    with pytest.raises(ValueError, match=r"quantize='int8'.*needs LoRA adapters"):
+        agents.make("ppo", "textgym/TextGen-v0", n_envs=2, env_kwargs=QUANTIZED, seed=0)
