@@ -5,10 +5,13 @@ trained; bad values are refused by name."""
 import numpy as np
 import pytest
 import torch
+from test_pipeline import tiny_config
 from test_rollout_correctness import TOY, _rollout
 
 from textgym import agents, lm, models, quantization
 from textgym.envs.config import TextGenConfig
+from textgym.pipeline.evaluate import evaluate_target, target_env
+from textgym.pipeline.train import train
 
 pytest.importorskip("torchao")  # an optional dependency ('textgym[quantize]'); the test extras install it
 
@@ -95,6 +98,20 @@ def test_an_agent_zip_holds_the_adapters_not_the_frozen_base(tmp_path):
     for (name, a), (_, b) in zip(model.policy.named_parameters(), loaded.policy.named_parameters()):
         if a.requires_grad:
             assert torch.equal(a, b), name
+
+
+def test_a_run_over_an_int8_base_is_evaluated_as_it_was_trained(tmp_path):
+    """textgym train with env.kwargs.quantize=int8 (and its default LoRA), then textgym eval of the
+    run: the float final model against the int8 base reproduces the run's own final figures."""
+    result = train(tiny_config(tmp_path, "model.lora={r: 4}", "env.kwargs.quantize=int8", "training.iterations=1",
+                               "training.eval_n=4"), progress=False)
+    assert not quantization.has_quantized(models.load(tmp_path / "final_model")[0])
+    _, kwargs, _ = target_env(str(tmp_path))
+    assert "quantize" not in kwargs and quantization.has_quantized(kwargs["ref_model"])
+    report = evaluate_target(str(tmp_path))
+    assert report["metrics"]["n"] == result["after"]["n"]
+    assert report["metrics"]["score"] == pytest.approx(result["after"]["score"])
+    assert report["metrics"]["kl"] == pytest.approx(result["after"]["kl"], abs=1e-3)
 
 
 def test_bad_values_are_refused_by_name():

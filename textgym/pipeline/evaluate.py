@@ -10,7 +10,7 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
-from textgym import metrics, rewards, sampling
+from textgym import metrics, models, precision, quantization, rewards, sampling
 from textgym.envs import core_of
 from textgym.envs.core import TextGenCore
 from textgym.pipeline.config import load_config
@@ -87,6 +87,14 @@ def target_env(target: str, env_id: str | None = None, ref: str | None = None) -
         # round's base), else its base model.
         kwargs = {**cfg.env_kwargs(), "model": str(path / "final_model"),
                   "ref_model": ref or cfg.env.kwargs.get("ref_model") or cfg.model.name}
+        quantize = kwargs.pop("quantize", None)
+        if quantize is not None and isinstance(kwargs["ref_model"], str):
+            # The run acted over an int8 base (textgym.quantization), its reference too; its final
+            # model is saved in float, base dequantized plus the adapters' delta, and is played so:
+            # quantizing it again would round that delta away. The reference is the int8 base again.
+            kwargs["ref_model"], _ = models.load(kwargs["ref_model"], device=precision.default_device(),
+                                                 dtype=precision.resolve_dtype(cfg.model.dtype),
+                                                 **quantization.from_pretrained_kwargs(quantize))
         return env_id or cfg.env.id, kwargs, cfg
     return env_id or "textgym/Sentiment-v0", {"model": target, "ref_model": ref}, None
 
