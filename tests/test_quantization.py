@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 from test_pipeline import tiny_config
-from test_rollout_correctness import TOY, _rollout
+from test_rollout_correctness import TOY, first_minibatch_figures, one_minibatch_rollout
 
 from textgym import agents, lm, models, quantization
 from textgym.envs.config import TextGenConfig
@@ -38,31 +38,21 @@ def test_the_base_is_int8_and_only_the_adapters_train():
 
 
 @pytest.mark.parametrize("algo", ["ppo", "reinforce++"])
-def test_rollout_log_probs_are_the_updates_at_learning_rate_0(algo):
+def test_rollout_log_probs_are_the_updates_before_any_step(algo):
     """The acting distribution is the trained one: the quantized model's log-probs of the sampled
     tokens, KV-cached while acting, equal the update's teacher-forced ones (ratio 1, nothing
-    clipped), and the adapter-free reference is the policy before training (KL 0)."""
+    clipped: the update at learning rate 0), and the adapter-free reference is the policy before
+    training (KL 0)."""
     model = _agent(algo)
-    if algo == "ppo":
-        model.n_steps, model.batch_size = 6, 1000  # one minibatch: the whole rollout
-        model.rollout_buffer.buffer_size = 6
-        model.rollout_buffer.reset()
     before = {n: p.detach().clone() for n, p in model.policy.named_parameters() if p.requires_grad}
-    buffer = _rollout(model)
+    buffer = one_minibatch_rollout(model, algo)
     # The reference is the untrained policy: KL 0 up to the rounding of the int8 kernel on the
     # reference's teacher-forced shapes against the acting forward's one-token steps.
     kls = [s["kl"] for s in model._episode_stats]
     assert len(kls) == 4 and max(abs(k) for k in kls) < 1e-5, kls
-    model.policy.set_training_mode(True)
-    model.prepare_update()
-    data = next(iter(buffer.get(None)))
-    with torch.no_grad():
-        if algo == "ppo":
-            _, parts = model.minibatch_loss(data, data.advantages, 0.2, None, slice(None))
-        else:
-            _, parts = model.minibatch_loss(data, 0.2, slice(None))
+    _, parts = first_minibatch_figures(model, buffer, algo)
     assert float(parts["train/approx_kl"]) < 1e-6 and float(parts["train/clip_fraction"]) == 0.0
-    for name, p in model.policy.named_parameters():  # nothing moved: learning rate 0 so far
+    for name, p in model.policy.named_parameters():  # nothing moved (as at learning rate 0)
         if p.requires_grad:
             assert torch.equal(p, before[name]), name
 

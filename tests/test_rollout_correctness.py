@@ -147,9 +147,8 @@ def test_bfloat16_full_fine_tuning_starts_on_the_reference():
 # --- 4. the ratio's old log-probs come from the function the update evaluates ------------------------
 
 
-@pytest.mark.parametrize("algo", ["ppo", "reinforce++"])
-def test_first_ratio_is_one_in_bfloat16(algo):
-    model = _bf16_agent(algo)
+def one_minibatch_rollout(model, algo: str):
+    """A rollout whose update would be one minibatch (PPO: 6 steps of every row), ready to update."""
     if algo == "ppo":
         model.n_steps, model.batch_size = 6, 1000  # one minibatch: the whole rollout
         model.rollout_buffer.buffer_size = 6
@@ -157,13 +156,26 @@ def test_first_ratio_is_one_in_bfloat16(algo):
     buffer = _rollout(model)
     model.policy.set_training_mode(True)
     model.prepare_update()
-    assert buffer.behaviour_log_probs is not None  # the sampler's log-probs are kept
+    return buffer
+
+
+def first_minibatch_figures(model, buffer, algo: str):
+    """``(minibatch, figures)`` of the update's first minibatch loss, before any step."""
     data = next(iter(buffer.get(None)))
     with torch.no_grad():
         if algo == "ppo":
             _, parts = model.minibatch_loss(data, data.advantages, 0.2, None, slice(None))
         else:
             _, parts = model.minibatch_loss(data, 0.2, slice(None))
+    return data, parts
+
+
+@pytest.mark.parametrize("algo", ["ppo", "reinforce++"])
+def test_first_ratio_is_one_in_bfloat16(algo):
+    model = _bf16_agent(algo)
+    buffer = one_minibatch_rollout(model, algo)
+    assert buffer.behaviour_log_probs is not None  # the sampler's log-probs are kept
+    data, parts = first_minibatch_figures(model, buffer, algo)
     if algo == "ppo":  # the sampler's log-probs differ from the training forward's by rounding
         assert (data.old_log_prob - data.behaviour_log_prob).abs().max() > 1e-4
     assert float(parts["train/approx_kl"]) < 1e-7 and float(parts["train/clip_fraction"]) == 0.0
