@@ -251,11 +251,12 @@ def row_noise(key: int, first_row: int, n_rows: int, width: int, dtype: torch.dt
     """Exponential(1) noise ``[n_rows, width]`` for the rows ``first_row`` to ``first_row + n_rows - 1``
     of a batch: row r's numbers are positions ``r * width`` to ``(r + 1) * width - 1`` of the
     SplitMix64 stream ``key``, so they depend on the key and the row only, not on which rows are
-    drawn with it. ``-log(u)`` of ``u`` uniform in (0, 1) from the top 24 bits (53 for float64)."""
-    bits = 53 if dtype == torch.float64 else 24
+    drawn with it. ``-log(u)`` of ``u`` uniform in (0, 1) from the top 53 bits in float64, else the
+    top 24 in float32 (the result's dtype)."""
+    real = torch.float64 if dtype == torch.float64 else torch.float32
+    bits = 53 if real == torch.float64 else 24
     counters = torch.arange(first_row * width, (first_row + n_rows) * width, dtype=torch.int64, device=device)
     z = splitmix64(key, counters).view(n_rows, width)
-    real = torch.float64 if bits == 53 else torch.float32
     top = torch.bitwise_right_shift(z, 64 - bits).bitwise_and_((1 << bits) - 1)  # the top bits, unsigned
     uniform = top.to(real).add_(0.5).mul_(2.0**-bits)
     return uniform.log_().neg_()
@@ -286,6 +287,5 @@ def sample_categorical(probs: torch.Tensor, generator: torch.Generator | None = 
 def sample_rows_of(probs: torch.Tensor, offset: int, key: int) -> torch.Tensor:
     """Tokens of the rows ``offset`` to ``offset + n - 1`` of a global batch, whose probabilities
     ``probs`` ``[n, V]`` are, for the call's ``key`` (see ``sample_categorical``)."""
-    real = torch.float64 if probs.dtype == torch.float64 else torch.float32
-    noise = row_noise(key, offset, probs.shape[0], probs.shape[1], dtype=real, device=probs.device)
-    return (probs.to(real) / noise).argmax(-1)
+    noise = row_noise(key, offset, probs.shape[0], probs.shape[1], dtype=probs.dtype, device=probs.device)
+    return (probs.to(noise.dtype) / noise).argmax(-1)
