@@ -424,11 +424,11 @@ class LMAlgorithm(OnLMVecEnv, _MixedInto):
         self.prepare_update()
         self.start_update_logs()
         stop = False
+        extra = self.ptx_loss_term if self._ptx_batches is not None else None  # PPO-ptx's term, every step
         with self.gradient_step.training():
             for _ in range(n_epochs):
                 for data in self.rollout_buffer.get(batch_size):  # (this rank's part of) a minibatch
                     loss_fn, n_rows, groups = minibatch(data)
-                    extra = self.ptx_loss_term if self._ptx_batches is not None else None
                     parts = self.gradient_step.accumulate(loss_fn, n_rows, groups=groups, extra=extra)
                     for name, value in parts.items():
                         self.log_update(name, value)

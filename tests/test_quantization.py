@@ -88,6 +88,9 @@ def test_an_agent_zip_holds_the_adapters_not_the_frozen_base(tmp_path):
     for (name, a), (_, b) in zip(model.policy.named_parameters(), loaded.policy.named_parameters()):
         if a.requires_grad:
             assert torch.equal(a, b), name
+    # Onto an env whose base is float, the file lacks that base's weights: refused, naming them.
+    with pytest.raises(ValueError, match=r"(?s)agent.zip.*do not fit this env's model.*Missing key.*base_layer.weight"):
+        agents.load(tmp_path / "agent.zip", agents.as_vec_env("textgym/TextGen-v0", 4, {**QUANTIZED, "quantize": None}))
 
 
 def test_a_run_over_an_int8_base_is_evaluated_as_it_was_trained(tmp_path):
