@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from stable_baselines3.common.utils import explained_variance, obs_as_tensor
 
-from textgym import distributed
+from textgym import distributed, sharding
 from textgym import kl as klmod
 from textgym.lora import lora_config
 from textgym.precision import autocast
@@ -121,6 +121,10 @@ class LMAlgorithm(OnLMVecEnv, _MixedInto):
     :param gradient_checkpointing: during updates, recompute each layer of the trained LM in
         backward instead of keeping its activations: less memory for about one more forward of time;
         the update is unchanged (False).
+    :param fsdp: shard the trained LM (and a reference of its own) over the data-parallel ranks
+        with FSDP2 (``textgym.sharding``): each rank holds 1/N of the weights, gradients and optimizer
+        state, and every forward gathers one layer at a time. Needs a process group (``torchrun``);
+        the update is the unsharded one's (False).
     """
 
     algo_name = "custom"
@@ -141,11 +145,14 @@ class LMAlgorithm(OnLMVecEnv, _MixedInto):
 
     def __init__(self, policy, env, *args, lora: Any = None, ptx_coef: float = 0.0, ptx_data: Any = None,
                  ptx_batch_size: int = 8, ptx_max_length: int = 128, micro_batch_size: int | None = None,
-                 gradient_checkpointing: bool = False, **kwargs):
+                 gradient_checkpointing: bool = False, fsdp: bool = False, **kwargs):
         self.micro_batch_size = check_micro_batch_size(micro_batch_size)
         if not isinstance(gradient_checkpointing, (bool, np.bool_)):
             raise ValueError(f"gradient_checkpointing must be True or False, got {gradient_checkpointing!r}")
         self.gradient_checkpointing = bool(gradient_checkpointing)
+        if not isinstance(fsdp, (bool, np.bool_)):
+            raise ValueError(f"fsdp must be True or False, got {fsdp!r}")
+        self.fsdp = bool(fsdp)
         if ptx_coef < 0 or (ptx_coef > 0 and ptx_data is None):
             raise ValueError(f"ptx_coef must be >= 0 and needs ptx_data (texts) when > 0; got ptx_coef={ptx_coef!r}, "
                              f"ptx_data={ptx_data!r}")
@@ -157,7 +164,7 @@ class LMAlgorithm(OnLMVecEnv, _MixedInto):
         self.textgym_hyperparameters = serialization.constructor_arguments(
             {**kwargs, "lora": lora, "ptx_coef": ptx_coef, "ptx_data": ptx_data, "ptx_batch_size": ptx_batch_size,
              "ptx_max_length": ptx_max_length, "micro_batch_size": self.micro_batch_size,
-             "gradient_checkpointing": self.gradient_checkpointing})
+             "gradient_checkpointing": self.gradient_checkpointing, "fsdp": self.fsdp})
         self._episode_stats: list[dict] = []
         self.rollout_stats: dict[str, float] = {}
         self._update_logs: dict[str, list[float]] = {}
@@ -202,6 +209,8 @@ class LMAlgorithm(OnLMVecEnv, _MixedInto):
             core.attach_lora(self.lora)
         upcast_trainable(core.model)  # float32 master weights (textgym.precision); a no-op in float32
         core.match_reference_weights()  # the frozen copy computes as the policy does until it moves
+        if self.fsdp:
+            self._shard_models()
         shared_value_head = self.policy_kwargs.get("value_head", True) and self.policy_kwargs.get("critic") is None
         if shared_value_head:
             core.keep_hidden_states()  # the shared value head reads the cached hidden states
@@ -211,6 +220,8 @@ class LMAlgorithm(OnLMVecEnv, _MixedInto):
             super()._setup_model()
         finally:
             self.policy_kwargs = saved
+        if self.fsdp:  # the value head (and a separate critic) stay whole on every rank: rank 0's
+            sharding.broadcast_from_main(self.policy)
         self.gradient_step = GradientStep(self.policy, micro_batch_size=self.micro_batch_size,
                                           gradient_checkpointing=self.gradient_checkpointing,
                                           loss_scaling=core.dtype == torch.float16, extra_loss=self.ptx_coef > 0)
@@ -222,14 +233,51 @@ class LMAlgorithm(OnLMVecEnv, _MixedInto):
             self._ptx_batches = ptx_batches(core.tokenizer, self.ptx_data, self.ptx_batch_size, self.ptx_max_length,
                                             seed=self.seed or 0)
 
+    # Algorithms whose models FSDP cannot shard (NLPO copies the policy for its mask).
+    shards = True
+
+    def _shard_models(self) -> None:
+        """``fsdp=True``: shard the policy LM and a reference model of its own (``textgym.sharding``)."""
+        core = self.core
+        if not distributed.is_initialized():
+            raise ValueError("fsdp=True shards the model over data-parallel ranks, which needs a process group: "
+                             "launch with torchrun --nproc-per-node N, or pass fsdp=False (also to agents.load, to "
+                             "open a sharded run's agent file in one process)")
+        refused = {f"algorithm {self.algo_name!r}": not self.shards,
+                   f"quantize={core.cfg.quantize!r}": core.cfg.quantize is not None,
+                   "critic='copy' (a copy of the policy LM, which a sharded model cannot give)":
+                       self.policy_kwargs.get("critic") == "copy",
+                   "dtype float16 (its loss scaling does not see the other ranks' overflows)":
+                       core.dtype == torch.float16}
+        if any(refused.values()):
+            raise ValueError(f"fsdp=True cannot shard with {', '.join(k for k, on in refused.items() if on)}: use "
+                             "fsdp=False (data parallelism with DDP), or ppo, a2c, grpo, rloo, reinforce++ on an "
+                             "unquantized float32 or bfloat16 model")
+        core.shard_models()
+
     def save(self, path, exclude=None, include=None) -> None:
         """Save to a zip in SB3's layout, without pickle: JSON data and tensors (``agents.serialization``),
         the KL controller's state included. Under data parallelism only rank 0 writes (every rank
-        holds the same agent); the others return at once."""
+        holds the same agent); the others return at once, but for a sharded agent (``fsdp=True``),
+        whose weights and optimizer state every rank must take part in gathering (they may pass
+        ``path=None``). The file is the unsharded agent's: it loads with or without sharding."""
+        params = {name: sharding.gathered(state) for name, state in self.get_parameters().items()} \
+            if self.fsdp else None
         if not distributed.is_main():
             return
         self.kl_controller_state = self.core.kl.state_dict()  # a dict of floats, saved as JSON
-        serialization.save_agent(self, path, exclude=exclude, include=include)
+        serialization.save_agent(self, path, exclude=exclude, include=include, params=params)
+
+    def set_parameters(self, load_path_or_dict, exact_match: bool = True, device="auto") -> None:
+        """SB3's, taking whole (saved) weights and optimizer state into a sharded agent too."""
+        if self.fsdp and isinstance(load_path_or_dict, dict):
+            load_path_or_dict = dict(load_path_or_dict)
+            if "policy" in load_path_or_dict:
+                load_path_or_dict["policy"] = sharding.sharded_state(self.policy, load_path_or_dict["policy"])
+            if "policy.optimizer" in load_path_or_dict:
+                load_path_or_dict["policy.optimizer"] = sharding.sharded_optimizer_state(
+                    self.policy.optimizer, load_path_or_dict["policy.optimizer"])
+        super().set_parameters(load_path_or_dict, exact_match=exact_match, device=device)
 
     @classmethod
     def load(cls, path, env=None, device="auto", custom_objects=None, print_system_info=False, force_reset=True,

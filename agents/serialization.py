@@ -84,9 +84,11 @@ def policy_name(policy: Any) -> str:
     return f"{policy.__module__}.{policy.__qualname__}" if isinstance(policy, type) else str(policy)
 
 
-def save_agent(agent, path: str | os.PathLike | io.BufferedIOBase, exclude=None, include=None) -> None:
+def save_agent(agent, path: str | os.PathLike | io.BufferedIOBase, exclude=None, include=None,
+               params: dict | None = None) -> None:
     """Write ``agent`` to ``path`` (``.zip`` added when it has no suffix) without any pickle.
-    Written to a uniquely named temporary file first, then moved into place."""
+    Written to a uniquely named temporary file first, then moved into place. ``params``: the
+    agent's ``get_parameters()`` as gathered already (a sharded agent's), else they are read."""
 
     exclude = set(exclude or []) | set(agent._excluded_save_params())
     if include is not None:
@@ -107,7 +109,8 @@ def save_agent(agent, path: str | os.PathLike | io.BufferedIOBase, exclude=None,
     data["textgym_policy"] = policy_name(agent.policy_class)
     # A quantized base (textgym.quantization) is frozen and loaded again with the env's model: only
     # the float weights are saved (torch's weights_only loading would also refuse its tensor type).
-    params = {name: quantization.without_quantized(state) for name, state in agent.get_parameters().items()}
+    params = {name: quantization.without_quantized(state)
+              for name, state in (agent.get_parameters() if params is None else params).items()}
 
     variables = {name: recursive_getattr(agent, name) for name in torch_names}
 

@@ -48,7 +48,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from textgym import distributed
+from textgym import distributed, sharding
 
 from .data_parallel import Share
 
@@ -179,7 +179,9 @@ class GradientStep:
         self.policy = policy
         self.micro_batch_size = check_micro_batch_size(micro_batch_size)
         self.scaler = torch.amp.GradScaler(policy.lm_device.type, enabled=loss_scaling)
-        self.ddp = data_parallel(policy, find_unused=extra_loss)
+        # Sharded (``textgym.sharding``), FSDP sums the gradients of the sharded weights itself.
+        self.sharded = sharding.has_sharded(policy)
+        self.ddp = None if self.sharded else data_parallel(policy, find_unused=extra_loss)
         self.checkpointed: list[nn.Module] = []
         if gradient_checkpointing:
             self.checkpointed = [m for m in (policy.lm, policy.critic) if m is not None]
@@ -209,17 +211,21 @@ class GradientStep:
         over the ranks): the minibatch's. Data-parallel, the gradients are summed over the ranks in
         the last backward."""
         self.policy.optimizer.zero_grad()
-        calls: list[tuple[Callable[..., Any], tuple[Any, ...]]] = [
-            (loss_fn, (rows,)) for rows in micro_batches(n_rows, self.micro_batch_size, groups)]
+        slices = micro_batches(n_rows, self.micro_batch_size, groups)
+        counted = len(slices)
+        if self.sharded:  # every forward and backward is collective: every rank takes as many
+            slices += [slice(0, 1)] * (max(distributed.all_gather_int(len(slices))) - len(slices))
+        calls: list[tuple[Callable[..., Any], tuple[Any, ...], bool]] = [
+            (loss_fn, (rows,), i < counted) for i, rows in enumerate(slices)]
         if extra is not None:
-            calls.append((extra, ()))
+            calls.append((extra, (), True))
         totals: dict[str, float] = {}
-        for i, (fn, args) in enumerate(calls):
+        for i, (fn, args, counts) in enumerate(calls):
             synced = i == len(calls) - 1
             with contextlib.nullcontext() if self.ddp is None or synced else self.ddp.no_sync():
                 loss, parts = fn(*args) if self.ddp is None else self.ddp(fn, *args)
-                self.backward(loss)
-            for name, value in parts.items():
+                self.backward(loss if counts else loss * 0.0)  # (a stand-in micro-batch counts nothing)
+            for name, value in parts.items() if counts else ():
                 totals[name] = totals.get(name, 0.0) + float(value)
         return distributed.sum_over_ranks(totals)
 
@@ -232,9 +238,12 @@ class GradientStep:
         ranks) gradients to ``max_grad_norm`` and step the optimizer (skipped by the scaler if a
         float16 gradient overflowed)."""
         optimizer = self.policy.optimizer
+        if self.sharded:  # the weights that are not sharded (a value head) are summed here
+            sharding.sum_replicated_gradients(list(self.policy.parameters()))
         self.scaler.unscale_(optimizer)
         if max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(self.policy.parameters(), max_grad_norm)
+            clip = sharding.clip_grad_norm_ if self.sharded else torch.nn.utils.clip_grad_norm_
+            clip(list(self.policy.parameters()), max_grad_norm)
         self.scaler.step(optimizer)
         self.scaler.update()
 

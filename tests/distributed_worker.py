@@ -1,7 +1,7 @@
 """Worker of tests/test_distributed.py: one iteration (rollout and update) of several algorithms on
 textgym/tiny, as ``textgym train`` runs it, recording what the equivalence test compares.
 
-    torchrun --nproc-per-node 2 tests/distributed_worker.py OUT     # 2 ranks x n_envs / 2 rows
+    torchrun --nproc-per-node 2 tests/distributed_worker.py OUT [LABEL...]   # 2 ranks x n_envs / 2 rows
     python tests/distributed_worker.py OUT                          # 1 process x n_envs rows
 
 Each rank writes ``OUT/LABEL-rankK.pt``: the policy's parameters after the update, the tokens of
@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from textgym import agents, distributed
 
@@ -36,9 +37,25 @@ ALGORITHMS = {
     "ppo micro-batched": ("ppo", {}, {**PPO, "micro_batch_size": 1}),
     "ppo-ptx": ("ppo", {}, {**PPO, **PTX}),
     "ppo-ptx micro-batched": ("ppo", {}, {**PPO, **PTX, "micro_batch_size": 1}),
+    "ppo lora": ("ppo", {}, {**PPO, "lora": {"r": 4}, "learning_rate": 3e-2}),
     "grpo": ("grpo", {"group_size": 2}, {"batch_size": 8, "n_epochs": 2, "learning_rate": 3e-3}),
     "reinforce++": ("reinforce++", {}, {"episodes_per_row": 2, "batch_size": 8, "n_epochs": 2, "learning_rate": 3e-3}),
 }
+# The same with the trained LM (and the reference of its own, without LoRA) sharded by FSDP2.
+SHARDED = ("ppo", "ppo-ptx micro-batched", "ppo lora", "grpo")
+ALGORITHMS |= {f"{label} fsdp": (algo, env, {**hyper, "fsdp": True})
+               for label, (algo, env, hyper) in ALGORITHMS.items() if label in SHARDED}
+
+
+def single_process_label(label: str) -> str:
+    """The label whose single-process run a multi-rank run of ``label`` must reproduce: micro-batches
+    and sharding leave the update unchanged."""
+    return label.removesuffix(" fsdp").removesuffix(" micro-batched")
+
+
+def full(state: dict) -> dict[str, torch.Tensor]:
+    """A state dict's tensors whole (a sharded one's gathered: collective) and detached."""
+    return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().clone() for k, v in state.items()}
 
 
 def one_iteration(label: str, seed: int = 0):
@@ -61,7 +78,7 @@ def one_iteration(label: str, seed: int = 0):
 def _run(label, algo, env_extra, hyperparameters, seed):
     agent = agents.make(algo, "textgym/TextGen-v0", n_envs=N_ENVS, env_kwargs={**ENV_KWARGS, **env_extra}, seed=seed,
                         **hyperparameters)
-    initial = {k: v.detach().clone() for k, v in agent.policy.state_dict().items()}
+    initial = full(agent.policy.state_dict())
     agent.set_random_seed(seed)  # as textgym train's iteration
     agent.start_fresh_episodes()
     agent.learn(agent.n_steps * agent.n_envs)
@@ -69,7 +86,7 @@ def _run(label, algo, env_extra, hyperparameters, seed):
     tokens = buffer.completion_ids if hasattr(buffer, "completion_ids") else buffer.actions
     return {
         "initial": initial,
-        "params": {k: v.detach().clone() for k, v in agent.policy.state_dict().items()},
+        "params": full(agent.policy.state_dict()),
         "tokens": torch.as_tensor(tokens).clone(),
         "stats": dict(agent.rollout_stats),
         "kl_coef": float(agent.core.kl_controller.value),
@@ -81,7 +98,7 @@ def _run(label, algo, env_extra, hyperparameters, seed):
 def main(out: str) -> None:
     torch.set_num_threads(1)
     distributed.init_from_env()
-    for label in ALGORITHMS:
+    for label in sys.argv[2:] or ALGORITHMS:
         torch.save(one_iteration(label), Path(out) / f"{label}-rank{distributed.rank()}.pt")
     distributed.shutdown()
 

@@ -32,6 +32,25 @@ def test_benchmark_prints_its_ratio(script):
     assert ratios == pytest.approx(expected, rel=0.02, abs=0.011)
 
 
+def test_fsdp_sharding_prints_its_table_and_ratios():
+    """benchmarks/fsdp_sharding.py (2 gloo ranks): a row per layout, and ratios that are the
+    quotients of the rows' figures (same run); a sharded rank holds half the weights and half the
+    optimizer state of a replicated one (the value head, whole on every rank, is a few bytes)."""
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "fsdp_sharding.py"), "--n-envs", "2", "--new-tokens", "4",
+         "--repeats", "1"], capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert re.search(r"machine: .+; yardstick: .+ at \d+ tok/s", out.stdout), out.stdout
+    rows = {m[0]: [float(x) for x in m[1:]] for m in re.findall(
+        r"^\| (replicated \(DDP\)|sharded \(FSDP2\)) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|$",
+        out.stdout, re.M)}
+    replicated, sharded = rows["replicated (DDP)"], rows["sharded (FSDP2)"]
+    ratios = [float(r) for r in re.findall(r"ratio [^=]*= (\d+\.\d+)", out.stdout)]
+    assert ratios == pytest.approx([b / a for a, b in zip(replicated, sharded)], rel=0.05, abs=0.011)
+    assert ratios[0] == pytest.approx(0.5, abs=0.02) and ratios[1] == pytest.approx(0.5, abs=0.02)
+
+
 def test_quantized_base_prints_its_table_and_ratios():
     """benchmarks/quantized_base.py: a row per base, and ratios that are the quotients of the row's
     figures (same run); the int8 base's weights take less room than float32's."""

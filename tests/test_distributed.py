@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from distributed_worker import ALGORITHMS, N_ENVS, one_iteration
+from distributed_worker import ALGORITHMS, N_ENVS, one_iteration, single_process_label
 from scipy import stats
 from test_pipeline import TINY_RUN, tiny_config
 from textgym.agents import data_parallel, update
@@ -48,17 +48,17 @@ def _norm(tensors) -> float:
 
 def test_two_ranks_take_the_single_process_update(tmp_path):
     """One iteration (rollout and update) of PPO (also micro-batched, also with PPO-ptx's
-    pretraining term) and two critic-free
-    algorithms, several minibatches and epochs each: 2 ranks x n_envs / 2 rows sample the same
-    tokens as 1 process x n_envs rows, end with identical parameters on both ranks, and those are
-    the single process's within float tolerance (dividing each rank's loss by its own part's count
-    instead of the minibatch's moves them by 60-130% of the update)."""
+    pretraining term, also with LoRA) and two critic-free algorithms, several minibatches and
+    epochs each, with DDP and (some) with the LM sharded by FSDP2: 2 ranks x n_envs / 2 rows
+    sample the same tokens as 1 process x n_envs rows, end with identical parameters on both ranks,
+    and those are the single process's within float tolerance (dividing each rank's loss by its
+    own part's count instead of the minibatch's moves them by 60-130% of the update)."""
     out = torchrun(str(ROOT / "tests" / "distributed_worker.py"), str(tmp_path), cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
-    singles = {label: one_iteration(label) for label in ALGORITHMS if "micro" not in label}
+    singles = {label: one_iteration(label) for label in ALGORITHMS if single_process_label(label) == label}
     for label, (algo, _, _) in ALGORITHMS.items():
-        # micro-batches leave the update unchanged (tests/test_precision.py)
-        single = singles[label.removesuffix(" micro-batched")]
+        # micro-batches leave the update unchanged (tests/test_precision.py), and so does sharding
+        single = singles[single_process_label(label)]
         ranks = [torch.load(tmp_path / f"{label}-rank{k}.pt") for k in (0, 1)]
         for name, value in ranks[0]["params"].items():
             assert torch.equal(value, ranks[1]["params"][name]), (label, name)
@@ -85,12 +85,35 @@ def test_two_ranks_take_the_single_process_update(tmp_path):
         assert _norm(error[k] - step[k] for k in step) < 1e-3 * _norm(step.values()), label
 
 
-def test_train_cli_on_two_ranks_writes_one_run_that_resumes(tmp_path):
+def test_sharded_forwards_stay_collective(tmp_path):
+    """FSDP2 over 2 ranks (``textgym.sharding``): each rank holds half the weights, also after
+    forwards (none stays gathered, the root's included); ranks that run
+    different numbers of forwards, of two sharded models in different orders, still meet at the
+    next collective (the rank with fewer runs stand-ins: 3 forwards against 1 is 2 stand-ins); a
+    gathered forward computes the unsharded one; a forward that trains on one rank alone is
+    refused on both, naming the lockstep, instead of hanging."""
+    out = torchrun(str(ROOT / "tests" / "sharding_worker.py"), str(tmp_path), cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"sharding-rank{k}.json").read_text()) for k in (0, 1)]
+    assert [r["held"] for r in ranks] == [ranks[0]["whole"] // 2] * 2
+    assert [r["held_after_forwards"] for r in ranks] == [ranks[0]["whole"] // 2] * 2  # none left gathered
+    assert [r["sum"] for r in ranks] == [2.0, 2.0]
+    assert [r["stand_ins"] for r in ranks] == [0, 2]
+    assert [r["gathered_logits_error"] for r in ranks] == [0.0, 0.0]
+    assert all("out of lockstep" in r["refused"] for r in ranks)
+
+
+@pytest.mark.parametrize("extra", [[], ["agent.hyperparameters.fsdp=true"],
+                                   ["agent.hyperparameters.fsdp=true", "model.lora={r: 4}"]],
+                         ids=["ddp", "fsdp", "fsdp-lora"])
+def test_train_cli_on_two_ranks_writes_one_run_that_resumes(tmp_path, extra):
     """``torchrun -m textgym train``: rank 0 alone writes the run directory (the same files as a
     single process's run, nothing in the working directory), the global figures are the single
-    process's, and ``--resume`` continues the run."""
+    process's, and ``--resume`` continues the run; with DDP, and with the LM sharded by FSDP2 (its
+    checkpoints and final model gathered from both ranks, the optimizer state scattered back on
+    resume; with LoRA, merged into the final model)."""
     run, cwd = tmp_path / "run", tmp_path / "cwd"
-    args = ["-m", "textgym", "train", *TINY_RUN, f"training.output_dir={run}"]
+    args = ["-m", "textgym", "train", *TINY_RUN, f"training.output_dir={run}", *extra]
     out = torchrun(*args, "training.iterations=2", cwd=cwd)
     assert out.returncode == 0, out.stderr[-3000:]
     assert list(cwd.iterdir()) == []  # no rank wrote anywhere else
@@ -100,7 +123,7 @@ def test_train_cli_on_two_ranks_writes_one_run_that_resumes(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
 
     single = tmp_path / "single"
-    train(tiny_config(single, "training.iterations=3"), progress=False)
+    train(tiny_config(single, "training.iterations=3", *(e for e in extra if "fsdp" not in e)), progress=False)
 
     def files(directory: Path) -> list[str]:
         return sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if p.parent.name != "tb")
@@ -121,7 +144,22 @@ def test_train_cli_on_two_ranks_writes_one_run_that_resumes(tmp_path):
                 assert got[key] == pytest.approx(value, rel=1e-4, abs=1e-5), (got["iteration"], key)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["iterations"] == 3 and summary["after"]["n"] == 16  # every held-out prompt, twice (eval_samples)
-    models.load(run / "final_model")
+    final, _ = models.load(run / "final_model")
+    want, _ = models.load(single / "final_model")
+    start, _ = models.load("textgym/tiny")
+    with torch.no_grad():
+        moved = max(float((w - s).abs().max()) for w, s in zip(want.parameters(), start.parameters()))
+        error = max(float((f - w).abs().max()) for f, w in zip(final.parameters(), want.parameters()))
+    assert error < 1e-3 * moved, (error, moved)
+    if extra:  # a sharded run's agent file is the unsharded agent's: it opens in one process
+        cfg = tiny_config(tmp_path / "unused", *(e for e in extra if "fsdp" not in e))
+        with pytest.raises(ValueError, match="fsdp=True .* needs a process group"):
+            agents.load(run / "checkpoint" / "agent.zip", env=cfg.env.id, n_envs=4, env_kwargs=cfg.env_kwargs())
+        agent = agents.load(run / "checkpoint" / "agent.zip", env=cfg.env.id, n_envs=4, env_kwargs=cfg.env_kwargs(),
+                            fsdp=False)
+        saved = agent.core.models.plain_copy(agent.core.model)
+        with torch.no_grad():
+            assert max(float((s - f).abs().max()) for s, f in zip(saved.parameters(), final.parameters())) < 1e-6
 
 
 FAILING = """
@@ -280,3 +318,37 @@ def test_the_rows_must_split_over_the_ranks(monkeypatch):
     with pytest.raises(ValueError, match=r"n_envs=4 over 2 ranks gives 2 rows per rank, not a multiple of "
                                          r"group_size=4: .* a multiple of 8"):
         agents.make("grpo", "textgym/TextGen-v0", n_envs=4)
+
+
+@pytest.fixture
+def one_rank_group():
+    """A process group of this process alone (gloo, world size 1), for what needs one to exist."""
+    torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+TINY_ENV = {"model": "textgym/tiny", "max_new_tokens": 4, "max_prompt_tokens": 12}
+
+
+@pytest.mark.parametrize("algo, env_kwargs, hyperparameters, named", [
+    ("nlpo", {}, {}, "algorithm 'nlpo'"),
+    ("ppo", {"quantize": "int8"}, {"lora": True}, "quantize='int8'"),
+    ("ppo", {}, {"policy_kwargs": {"critic": "copy"}}, "critic='copy'"),
+    ("ppo", {"dtype": "float16"}, {}, "dtype float16"),
+])
+def test_sharding_refuses_what_it_cannot_shard(one_rank_group, algo, env_kwargs, hyperparameters, named):
+    if "quantize" in env_kwargs:
+        pytest.importorskip("torchao")
+    with pytest.raises(ValueError, match=rf"fsdp=True cannot shard with {named}.*use fsdp=False"):
+        agents.make(algo, "textgym/TextGen-v0", n_envs=2, env_kwargs={**TINY_ENV, **env_kwargs}, fsdp=True,
+                    **hyperparameters)
+
+
+def test_sharding_needs_a_process_group_and_a_flag():
+    with pytest.raises(ValueError, match=r"fsdp=True shards .* needs a process group: launch with torchrun"):
+        agents.make("ppo", "textgym/TextGen-v0", n_envs=2, env_kwargs=TINY_ENV, fsdp=True)
+    with pytest.raises(ValueError, match=r"fsdp must be True or False, got 'yes'"):
+        agents.make("ppo", "textgym/TextGen-v0", n_envs=2, env_kwargs=TINY_ENV, fsdp="yes")

@@ -8,7 +8,10 @@ the functions below; every one of them is a no-op that returns the local answer 
 group is initialised, so a single process computes exactly what it computed without this module.
 
 Collectives must be called by every rank, in the same order: the callers here are the agents'
-rollouts and updates and ``textgym train``'s iteration, which every rank runs in lockstep.
+rollouts and updates and ``textgym train``'s iteration, which every rank runs in lockstep. With
+the model sharded (``textgym.sharding``, ``fsdp=True``) every forward is a collective too, which
+the ranks do not run in step: each collective here first meets the other ranks' pending forwards
+(``before_collectives``).
 """
 
 from __future__ import annotations
@@ -24,6 +27,21 @@ import torch
 import torch.distributed as dist
 
 T = TypeVar("T")
+
+# Called before every collective below: the sharded models' drain (``textgym.sharding``), which
+# answers other ranks' pending forwards so that the collective meets every rank.
+_BEFORE_COLLECTIVES: list[Callable[[], None]] = []
+
+
+def before_collectives(fn: Callable[[], None]) -> None:
+    """Run ``fn()`` before each collective of this module (on every rank, as they are)."""
+    _BEFORE_COLLECTIVES.append(fn)
+
+
+def _meet() -> None:
+    for fn in _BEFORE_COLLECTIVES:
+        fn()
+
 
 def is_initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
@@ -46,6 +64,7 @@ def is_main() -> bool:
 
 def barrier() -> None:
     if is_initialized():
+        _meet()
         dist.barrier()
 
 
@@ -113,6 +132,7 @@ def all_reduce_sum(values: Any) -> np.ndarray:
     array = np.asarray(values, dtype=np.float64)
     if not is_initialized():
         return array
+    _meet()
     tensor = torch.as_tensor(array, device=_device()).clone()
     dist.all_reduce(tensor)
     return tensor.cpu().numpy().reshape(array.shape)
@@ -162,6 +182,7 @@ def all_gather_object(obj: T) -> list[T]:
     """Every rank's ``obj`` (picklable), in rank order."""
     if not is_initialized():
         return [obj]
+    _meet()
     out: list[Any] = [None] * world_size()
     dist.all_gather_object(out, obj)
     return out
@@ -171,6 +192,7 @@ def all_gather_int(value: int) -> list[int]:
     """Every rank's ``value``, in rank order (a tensor collective: cheap enough for every step)."""
     if not is_initialized():
         return [int(value)]
+    _meet()
     mine = torch.tensor([int(value)], dtype=torch.long, device=_device())
     out = [torch.empty_like(mine) for _ in range(world_size())]
     dist.all_gather(out, mine)
@@ -188,6 +210,7 @@ def broadcast_object(obj: T, src: int = 0) -> T:
     """Rank ``src``'s ``obj`` on every rank."""
     if not is_initialized():
         return obj
+    _meet()
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]

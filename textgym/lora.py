@@ -33,8 +33,11 @@ class AdapterDisabledRef(nn.Module):
         self._peft = [peft_model]  # a list, so the policy's weights are not registered twice
 
     def forward(self, *args, **kwargs):
+        # The model itself is called, not peft's wrapper: peft's forward calls the model's
+        # ``forward`` method around its hooks, and a sharded model (``textgym.sharding``) is
+        # gathered by hooks on its call.
         with self._peft[0].disable_adapter():
-            return self._peft[0](*args, **kwargs)
+            return self._peft[0].get_base_model()(*args, **kwargs)
 
     def get_output_embeddings(self):
         return self._peft[0].get_output_embeddings()

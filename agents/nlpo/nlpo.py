@@ -94,6 +94,8 @@ class NLPO(PPO):
         policy_kwargs = {"top_p": top_p, "min_tokens_to_keep": min_tokens_to_keep, **(policy_kwargs or {})}
         super().__init__(policy, env, policy_kwargs=policy_kwargs, **kwargs)
 
+    shards = False  # its mask model is a copy of the policy LM, which a sharded model cannot give
+
     def _setup_model(self) -> None:
         super()._setup_model()
         core = self.core

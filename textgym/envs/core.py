@@ -54,7 +54,7 @@ from textgym.timing import PhaseTimer
 AGENT_API = frozenset({
     "cfg", "n", "P", "T", "vocab", "pad_id", "eos_ids", "group_size", "device", "dtype", "timer",
     "model", "tokenizer", "ref_model", "ref_dtype", "peft_model", "attach_lora", "match_reference_weights",
-    "keep_hidden_states", "output_embedding", "policy_changed",
+    "keep_hidden_states", "output_embedding", "policy_changed", "shard_models",
     "reset_rows", "step", "observation", "running", "generated", "all_fresh", "episodes", "reset_infos",
     "encode_prompt", "render_text", "acting_logits", "acting", "name_rows", "cached_outputs", "cached_states", "kl",
 })
@@ -80,7 +80,7 @@ class TextGenCore:
     ``n``, ``P``, ``T``, ``vocab``, ``pad_id``, ``eos_ids``, ``group_size``, ``device``, ``dtype``),
     the models (``model``, ``tokenizer``, ``ref_model``, ``ref_dtype``, ``peft_model``,
     ``attach_lora``, ``match_reference_weights``, ``keep_hidden_states``, ``output_embedding``,
-    ``policy_changed``), episodes (``reset_rows``, ``step``, ``observation``, ``running``,
+    ``policy_changed``, ``shard_models``), episodes (``reset_rows``, ``step``, ``observation``, ``running``,
     ``generated``, ``all_fresh``, ``episodes``, ``reset_infos``, ``encode_prompt``), the acting
     distribution (``acting_logits``, ``acting``), tickets (``name_rows``, ``cached_outputs``,
     ``cached_states``), the KL coefficient (``kl``) and the timer (``timer``)."""
@@ -183,6 +183,13 @@ class TextGenCore:
             self.ref.model, self.ref.dtype = self.ref_model, self.ref_dtype
         self.refresh()
 
+    def shard_models(self) -> None:
+        """Shard the policy LM, and a reference model of its own, over the data-parallel ranks
+        (``textgym.sharding``; every rank calls this). The live rows are re-encoded: the models
+        now hold rank 0's weights."""
+        self.models.shard()
+        self.refresh()
+
     def match_reference_weights(self) -> None:
         """Give the reference the weight dtypes of the trained policy, parameter by parameter, when
         the reference is the env's own frozen copy of the model. An agent trains float32 master
@@ -231,14 +238,15 @@ class TextGenCore:
         """For a bootstrap: ``(started, states)`` of the named rows, or None (``tickets``)."""
         return tickets.cached_states(self, named)
 
-    def save_policy(self, directory: str | Path) -> None:
+    def save_policy(self, directory: str | Path | None) -> None:
         """Save the acting policy as a model directory: the policy LM (LoRA adapters merged into a
         copy), its tokenizer and its acting distribution (NLPO's masking model, ILQL's heads, with
         their settings), so that an env made with ``model=directory`` acts exactly as this one:
-        what is evaluated is what is saved."""
-        directory = Path(directory)
-        self.models.save_policy(directory)
-        self.acting.save(directory, self.models.plain_copy)
+        what is evaluated is what is saved. A sharded policy (``textgym.sharding``) is gathered by
+        every rank, which must all call this; rank 0 writes (the others may pass None)."""
+        self.models.save_policy(None if directory is None else Path(directory))
+        if directory is not None:
+            self.acting.save(Path(directory), self.models.plain_copy)
 
     # --- evaluation -------------------------------------------------------------------------------
 

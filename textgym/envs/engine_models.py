@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
+from textgym import distributed, models, precision, quantization, sharding
 from textgym import lora as lora_mod
-from textgym import models, precision, quantization
 from textgym.envs.config import TextGenConfig
 
 
@@ -33,6 +33,7 @@ class EngineModels:
         self.device = next(self.model.parameters()).device
         self.ref_model = self._load_ref(cfg)
         self.peft_model = None  # the peft wrapper of model, when LoRA adapters are attached (attach_lora)
+        self.lora: dict | None = None  # their peft.LoraConfig options
 
     def _load_ref(self, cfg: TextGenConfig):
         ref = cfg.ref_model
@@ -71,6 +72,7 @@ class EngineModels:
             raise ValueError("LoRA adapters are already attached to this env's model")
         own_reference = self.cfg.ref_model is not None
         self.peft_model = lora_mod.peft_wrap(self.model, lora, own_reference=own_reference)
+        self.lora = dict(lora)
         if not own_reference:
             self.ref_model = lora_mod.AdapterDisabledRef(self.peft_model)  # the frozen copy is dropped
             if self.ref_dtype != self.dtype:
@@ -92,6 +94,13 @@ class EngineModels:
                 param.data = param.data.to(dtype)
         return True
 
+    def shard(self) -> None:
+        """Shard the policy LM and a reference of its own (not LoRA's adapter-free policy, which
+        is the policy) over the data-parallel ranks (``textgym.sharding``)."""
+        sharding.shard(self.model)
+        if self.peft_model is None or self.cfg.ref_model is not None:
+            sharding.shard(self.ref_model)
+
     def plain_copy(self, model):
         """``model`` as a plain Hugging Face model: with LoRA attached (``peft_model``), a merged
         copy carrying ``model``'s weights (``model`` is the policy or a copy of it); over a
@@ -108,10 +117,29 @@ class EngineModels:
             return quantization.merged_float_copy(merged, self.dtype)
         return merged.merge_and_unload()
 
-    def save_policy(self, directory: Path) -> None:
-        """The policy LM (LoRA merged into a copy) and its tokenizer as a model directory."""
-        self.plain_copy(self.model).save_pretrained(directory)
+    def save_policy(self, directory: Path | None) -> None:
+        """The policy LM (LoRA merged into a copy) and its tokenizer as a model directory. A sharded
+        policy (``textgym.sharding``) is gathered by every rank, which must all call this; rank 0
+        writes (the others pass None, as an unsharded policy's other ranks may)."""
+        model = self.whole_copy() if sharding.is_sharded(self.model) else None
+        if directory is None:
+            return
+        model = self.plain_copy(self.model) if model is None else model
+        model.save_pretrained(directory)
         self.tokenizer.save_pretrained(directory)
+
+    def whole_copy(self):
+        """On rank 0, a plain unsharded copy of the sharded policy (LoRA merged), else None; every
+        rank must call it (the weights are gathered)."""
+        state = sharding.gathered(self.model.state_dict())
+        if not distributed.is_main():
+            return None
+        if self.peft_model is None:
+            return sharding.whole_model(self.model, state)
+        lora, own_reference = self.lora or {}, self.cfg.ref_model is not None
+        adapted = sharding.whole_model(self.model, state,
+                                       adapt=lambda m: lora_mod.peft_wrap(m, lora, own_reference=own_reference))
+        return adapted.merge_and_unload()
 
     def output_embedding(self) -> torch.Tensor:
         """The policy LM's output embedding ``[V, H]`` (ILQL's Q heads project onto it)."""

@@ -276,6 +276,10 @@ class Run:
         return record
 
     def save_checkpoint(self) -> None:
+        """Every rank calls this (a sharded agent's weights are gathered from all); rank 0 writes."""
+        if not self.main:
+            self.agent.save(None)
+            return
         with atomic_dir(self.checkpoint) as tmp:
             self.agent.save(tmp / "agent.zip")
             (tmp / "state.json").write_text(json.dumps(self.state))
@@ -302,15 +306,14 @@ class Run:
             self.state["before"] = summary
             if self.main:
                 self._write_samples("samples_before.jsonl", episodes)
-                self.save_checkpoint()
+            self.save_checkpoint()
         bar = tqdm(range(self.state["iteration"], t.iterations), initial=self.state["iteration"], total=t.iterations,
                    desc="textgym train", unit="iter", disable=not (self.progress and self.main))
         for it in bar:
             record = self.iterate(it)
             self.state["history"].append(record)
             self.state["iteration"] = it + 1
-            if self.main:
-                self.save_checkpoint()
+            self.save_checkpoint()
             if "score" in record:
                 bar.set_postfix(score=f"{record['score']:.3f}", kl=f"{record['kl']:.2f}")
             if t.max_seconds is not None and distributed.broadcast_object(
@@ -322,9 +325,9 @@ class Run:
             summary, episodes = self.evaluate()
         result = {"before": self.state["before"], "after": summary, "iterations": self.state["iteration"],
                   "gain": score_gain(self.state["before"], summary)}
+        self.save_final_model()
         if self.main:
             self._write_samples("samples_after.jsonl", episodes)
-            self.save_final_model()
             plot_history(self.state["history"], self.dir, self.state["before"])
             (self.dir / "summary.json").write_text(json.dumps(result, indent=1))
         # Where the time went, phase by phase over the iterations (resumed ones included); timings
@@ -336,7 +339,11 @@ class Run:
         return {**result, "time": spent}
 
     def save_final_model(self) -> None:
-        """The acting policy that the evaluations played (NLPO's with its mask), LoRA merged."""
+        """The acting policy that the evaluations played (NLPO's with its mask), LoRA merged. Every
+        rank calls this (a sharded policy is gathered from all); rank 0 writes."""
+        if not self.main:
+            self.core.save_policy(None)
+            return
         with atomic_dir(self.dir / "final_model") as tmp:
             self.core.save_policy(tmp)
 
