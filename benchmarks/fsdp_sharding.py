@@ -5,8 +5,11 @@ one PPO iteration (fresh episodes, a rollout of ``--n-envs`` rows of ``--new-tok
 update) with the LM replicated on every rank (DDP) and with it sharded (``textgym.sharding``: the
 policy LM and the frozen reference, each rank holding 1/N of the weights, gradients and Adam
 state, every forward gathering one layer at a time). Prints per rank (the largest over the ranks)
-the bytes of model weights and optimizer state it holds after the iteration, its peak resident
-memory, and the iteration's time, then the ratios sharded / replicated. Also prints the machine
+the bytes of model weights and optimizer state it holds after the iteration, its resident memory
+then (the C allocator's free memory handed back first), its peak resident memory, and the
+iteration's time, then the ratios sharded / replicated. On CPU the peak counts what the allocator
+kept of freed buffers (every forward gathers and frees each layer) and the whole model each rank
+loads before sharding it. Also prints the machine
 and a yardstick (the model's ``generate`` speed in one process), as the README's figures state theirs.
 
     python benchmarks/fsdp_sharding.py                                  # textgym/tiny, 2 processes
@@ -15,6 +18,9 @@ and a yardstick (the model's ``generate`` speed in one process), as the README's
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 import json
 import os
 import resource
@@ -33,12 +39,26 @@ from textgym import agents, distributed
 from textgym.prompts import sentiment_prompts
 
 MiB = 2**20
-COLUMNS = ("weights MiB", "optimizer MiB", "peak memory MiB", "iteration s")
+COLUMNS = ("weights MiB", "optimizer MiB", "resident MiB", "peak memory MiB", "iteration s")
 
 
 def held_bytes(tensors) -> int:
     """Bytes of the tensors' data on this rank (a sharded tensor's local part)."""
     return sum((t.to_local() if isinstance(t, DTensor) else t).nbytes for t in tensors if isinstance(t, torch.Tensor))
+
+
+def resident() -> int:
+    """Bytes of this process's resident memory now, after handing the C allocator's free memory back
+    to the system (glibc's ``malloc_trim``; on CPU, freed tensors' memory otherwise stays resident
+    and the figure would be the allocator's history, not what the process holds)."""
+    gc.collect()
+    libc = ctypes.util.find_library("c")
+    if libc is not None and hasattr(ctypes.CDLL(libc), "malloc_trim"):
+        ctypes.CDLL(libc).malloc_trim(0)
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
 
 
 def worker(args) -> None:
@@ -57,7 +77,7 @@ def worker(args) -> None:
     weights = held_bytes({id(p): p for m in models for p in m.parameters()}.values())
     optimizer = held_bytes(v for state in agent.policy.optimizer.state.values() for v in state.values())
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
-    figures = [weights / MiB, optimizer / MiB, peak / MiB, best]
+    figures = [weights / MiB, optimizer / MiB, resident() / MiB, peak / MiB, best]
     Path(args.out, f"rank{distributed.rank()}.json").write_text(json.dumps(figures))
     distributed.shutdown()
 

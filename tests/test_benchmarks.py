@@ -43,7 +43,7 @@ def test_fsdp_sharding_prints_its_table_and_ratios():
     assert out.returncode == 0, out.stderr[-2000:]
     assert re.search(r"machine: .+; yardstick: .+ at \d+ tok/s", out.stdout), out.stdout
     rows = {m[0]: [float(x) for x in m[1:]] for m in re.findall(
-        r"^\| (replicated \(DDP\)|sharded \(FSDP2\)) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|$",
+        r"^\| (replicated \(DDP\)|sharded \(FSDP2\)) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|$",
         out.stdout, re.M)}
     replicated, sharded = rows["replicated (DDP)"], rows["sharded (FSDP2)"]
     ratios = [float(r) for r in re.findall(r"ratio [^=]*= (\d+\.\d+)", out.stdout)]
