@@ -1,12 +1,14 @@
-"""A quantized frozen base under LoRA against a float32 one: decoding speed, update speed and memory.
+"""Quantized frozen bases under LoRA against a float32 one: decoding speed, update speed and memory.
 
-Each variant runs in a process of its own (so its peak memory is its own), float32 and int8 in
-turn, ``--rounds`` times, best time kept: a PPO agent with LoRA adapters (``lora=True``) over the
-model loaded with ``quantize=None`` or ``quantize="int8"`` (``textgym.quantization``), the reference
-being the adapter-free base in both. Prints, as a Markdown table: rollout tokens/s (one KV-cached
-forward per token for ``--n-envs`` rows, the reference's teacher-forced forward and the reward
-included), the seconds of one update (4 epochs), the bytes of the model's weights and the process's
-peak resident memory; then the ratios int8 / float32 of this run and the machine's yardstick.
+Each variant runs in a process of its own (so its peak memory is its own), float32, int8
+(torchao) and nf4 (bitsandbytes) in turn, ``--rounds`` times, best time kept (a quantized variant
+whose library is not installed is left out): a PPO agent with LoRA adapters (``lora=True``) over
+the model loaded with ``quantize=None``, ``"int8"`` or ``"nf4"`` (``textgym.quantization``), the
+reference being the adapter-free base in each. Prints, as a Markdown table: rollout tokens/s (one
+KV-cached forward per token for ``--n-envs`` rows, the reference's teacher-forced forward and the
+reward included), the seconds of one update (4 epochs), the bytes of the model's weights and the
+process's peak resident memory; then the ratios quantized / float32 of this run and the machine's
+yardstick.
 
     python benchmarks/quantized_base.py --model textgym/smollm2-135m
 """
@@ -14,6 +16,7 @@ peak resident memory; then the ratios int8 / float32 of this run and the machine
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import resource
 import subprocess
@@ -30,14 +33,18 @@ from benchmarks.common import collect_rollout, machine, parser, yardstick
 from textgym import agents, quantization
 from textgym.prompts import sentiment_prompts
 
-VARIANTS = ("float32", "int8")
+VARIANTS = ("float32", "int8", "nf4")
+LIBRARIES = {"int8": "torchao", "nf4": "bitsandbytes"}
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
     """Bytes of a model's parameters, a quantized weight counted by the tensors it stores."""
     total = 0
     for p in model.parameters():
-        if quantization.is_quantized(p):
+        if quantization.is_quantized(p) and hasattr(p, "quant_state"):  # bitsandbytes: packed bytes and scales
+            described = [v for v in p.quant_state.as_dict(packed=True).values() if isinstance(v, torch.Tensor)]
+            total += sum(t.numel() * t.element_size() for t in [p.data, *described])
+        elif quantization.is_quantized(p):  # torchao: the tensors its subclass is made of
             names, _ = p.__tensor_flatten__()
             total += sum(getattr(p, n).numel() * getattr(p, n).element_size() for n in names)
         else:
@@ -76,9 +83,10 @@ def main() -> None:
                  "--prompt-tokens", str(args.prompt_tokens), "--repeats", str(args.repeats)]
     if args.threads:
         forwarded += ["--threads", str(args.threads)]
-    results: dict[str, list[dict]] = {v: [] for v in VARIANTS}
+    variants = [v for v in VARIANTS if v not in LIBRARIES or importlib.util.find_spec(LIBRARIES[v]) is not None]
+    results: dict[str, list[dict]] = {v: [] for v in variants}
     for _ in range(args.rounds):
-        for variant in VARIANTS:
+        for variant in variants:
             out = subprocess.run([sys.executable, __file__, *forwarded, "--variant", variant], check=True,
                                  capture_output=True, text=True).stdout
             results[variant].append(json.loads(out.strip().splitlines()[-1]))
@@ -91,10 +99,13 @@ def main() -> None:
     for v, b in best.items():
         print(f"| {v} | {b['rollout_tok_s']:.1f} | {b['update_s']:.2f} | {b['weights_mb']:.1f} "
               f"| {b['peak_rss_mb']:.0f} |")
-    f, q = best["float32"], best["int8"]
-    print(f"\nratios int8 / float32: rollout speed {q['rollout_tok_s'] / f['rollout_tok_s']:.2f}, update time "
-          f"{q['update_s'] / f['update_s']:.2f}, weights {q['weights_mb'] / f['weights_mb']:.2f}, peak memory "
-          f"{q['peak_rss_mb'] / f['peak_rss_mb']:.2f}")
+    f = best["float32"]
+    print()
+    for v in variants[1:]:
+        q = best[v]
+        print(f"ratios {v} / float32: rollout speed {q['rollout_tok_s'] / f['rollout_tok_s']:.2f}, update time "
+              f"{q['update_s'] / f['update_s']:.2f}, weights {q['weights_mb'] / f['weights_mb']:.2f}, peak memory "
+              f"{q['peak_rss_mb'] / f['peak_rss_mb']:.2f}")
     print(f"yardstick: {args.model} generate 16 x 32 tokens at {yardstick(args.model):.0f} tok/s")
 
 

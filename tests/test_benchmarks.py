@@ -53,7 +53,7 @@ def test_fsdp_sharding_prints_its_table_and_ratios():
 
 def test_quantized_base_prints_its_table_and_ratios():
     """benchmarks/quantized_base.py: a row per base, and ratios that are the quotients of the row's
-    figures (same run); the int8 base's weights take less room than float32's."""
+    figures (same run); each quantized base's weights take less room than float32's."""
     pytest.importorskip("torchao")
     out = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "quantized_base.py"), "--n-envs", "2", "--new-tokens", "4",
@@ -61,13 +61,18 @@ def test_quantized_base_prints_its_table_and_ratios():
     )
     assert out.returncode == 0, out.stderr[-2000:]
     rows = {m[0]: [float(x) for x in m[1:]] for m in
-            re.findall(r"^\| (float32|int8) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|$", out.stdout, re.M)}
-    assert set(rows) == {"float32", "int8"}, out.stdout
-    ratios = [float(x) for x in re.search(r"rollout speed ([\d.]+), update time ([\d.]+), weights ([\d.]+), "
-                                          r"peak memory ([\d.]+)", out.stdout).groups()]
-    (f_tok, _, f_w, f_mem), (q_tok, _, q_w, q_mem) = rows["float32"], rows["int8"]
-    assert ratios[0] == pytest.approx(q_tok / f_tok, abs=0.011) and ratios[3] == pytest.approx(q_mem / f_mem, abs=0.011)
-    assert q_w < f_w and ratios[2] < 1
+            re.findall(r"^\| (float32|int8|nf4) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|$", out.stdout,
+                       re.M)}
+    kinds = ["int8", *(["nf4"] if importlib.util.find_spec("bitsandbytes") else [])]
+    assert set(rows) == {"float32", *kinds}, out.stdout
+    f_tok, _, f_w, f_mem = rows["float32"]
+    for kind in kinds:
+        ratios = [float(x) for x in re.search(rf"ratios {kind} / float32: rollout speed ([\d.]+), update time "
+                                              r"([\d.]+), weights ([\d.]+), peak memory ([\d.]+)", out.stdout).groups()]
+        q_tok, _, q_w, q_mem = rows[kind]
+        assert ratios[0] == pytest.approx(q_tok / f_tok, abs=0.011)
+        assert ratios[3] == pytest.approx(q_mem / f_mem, abs=0.011)
+        assert q_w < f_w and ratios[2] < 1
     assert re.search(r"yardstick: .+ at \d+ tok/s", out.stdout), out.stdout
 
 

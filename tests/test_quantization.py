@@ -1,6 +1,9 @@
-"""A quantized frozen base under LoRA (``quantize="int8"``, ``textgym.quantization``): the same int8
-model acts, scores the update and, adapters off, is the reference; what is saved computes what was
-trained; bad values are refused by name."""
+"""A quantized frozen base under LoRA (``quantize="int8"``, torchao's, and ``quantize="nf4"``,
+bitsandbytes', ``textgym.quantization``): the same quantized model acts, scores the update and,
+adapters off, is the reference; what is saved computes what was trained; bad values are refused by
+name. Each test runs for both kinds."""
+
+import importlib.util
 
 import numpy as np
 import pytest
@@ -13,24 +16,34 @@ from textgym.envs.config import TextGenConfig
 from textgym.pipeline.evaluate import evaluate_target, target_env
 from textgym.pipeline.train import train
 
-pytest.importorskip("torchao")  # an optional dependency ('textgym[quantize]'); the test extras install it
-
+# optional dependencies ('textgym[quantize]'); the test extras install them
+KINDS = [pytest.param(kind, marks=pytest.mark.skipif(importlib.util.find_spec(module) is None,
+                                                     reason=f"{module} is not installed"))
+         for kind, module in (("int8", "torchao"), ("nf4", "bitsandbytes"))]
 QUANTIZED = {**TOY, "quantize": "int8", "stop_on_eos": False}
 
 
-def _agent(algo="ppo", **hp):
-    return agents.make(algo, "textgym/TextGen-v0", n_envs=4, env_kwargs=QUANTIZED, seed=0, lora=True,
-                       learning_rate=3e-3, **hp)
+@pytest.fixture(params=KINDS)
+def kind(request):
+    return request.param
+
+
+def _agent(kind, algo="ppo", **hp):
+    return agents.make(algo, "textgym/TextGen-v0", n_envs=4, env_kwargs={**QUANTIZED, "quantize": kind}, seed=0,
+                       lora=True, learning_rate=3e-3, **hp)
 
 
 def _lora_layer(model):
     return model.core.peft_model.base_model.model.model.layers[0].self_attn.q_proj
 
 
-def test_the_base_is_int8_and_only_the_adapters_train():
-    model = _agent()
+def test_the_base_is_quantized_and_only_the_adapters_train(kind):
+    model = _agent(kind)
     layer = _lora_layer(model)
-    assert quantization.is_quantized(layer.base_layer.weight) and layer.base_layer.weight.qdata.dtype == torch.int8
+    weight = layer.base_layer.weight
+    stored = weight.qdata if kind == "int8" else weight.data  # (nf4: two 4-bit codes per byte)
+    assert quantization.is_quantized(weight) and stored.dtype == {"int8": torch.int8, "nf4": torch.uint8}[kind]
+    assert stored.numel() == {"int8": 1, "nf4": 0.5}[kind] * layer.in_features * layer.out_features
     trainable = {name for name, p in model.policy.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in name or name.startswith("value_head") for name in trainable), trainable
     assert not any(quantization.is_quantized(p) for p in model.policy.parameters() if p.requires_grad)
@@ -38,12 +51,12 @@ def test_the_base_is_int8_and_only_the_adapters_train():
 
 
 @pytest.mark.parametrize("algo", ["ppo", "reinforce++"])
-def test_rollout_log_probs_are_the_updates_before_any_step(algo):
+def test_rollout_log_probs_are_the_updates_before_any_step(kind, algo):
     """The acting distribution is the trained one: the quantized model's log-probs of the sampled
     tokens, KV-cached while acting, equal the update's teacher-forced ones (ratio 1, nothing
     clipped: the update at learning rate 0), and the adapter-free reference is the policy before
     training (KL 0)."""
-    model = _agent(algo)
+    model = _agent(kind, algo)
     before = {n: p.detach().clone() for n, p in model.policy.named_parameters() if p.requires_grad}
     buffer = one_minibatch_rollout(model, algo)
     # The reference is the untrained policy: KL 0 up to the rounding of the int8 kernel on the
@@ -57,8 +70,8 @@ def test_rollout_log_probs_are_the_updates_before_any_step(algo):
             assert torch.equal(p, before[name]), name
 
 
-def test_training_moves_the_adapters_and_the_saved_model_computes_what_was_trained(tmp_path):
-    model = _agent(n_steps=6, batch_size=24, n_epochs=2)
+def test_training_moves_the_adapters_and_the_saved_model_computes_what_was_trained(tmp_path, kind):
+    model = _agent(kind, n_steps=6, batch_size=24, n_epochs=2)
     model.learn(24)
     layer = _lora_layer(model)
     assert float(layer.lora_B["default"].weight.detach().abs().max()) > 0  # the adapters learned something
@@ -74,8 +87,8 @@ def test_training_moves_the_adapters_and_the_saved_model_computes_what_was_train
     torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-4)
 
 
-def test_an_agent_zip_holds_the_adapters_not_the_frozen_base(tmp_path):
-    model = _agent(n_steps=6, batch_size=24, n_epochs=1)
+def test_an_agent_zip_holds_the_adapters_not_the_frozen_base(tmp_path, kind):
+    model = _agent(kind, n_steps=6, batch_size=24, n_epochs=1)
     model.learn(24)
     model.save(tmp_path / "agent.zip")
     import zipfile
@@ -83,20 +96,22 @@ def test_an_agent_zip_holds_the_adapters_not_the_frozen_base(tmp_path):
     with zipfile.ZipFile(tmp_path / "agent.zip") as archive:
         policy = torch.load(archive.open("policy.pth"), weights_only=True)
     assert policy and not any(quantization.is_quantized(v) for v in policy.values())
-    assert not any("base_layer.weight" in k for k in policy)
-    loaded = agents.load(tmp_path / "agent.zip", agents.as_vec_env("textgym/TextGen-v0", 4, QUANTIZED))
+    assert not any("base_layer.weight" in k for k in policy)  # (nor nf4's absmax, quant_map... of it)
+    env_kwargs = {**QUANTIZED, "quantize": kind}
+    loaded = agents.load(tmp_path / "agent.zip", agents.as_vec_env("textgym/TextGen-v0", 4, env_kwargs))
     for (name, a), (_, b) in zip(model.policy.named_parameters(), loaded.policy.named_parameters()):
         if a.requires_grad:
             assert torch.equal(a, b), name
     # Onto an env whose base is float, the file lacks that base's weights: refused, naming them.
     with pytest.raises(ValueError, match=r"(?s)agent.zip.*do not fit this env's model.*Missing key.*base_layer.weight"):
-        agents.load(tmp_path / "agent.zip", agents.as_vec_env("textgym/TextGen-v0", 4, {**QUANTIZED, "quantize": None}))
+        agents.load(tmp_path / "agent.zip",
+                    agents.as_vec_env("textgym/TextGen-v0", 4, {**env_kwargs, "quantize": None}))
 
 
-def test_a_run_over_an_int8_base_is_evaluated_as_it_was_trained(tmp_path):
-    """textgym train with env.kwargs.quantize=int8 (and its default LoRA), then textgym eval of the
-    run: the float final model against the int8 base reproduces the run's own final figures."""
-    result = train(tiny_config(tmp_path, "model.lora={r: 4}", "env.kwargs.quantize=int8", "training.iterations=1",
+def test_a_run_over_a_quantized_base_is_evaluated_as_it_was_trained(tmp_path, kind):
+    """textgym train with env.kwargs.quantize=KIND (and its default LoRA), then textgym eval of the
+    run: the float final model against the quantized base reproduces the run's own final figures."""
+    result = train(tiny_config(tmp_path, "model.lora={r: 4}", f"env.kwargs.quantize={kind}", "training.iterations=1",
                                "training.eval_n=4"), progress=False)
     assert not quantization.has_quantized(models.load(tmp_path / "final_model")[0])
     _, kwargs, _ = target_env(str(tmp_path))
@@ -108,7 +123,11 @@ def test_a_run_over_an_int8_base_is_evaluated_as_it_was_trained(tmp_path):
 
 
 def test_bad_values_are_refused_by_name():
-    with pytest.raises(ValueError, match=r"unknown quantize 'int4'; valid: None .*'int8'"):
+    with pytest.raises(ValueError, match=r"unknown quantize 'int4'; valid: None .*'int8', 'nf4'"):
         TextGenConfig.from_kwargs(**{**TOY, "quantize": "int4"})
     with pytest.raises(ValueError, match=r"quantize='int8'.*needs LoRA adapters"):
         agents.make("ppo", "textgym/TextGen-v0", n_envs=2, env_kwargs=QUANTIZED, seed=0)
+    model, tokenizer = models.load("textgym/tiny")
+    with pytest.raises(ValueError, match=r"quantize='nf4' loads the model with bitsandbytes from its name or path"):
+        agents.make("ppo", "textgym/TextGen-v0", n_envs=2, seed=0, lora=True,
+                    env_kwargs={**QUANTIZED, "quantize": "nf4", "model": model, "tokenizer": tokenizer})

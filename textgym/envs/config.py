@@ -43,7 +43,7 @@ class TextGenConfig:
     device: Any = None  # None: textgym.precision.default_device() for a model loaded by name
     dtype: Any = "float32"  # the models' precision (textgym.precision.DTYPES), or the torch dtype
     ref_dtype: Any = None  # the reference's precision; None: dtype
-    quantize: str | None = None  # "int8": the base's linear weights in int8, frozen under LoRA (textgym.quantization)
+    quantize: str | None = None  # "int8"/"nf4": the base's linear weights int8/4-bit, frozen under LoRA (quantization)
 
     @classmethod
     def from_kwargs(cls, env_id: str = "textgym/TextGen-v0", **kwargs) -> TextGenConfig:

@@ -117,8 +117,9 @@ class TextGenEnv(_CoreViews, gym.Env):
       model object is cast to it) and their forwards run in (autocast); log-probs and the KL are
       float32 maths whatever it is. ``ref_dtype`` (None: ``dtype``): the reference's own, e.g.
       "bfloat16" to halve its memory beside a float32 policy.
-    - ``quantize`` (None, or "int8"): the model's linear weights in int8 (torchao's weight-only
-      quantization, ``textgym.quantization``), as are a ``ref_model`` named by string; an agent then
+    - ``quantize`` (None, "int8" or "nf4"): the model's linear weights in int8 (torchao's
+      weight-only quantization) or 4-bit NormalFloat (bitsandbytes', QLoRA's base; a model given by
+      name or path), ``textgym.quantization``, as are a ``ref_model`` named by string; an agent then
       trains LoRA adapters over that frozen base (``lora``; refused without), and the same quantized
       model acts, scores the update and, adapters off, is the reference.
 
@@ -128,7 +129,7 @@ class TextGenEnv(_CoreViews, gym.Env):
     - v0: initial version; KL placement (``kl_in``), batch-level KL controller, acting
       distribution with a nucleus mask, group sampling (``group_size``). Since 0.1: ``kl_horizon``
       defaults to 32 episodes (was 10000, under which ``kl_target`` could not move the coefficient
-      at textgym's batch sizes). Since 0.2: ``quantize``.
+      at textgym's batch sizes). Since 0.2: ``quantize`` ("int8", and "nf4").
     """
 
     metadata = {"render_modes": ["ansi"], "render_fps": 4}

@@ -89,12 +89,13 @@ def target_env(target: str, env_id: str | None = None, ref: str | None = None) -
                   "ref_model": ref or cfg.env.kwargs.get("ref_model") or cfg.model.name}
         quantize = kwargs.pop("quantize", None)
         if quantize is not None and isinstance(kwargs["ref_model"], str):
-            # The run acted over an int8 base (textgym.quantization), its reference too; its final
+            # The run acted over a quantized base (textgym.quantization), its reference too; its final
             # model is saved in float, base dequantized plus the adapters' delta, and is played so:
-            # quantizing it again would round that delta away. The reference is the int8 base again.
-            kwargs["ref_model"], _ = models.load(kwargs["ref_model"], device=precision.default_device(),
-                                                 dtype=precision.resolve_dtype(cfg.model.dtype),
-                                                 **quantization.from_pretrained_kwargs(quantize))
+            # quantizing it again would round that delta away. The reference is the quantized base again.
+            dtype = precision.resolve_dtype(cfg.model.dtype)
+            reference, _ = models.load(kwargs["ref_model"], device=precision.default_device(), dtype=dtype,
+                                       **quantization.from_pretrained_kwargs(quantize, dtype))
+            kwargs["ref_model"] = quantization.keep_differentiable(reference)  # computing as it did in training
         return env_id or cfg.env.id, kwargs, cfg
     return env_id or "textgym/Sentiment-v0", {"model": target, "ref_model": ref}, None
 
