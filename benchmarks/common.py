@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import sys
 import time
 import warnings
 
@@ -24,6 +25,25 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=3, help="timed repetitions; the best is kept")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     return p
+
+
+def ranks_parser(description: str) -> argparse.ArgumentParser:
+    """``parser`` for a measurement over several processes (ranks): one thread per process,
+    ``--nproc`` and the internal ``--worker``."""
+    p = parser(description)
+    p.set_defaults(threads=1)
+    p.add_argument("--nproc", type=int, default=2, help="processes (ranks) of a data-parallel run (default 2)")
+    p.add_argument("--worker", action="store_true", help="internal: be one process of a measurement")
+    return p
+
+
+def ranks_yardstick(args, dtype: str = "float32") -> float:
+    """The yardstick (in one process) of a measurement over ``--nproc`` ranks, whose global batch
+    must split evenly over them (else the run stops, naming both)."""
+    if args.n_envs % args.nproc:
+        sys.exit(f"--n-envs={args.n_envs} must be a multiple of --nproc={args.nproc}")
+    return yardstick(args.model, n_envs=args.n_envs, new_tokens=args.new_tokens, prompt_tokens=args.prompt_tokens,
+                     repeats=args.repeats, threads=args.threads, dtype=dtype)
 
 
 def setup(args, **agent_kwargs):

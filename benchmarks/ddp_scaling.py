@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script or with -m
 
-from benchmarks.common import iteration, machine, parser, yardstick
+from benchmarks.common import iteration, machine, ranks_parser, ranks_yardstick
 from textgym import agents, distributed
 from textgym.precision import DTYPES
 from textgym.prompts import sentiment_prompts
@@ -70,18 +70,12 @@ def measure(args, nproc: int) -> float:
 
 
 def main() -> None:
-    p = parser(__doc__.splitlines()[0])
-    p.set_defaults(threads=1)
-    p.add_argument("--nproc", type=int, default=2, help="processes of the data-parallel run (default 2)")
+    p = ranks_parser(__doc__.splitlines()[0])
     p.add_argument("--dtype", choices=list(DTYPES), default="float32", help="the models' precision (the env's dtype)")
-    p.add_argument("--worker", action="store_true", help="internal: be one process of a measurement")
     args = p.parse_args()
     if args.worker:
         return worker(args)
-    if args.n_envs % args.nproc:
-        sys.exit(f"--n-envs={args.n_envs} must be a multiple of --nproc={args.nproc}")
-    speed = yardstick(args.model, n_envs=args.n_envs, new_tokens=args.new_tokens, prompt_tokens=args.prompt_tokens,
-                      repeats=args.repeats, threads=args.threads, dtype=args.dtype)
+    speed = ranks_yardstick(args, dtype=args.dtype)
     t1, tn = measure(args, 1), measure(args, args.nproc)
     print(f"model {args.model} ({args.dtype}), global batch {args.n_envs} sequences of {args.prompt_tokens} + "
           f"{args.new_tokens} tokens, PPO, {args.threads} thread(s) per process")

@@ -34,7 +34,7 @@ from torch.distributed.tensor import DTensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script or with -m
 
-from benchmarks.common import iteration, machine, parser, yardstick
+from benchmarks.common import iteration, machine, ranks_parser, ranks_yardstick
 from textgym import agents, distributed
 from textgym.prompts import sentiment_prompts
 
@@ -100,19 +100,13 @@ def measure(args, fsdp: bool) -> list[float]:
 
 
 def main() -> None:
-    p = parser(__doc__.splitlines()[0])
-    p.set_defaults(threads=1)
-    p.add_argument("--nproc", type=int, default=2, help="processes (ranks) of both runs (default 2)")
-    p.add_argument("--worker", action="store_true", help="internal: be one rank of a measurement")
+    p = ranks_parser(__doc__.splitlines()[0])
     p.add_argument("--fsdp", action="store_true", help="internal: the worker shards the model")
     p.add_argument("--out", help="internal: where the worker writes its figures")
     args = p.parse_args()
     if args.worker:
         return worker(args)
-    if args.n_envs % args.nproc:
-        sys.exit(f"--n-envs={args.n_envs} must be a multiple of --nproc={args.nproc}")
-    speed = yardstick(args.model, n_envs=args.n_envs, new_tokens=args.new_tokens, prompt_tokens=args.prompt_tokens,
-                      repeats=args.repeats, threads=args.threads)
+    speed = ranks_yardstick(args)
     rows = {"replicated (DDP)": measure(args, False), "sharded (FSDP2)": measure(args, True)}
     print(f"model {args.model}, {args.nproc} ranks, global batch {args.n_envs} sequences of {args.prompt_tokens} + "
           f"{args.new_tokens} tokens, PPO (Adam, the whole LM trained), {args.threads} thread(s) per rank")
