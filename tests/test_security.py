@@ -287,7 +287,9 @@ def test_two_concurrent_cli_runs_into_one_directory(tmp_path):
     from textgym.pipeline.runlock import holder
 
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "textgym", "train", *TINY_RUN, "training.iterations=3",
+    # Enough iterations that the first run outlasts the second process's whole start (imports
+    # included), which 3 tiny iterations barely did.
+    cmd = [sys.executable, "-m", "textgym", "train", *TINY_RUN, "training.iterations=12",
            f"training.output_dir={out}"]
     first = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
