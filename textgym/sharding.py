@@ -21,6 +21,10 @@ nobody reads, until every rank has arrived. A rank that would answer a forward t
 backward (training) with a stand-in raises instead of hanging: the update must stay in step by
 construction.
 
+What it does not do yet: every rank loads the whole model before sharding it (loading on the
+meta device and reading each rank's part of the checkpoint would remove that peak), and saving
+gathers the whole state into each rank's CPU memory.
+
 Without a process group nothing here is used: ``shard`` refuses, and every other function is a
 no-op on an unsharded model.
 """
