@@ -47,11 +47,14 @@ def load(
     *,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
+    quantize: str | None = None,
     **from_pretrained_kwargs,
 ):
     """Return ``(model, tokenizer)``: the model in eval mode with dropout disabled, the tokenizer
     left-padding with a pad token. ``device`` defaults to CPU; ``dtype`` (a ``torch.dtype``) is
-    the weights' precision, passed to ``from_pretrained`` (None: its default)."""
+    the weights' precision, passed to ``from_pretrained`` (None: its default). ``quantize``: its
+    linear layers loaded quantized (``textgym.quantization``: None, "int8" or "nf4", computing in
+    ``dtype``)."""
     name = str(name_or_path)
     path: str | Path
     if name == TINY:
@@ -60,8 +63,11 @@ def load(
         path = smollm2_path()
     else:
         path = name
+    quantized = quantization.from_pretrained_kwargs(quantize, dtype or torch.float32)
     with quantization.quiet_import():  # transformers imports torchao, where installed, to load any model
-        model, tokenizer = _from_pretrained(path, name, dtype=dtype, **from_pretrained_kwargs)
+        model, tokenizer = _from_pretrained(path, name, dtype=dtype, **quantized, **from_pretrained_kwargs)
+    if quantize is not None:
+        quantization.keep_differentiable(model)
     if device is not None:
         model.to(device)
     return model, prepare(model, tokenizer)

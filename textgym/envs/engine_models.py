@@ -40,9 +40,7 @@ class EngineModels:
         if ref is None:
             ref = copy.deepcopy(self.model)
         elif isinstance(ref, str):
-            ref, _ = models.load(ref, device=self.device, dtype=self.ref_dtype,
-                                 **quantization.from_pretrained_kwargs(cfg.quantize, self.ref_dtype))
-            quantization.keep_differentiable(ref)
+            ref, _ = models.load(ref, device=self.device, dtype=self.ref_dtype, quantize=cfg.quantize)
         elif not isinstance(ref, torch.nn.Module):
             raise ValueError(f"ref_model must be None, a name, a path or a loaded model, got {type(ref).__name__}")
         if ref is self.model:
@@ -169,9 +167,7 @@ def load_policy(cfg: TextGenConfig, dtype: torch.dtype):
         raise ValueError(f"model must be a name, a path or a loaded causal LM, got {type(cfg.model).__name__}")
     if device is None:
         device = precision.default_device()
-    quantized = quantization.from_pretrained_kwargs(cfg.quantize, dtype)
-    model, tokenizer = models.load(cfg.model, device=device, dtype=dtype, **quantized)
-    quantization.keep_differentiable(model)
+    model, tokenizer = models.load(cfg.model, device=device, dtype=dtype, quantize=cfg.quantize)
     if cfg.tokenizer is not None:
         tokenizer = models.prepare(model, cfg.tokenizer)
     return model, tokenizer

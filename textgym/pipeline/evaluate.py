@@ -10,7 +10,7 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
-from textgym import metrics, models, precision, quantization, rewards, sampling
+from textgym import metrics, models, precision, rewards, sampling
 from textgym.envs import core_of
 from textgym.envs.core import TextGenCore
 from textgym.pipeline.config import load_config
@@ -92,10 +92,8 @@ def target_env(target: str, env_id: str | None = None, ref: str | None = None) -
             # The run acted over a quantized base (textgym.quantization), its reference too; its final
             # model is saved in float, base dequantized plus the adapters' delta, and is played so:
             # quantizing it again would round that delta away. The reference is the quantized base again.
-            dtype = precision.resolve_dtype(cfg.model.dtype)
-            reference, _ = models.load(kwargs["ref_model"], device=precision.default_device(), dtype=dtype,
-                                       **quantization.from_pretrained_kwargs(quantize, dtype))
-            kwargs["ref_model"] = quantization.keep_differentiable(reference)  # computing as it did in training
+            kwargs["ref_model"], _ = models.load(kwargs["ref_model"], device=precision.default_device(),
+                                                 dtype=precision.resolve_dtype(cfg.model.dtype), quantize=quantize)
         return env_id or cfg.env.id, kwargs, cfg
     return env_id or "textgym/Sentiment-v0", {"model": target, "ref_model": ref}, None
 
