@@ -141,6 +141,8 @@ class LMAlgorithm(OnLMVecEnv, _MixedInto):
     # True where the reference log-probs of the KL loss come from the env's own (the critic-free
     # buffers store them), so ``prepare_update`` takes no reference forward.
     kl_from_env = False
+    # False where FSDP cannot shard the algorithm's models (NLPO copies the policy for its mask).
+    shards = True
     policy: LMActorCriticPolicy  # (or a subclass): agents.make gives a plain SB3 class this policy too
 
     def __init__(self, policy, env, *args, lora: Any = None, ptx_coef: float = 0.0, ptx_data: Any = None,
@@ -232,9 +234,6 @@ class LMAlgorithm(OnLMVecEnv, _MixedInto):
                                  "use ptx_coef with one of ppo, a2c, nlpo")
             self._ptx_batches = ptx_batches(core.tokenizer, self.ptx_data, self.ptx_batch_size, self.ptx_max_length,
                                             seed=self.seed or 0)
-
-    # Algorithms whose models FSDP cannot shard (NLPO copies the policy for its mask).
-    shards = True
 
     def _shard_models(self) -> None:
         """``fsdp=True``: shard the policy LM and a reference model of its own (``textgym.sharding``)."""

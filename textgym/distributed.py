@@ -93,7 +93,7 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-def _device() -> torch.device:
+def collective_device() -> torch.device:
     """Where collective tensors live: NCCL reduces CUDA tensors only."""
     if dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
@@ -133,7 +133,7 @@ def all_reduce_sum(values: Any) -> np.ndarray:
     if not is_initialized():
         return array
     _meet()
-    tensor = torch.as_tensor(array, device=_device()).clone()
+    tensor = torch.as_tensor(array, device=collective_device()).clone()
     dist.all_reduce(tensor)
     return tensor.cpu().numpy().reshape(array.shape)
 
@@ -193,7 +193,7 @@ def all_gather_int(value: int) -> list[int]:
     if not is_initialized():
         return [int(value)]
     _meet()
-    mine = torch.tensor([int(value)], dtype=torch.long, device=_device())
+    mine = torch.tensor([int(value)], dtype=torch.long, device=collective_device())
     out = [torch.empty_like(mine) for _ in range(world_size())]
     dist.all_gather(out, mine)
     return [int(t.item()) for t in out]

@@ -15,11 +15,11 @@ of them, in the same order (what they feed in may differ). The update is written
 takes every step over the same micro-batches, ``agents.update``), but rollouts and evaluation are
 not: ranks reset, finish and score their own rows, and evaluation splits prompts unevenly. So each
 forward first *announces* itself to the other ranks (a pre-forward hook: one small all-gather),
-and a rank about to run any other collective (every one in ``textgym.distributed`` does, and
-saving) first *drains*: it answers announcements with stand-in forwards of one token, whose outputs
-nobody reads, until every rank has arrived. A rank that would answer a forward that needs a
-backward (training) with a stand-in raises instead of hanging: the update must stay in step by
-construction.
+and a rank about to run any other collective (every one in ``textgym.distributed`` does, and this
+module's own: broadcasting, summing and clipping gradients, gathering for saving) first *drains*:
+it answers announcements with stand-in forwards of one token, whose outputs nobody reads, until
+every rank has arrived. A rank that would answer a forward that needs a backward (training) with a
+stand-in raises instead of hanging: the update must stay in step by construction.
 
 What it does not do yet: every rank loads the whole model before sharding it (loading on the
 meta device and reading each rank's part of the checkpoint would remove that peak), and saving
@@ -109,7 +109,7 @@ class _Lockstep:
     def _round(self, index: int, op: int) -> int | None:
         """One round: every rank's ``(model index, op)``; returns the round's model (None: every
         rank idle)."""
-        mine = torch.tensor([index, op], dtype=torch.long, device=_collective_device())
+        mine = torch.tensor([index, op], dtype=torch.long, device=distributed.collective_device())
         out = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
         dist.all_gather(out, mine)
         wanted = [(int(t[0]), int(t[1])) for t in out]
@@ -137,12 +137,6 @@ class _Lockstep:
 
 _LOCKSTEP = _Lockstep()
 distributed.before_collectives(_LOCKSTEP.drain)
-
-
-def _collective_device() -> torch.device:
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
@@ -192,6 +186,7 @@ def has_sharded(module: nn.Module) -> bool:
 def broadcast_from_main(module: nn.Module) -> None:
     """Rank 0's parameters and buffers on every rank (in place), but for sharded ones (rank 0's
     would not be the others' part)."""
+    _LOCKSTEP.drain()
     with torch.no_grad():
         for tensor in [*module.parameters(), *module.buffers()]:
             if not _is_dtensor(tensor):
@@ -205,6 +200,7 @@ def sum_replicated_gradients(params: list[torch.Tensor]) -> None:
     grads = [p.grad for p in params if p.grad is not None and not _is_dtensor(p)]
     if not grads or not distributed.is_initialized():
         return
+    _LOCKSTEP.drain()
     flat = torch.cat([g.reshape(-1) for g in grads])
     dist.all_reduce(flat)
     offset = 0
@@ -216,6 +212,7 @@ def sum_replicated_gradients(params: list[torch.Tensor]) -> None:
 def clip_grad_norm_(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
     """``torch.nn.utils.clip_grad_norm_`` over sharded and whole gradients together (torch's
     refuses the mix): the norm of all of them, the sharded part's summed over the ranks."""
+    _LOCKSTEP.drain()
     groups = [[p for p in params if p.grad is not None and _is_dtensor(p.grad) is sharded]
               for sharded in (True, False)]
     norms = []
@@ -234,12 +231,17 @@ def gathered(state: Any) -> Any:
     """``state`` (a state dict, an optimizer's, nested dicts and lists of tensors) with every
     sharded tensor gathered whole onto the CPU, one at a time (collective: every rank calls it with
     the same structure, as they hold the same model). Other values are kept as they are."""
+    _LOCKSTEP.drain()
+    return _gathered(state)
+
+
+def _gathered(state: Any) -> Any:
     if _is_dtensor(state):
         return _whole(state).cpu()
     if isinstance(state, dict):
-        return {key: gathered(value) for key, value in state.items()}
+        return {key: _gathered(value) for key, value in state.items()}
     if isinstance(state, (list, tuple)):
-        return type(state)(gathered(value) for value in state)
+        return type(state)(_gathered(value) for value in state)
     return state
 
 
@@ -301,10 +303,3 @@ def whole_model(model: nn.Module, state: dict[str, torch.Tensor], adapt: Any = N
 def stand_in_forwards() -> int:
     """How many stand-in forwards this process ran to keep sharded forwards in lockstep."""
     return _LOCKSTEP.stand_ins
-
-
-def drain() -> None:
-    """Answer the other ranks' pending sharded forwards (see the module's docstring); called before
-    every collective of ``textgym.distributed``."""
-    if distributed.is_initialized():
-        _LOCKSTEP.drain()
